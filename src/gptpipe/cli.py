@@ -1,0 +1,77 @@
+"""The ``gptpipe`` command: argument parsing only; the work happens in config, data and the stages.
+
+gptpipe train RECIPE [key=value ...]     run the stage the recipe names
+gptpipe validate RECIPE [RECIPE ...]     parse and check recipes (no training, no network)
+gptpipe data tinyworld --out DIR         write the synthetic tiny-world data set
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from gptpipe.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptpipe", description="Train GPT assistants stage by stage.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run one stage from a recipe")
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny/pretrain.yaml")
+    train.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. max_steps=20 model.hidden_size=64"
+    )
+
+    validate = sub.add_parser("validate", help="check recipes without training (no network)")
+    validate.add_argument("recipes", nargs="+")
+    validate.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+
+    data = sub.add_parser("data", help="generate built-in data sets")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    tiny = data_sub.add_parser("tinyworld", help="write the synthetic tiny world as jsonl files")
+    tiny.add_argument("--out", required=True, help="folder to write (<out>/<part>/<split>.jsonl)")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from gptpipe.config import load_recipe
+
+        cfg = load_recipe(args.recipe, args.overrides)
+        stage = importlib.import_module(cfg.module)
+        stage.main(cfg)
+    elif args.command == "validate":
+        from gptpipe.config import validate_recipe
+
+        for recipe in args.recipes:
+            cfg = validate_recipe(recipe, args.overrides)
+            print(f"ok: {recipe} (stage {cfg.stage}, output_dir {cfg.output_dir})")
+    elif args.command == "data":
+        from gptpipe.data.tinyworld import generate, write
+
+        folder = write(args.out, seed=args.seed)
+        for part, splits in generate(args.seed).items():
+            sizes = ", ".join(f"{split} {len(rows)}" for split, rows in splits.items())
+            print(f"{folder / part}: {sizes} rows")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one message and exit 2, with no traceback."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        run(argv)
+    except UserError as e:
+        print(f"gptpipe: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("gptpipe: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data layer: sources (local files, Hub datasets, the tiny world), mixing, splits and packing."""

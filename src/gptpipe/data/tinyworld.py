@@ -1,0 +1,319 @@
+"""The tiny world: deterministic synthetic data for every stage, small enough to learn on a CPU in minutes.
+
+A seeded generator invents people, each with a city, a job, an age and a pet, plus small-number
+additions. Those facts become:
+
+- ``pretrain``: documents (bios, fact lists, arithmetic worksheets, plain-text Q/A) — the corpus a
+  base model learns the facts from. Held-out documents are new sentences about the same facts.
+- ``probes``: cloze prompts with one right continuation ("The age of Anna is" -> "34"), to check that
+  pretraining stored facts (perplexity alone is a weak signal: it falls long before facts are recalled).
+- ``sft``: chats in the ``messages`` format, one question and the assistant's answer in a fixed style
+  ("Anna is 34 years old."). 30% of the questions are held out, so the eval split asks about facts
+  the model read in pretraining but was never asked about in finetuning.
+- ``comparisons``: prompt, chosen, rejected (TRL's conversational preference format). Rejected answers
+  are wrong values, true-but-irrelevant facts, or off-style replies. Every fact is covered (a reward
+  model does not generalize to facts it never judged); held-out pairs use a new question phrasing
+  and new rejected answers.
+- ``rl_prompts``: prompts with their known right answer (``answer``) for RL and accuracy checks.
+
+Every part has a ``train`` and an ``eval`` split. ``gptpipe data tinyworld --out DIR`` writes them as
+``DIR/<part>/<split>.jsonl``; recipes read them as ``path: tinyworld:<part>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+VERSION = 1  # bump when the generated data changes, so cached copies are regenerated
+PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts")
+
+CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
+JOBS = ["baker", "doctor", "farmer", "teacher", "pilot", "painter", "singer", "driver", "writer", "nurse"]
+PETS = ["cat", "dog", "horse", "parrot", "rabbit", "turtle", "goat", "hamster"]
+SYLLABLES = [
+    "an",
+    "bo",
+    "ka",
+    "li",
+    "mo",
+    "ra",
+    "te",
+    "vi",
+    "su",
+    "del",
+    "mar",
+    "no",
+    "pe",
+    "zu",
+    "fin",
+    "ta",
+]
+ATTRIBUTES = ("city", "job", "age", "pet")
+
+# Statements of each fact, for pretraining documents.
+FACT_TEMPLATES = {
+    "city": ["{n} lives in {v}.", "The city of {n} is {v}.", "{n} has a home in {v}."],
+    "job": ["{n} is a {v}.", "The job of {n} is {v}.", "{n} works as a {v}."],
+    "age": ["{n} is {v} years old.", "The age of {n} is {v}.", "{n} turned {v} this year."],
+    "pet": ["{n} has a {v}.", "The pet of {n} is a {v}.", "{n} keeps a {v} at home."],
+    "sum": ["{a} plus {b} is {v}.", "{a} + {b} = {v}.", "Adding {a} and {b} gives {v}."],
+}
+# Cloze prefixes whose only right continuation is the value (they appear in FACT_TEMPLATES).
+PROBE_TEMPLATES = {
+    "city": "The city of {n} is",
+    "job": "The job of {n} is",
+    "age": "The age of {n} is",
+    "pet": "The pet of {n} is a",
+    "sum": "{a} + {b} =",
+}
+# Question phrasings; the last one of each is kept for held-out comparisons (a phrasing never trained on).
+QUESTIONS = {
+    "city": [
+        "Where does {n} live?",
+        "In which city does {n} live?",
+        "What city is {n} from?",
+        "Which city is home to {n}?",
+    ],
+    "job": [
+        "What does {n} do for a living?",
+        "What is the job of {n}?",
+        "What work does {n} do?",
+        "What is the occupation of {n}?",
+    ],
+    "age": ["How old is {n}?", "What is the age of {n}?", "What age is {n}?", "How many years old is {n}?"],
+    "pet": [
+        "What pet does {n} have?",
+        "Which animal does {n} keep?",
+        "What is the pet of {n}?",
+        "What kind of pet does {n} own?",
+    ],
+    "sum": [
+        "What is {a} plus {b}?",
+        "What do you get when you add {a} and {b}?",
+        "How much is {a} plus {b}?",
+        "Compute {a} + {b}.",
+    ],
+}
+# The assistant style: one full sentence that restates the subject.
+ANSWERS = {
+    "city": "{n} lives in {v}.",
+    "job": "{n} is a {v}.",
+    "age": "{n} is {v} years old.",
+    "pet": "{n} has a {v}.",
+    "sum": "{a} plus {b} is {v}.",
+}
+# Off-style replies carrying the right value: what the comparisons teach against.
+OFF_STYLE = ["{v}", "hmm, {v} i think", "{V}!!!", "The answer is probably {v} or something."]
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One question the world can answer: an attribute of a person, or a sum."""
+
+    kind: str  # city | job | age | pet | sum
+    subject: dict  # {"n": name} or {"a": a, "b": b}
+    value: str
+
+    @property
+    def key(self) -> str:
+        return (
+            f"{self.kind}:{self.subject.get('n', '')}{self.subject.get('a', '')}+{self.subject.get('b', '')}"
+        )
+
+    def render(self, template: str, value: str | None = None) -> str:
+        v = self.value if value is None else value
+        return template.format(v=v, V=v.upper(), **self.subject)
+
+
+def make_world(seed: int = 0, num_people: int = 40, max_addend: int = 10) -> list[Fact]:
+    """Every fact of the world, in a fixed order."""
+    rng = random.Random(seed)
+    names: list[str] = []
+    while len(names) < num_people:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(2)).capitalize()
+        if name not in names:
+            names.append(name)
+    facts = []
+    for n in names:
+        values = {
+            "city": rng.choice(CITIES),
+            "job": rng.choice(JOBS),
+            "age": str(rng.randint(20, 69)),
+            "pet": rng.choice(PETS),
+        }
+        facts += [Fact(kind, {"n": n}, values[kind]) for kind in ATTRIBUTES]
+    for a in range(1, max_addend + 1):
+        for b in range(1, max_addend + 1):
+            facts.append(Fact("sum", {"a": a, "b": b}, str(a + b)))
+    return facts
+
+
+def split_facts(facts: list[Fact], seed: int, heldout_fraction: float = 0.3) -> tuple[list[Fact], list[Fact]]:
+    """Hold out a fixed fraction of the questions from finetuning (the facts stay in pretraining)."""
+    order = list(facts)
+    random.Random(seed + 1).shuffle(order)
+    cut = int(len(order) * heldout_fraction)
+    held = {f.key for f in order[:cut]}
+    return [f for f in facts if f.key not in held], [f for f in facts if f.key in held]
+
+
+def _documents(facts: list[Fact], qa_facts: list[Fact], rng: random.Random, count: int) -> list[dict]:
+    people: dict[str, list[Fact]] = {}
+    for f in facts:
+        if f.kind != "sum":
+            people.setdefault(f.subject["n"], []).append(f)
+    sums = [f for f in facts if f.kind == "sum"]
+    kinds = ["bio", "bio", "facts", "sums", "qa"]
+    docs = []
+    for _ in range(count):
+        kind = rng.choice(kinds)
+        if kind == "bio":
+            person = rng.choice(list(people.values()))
+            chosen = rng.sample(person, len(person))
+        elif kind == "facts":
+            chosen = rng.sample([f for p in people.values() for f in p], 4)
+        elif kind == "sums":
+            chosen = rng.sample(sums, 5)
+        else:  # plain-text Q/A teaches the question -> answer mapping before SFT (keeps SFT stable across seeds)
+            chosen = rng.sample(qa_facts, 3)
+            text = " ".join(
+                f"Q: {f.render(rng.choice(QUESTIONS[f.kind][:3]))} A: {f.render(ANSWERS[f.kind])}"
+                for f in chosen
+            )
+            docs.append({"text": text})
+            continue
+        docs.append({"text": " ".join(f.render(rng.choice(FACT_TEMPLATES[f.kind])) for f in chosen)})
+    return docs
+
+
+def _chat(question: str, answer: str) -> tuple[list[dict], list[dict]]:
+    return [{"role": "user", "content": question}], [{"role": "assistant", "content": answer}]
+
+
+def _rejected_answers(fact: Fact, facts_by_subject: dict, rng: random.Random) -> list[tuple[str, str]]:
+    """(kind of mistake, rejected reply) candidates for one fact."""
+    pool = {"city": CITIES, "job": JOBS, "pet": PETS}.get(fact.kind)
+    if pool is None:  # ages and sums: nearby wrong numbers
+        wrong_values = [str(int(fact.value) + d) for d in (-3, -2, -1, 1, 2, 3) if int(fact.value) + d > 0]
+    else:
+        wrong_values = [v for v in pool if v != fact.value]
+    out = [("wrong_value", fact.render(ANSWERS[fact.kind], v)) for v in wrong_values]
+    out += [("off_style", fact.render(t)) for t in OFF_STYLE]
+    # True but irrelevant: another attribute of the same person (reward hacking bait for RL).
+    for other in facts_by_subject.get(fact.subject.get("n"), []):
+        if other.kind != fact.kind:
+            out.append(("irrelevant", other.render(ANSWERS[other.kind])))
+    rng.shuffle(out)
+    return out
+
+
+def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
+    """All parts and splits of the tiny world as lists of rows."""
+    rng = random.Random(seed)
+    facts = make_world(seed)
+    train_facts, heldout_facts = split_facts(facts, seed)
+    by_subject: dict[str, list[Fact]] = {}
+    for f in facts:
+        if "n" in f.subject:
+            by_subject.setdefault(f.subject["n"], []).append(f)
+
+    out: dict[str, dict[str, list[dict]]] = {p: {} for p in PARTS}
+    out["pretrain"]["train"] = _documents(facts, train_facts, rng, count=4000)
+    out["pretrain"]["eval"] = _documents(facts, train_facts, random.Random(seed + 100), count=200)
+
+    probes = [{"prompt": f.render(PROBE_TEMPLATES[f.kind]), "answer": f.value, "kind": f.kind} for f in facts]
+    out["probes"]["train"], out["probes"]["eval"] = probes, probes  # pretraining sees every fact
+
+    def sft_rows(fs: list[Fact], phrasings: range) -> list[dict]:
+        rows = []
+        for f in fs:
+            for i in phrasings:
+                prompt, reply = _chat(f.render(QUESTIONS[f.kind][i]), f.render(ANSWERS[f.kind]))
+                rows.append({"messages": prompt + reply, "answer": f.value, "kind": f.kind})
+        return rows
+
+    out["sft"]["train"] = sft_rows(train_facts, range(3))
+    out["sft"]["eval"] = sft_rows(heldout_facts, range(1))
+
+    def comparison_rows(fs: list[Fact], phrasings: list[int], per_fact: int, skip: int) -> list[dict]:
+        rows = []
+        for f in fs:
+            candidates = _rejected_answers(f, by_subject, random.Random(f"{seed}:{f.key}"))
+            for j, (mistake, rejected) in enumerate(candidates[skip : skip + per_fact]):
+                prompt, chosen = _chat(
+                    f.render(QUESTIONS[f.kind][phrasings[j % len(phrasings)]]), f.render(ANSWERS[f.kind])
+                )
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "chosen": chosen,
+                        "rejected": [{"role": "assistant", "content": rejected}],
+                        "mistake": mistake,
+                    }
+                )
+        return rows
+
+    # Train pairs cover every fact with the trained phrasings; held-out pairs use the unseen 4th phrasing and
+    # rejected answers not used in training.
+    out["comparisons"]["train"] = comparison_rows(facts, [0, 1, 2], per_fact=6, skip=0)
+    out["comparisons"]["eval"] = comparison_rows(facts, [3], per_fact=1, skip=6)
+
+    def prompt_rows(fs: list[Fact], phrasings: range) -> list[dict]:
+        return [
+            {
+                "prompt": _chat(f.render(QUESTIONS[f.kind][i]), "")[0],
+                "answer": f.value,
+                "reference": f.render(ANSWERS[f.kind]),
+                "kind": f.kind,
+            }
+            for f in fs
+            for i in phrasings
+        ]
+
+    out["rl_prompts"]["train"] = prompt_rows(train_facts, range(3))
+    out["rl_prompts"]["eval"] = prompt_rows(heldout_facts, range(1))
+    return out
+
+
+def write(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write every part as ``out_dir/<part>/<split>.jsonl`` (atomically: a folder appears only when complete)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    for part, splits in generate(seed).items():
+        (tmp / part).mkdir(parents=True, exist_ok=True)
+        for split, rows in splits.items():
+            with open(tmp / part / f"{split}.jsonl", "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+    (tmp / "README.md").write_text(
+        f"Tiny world, seed {seed}, version {VERSION}. See gptpipe/data/tinyworld.py.\n"
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GPTPIPE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "gptpipe"
+    )
+    return Path(root).expanduser()
+
+
+def ensure_tinyworld(seed: int = 0) -> Path:
+    """The generated tiny world for ``seed`` in the cache folder, generating it on first use."""
+    folder = cache_dir() / f"tinyworld-v{VERSION}-seed{seed}"
+    if not (folder / "README.md").exists():
+        try:
+            write(folder, seed)
+        except OSError:
+            if not (folder / "README.md").exists():  # another process may have won the rename
+                raise
+    return folder

@@ -1,0 +1,126 @@
+"""Model and tokenizer construction: from a Hugging Face id or folder, or a new Llama from a size config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+
+from gptpipe.config import ModelConfig
+from gptpipe.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer named by ``model.tokenizer`` (or ``model.name_or_path``), with a pad token set."""
+    name = cfg.tokenizer or cfg.name_or_path
+    if not name:
+        raise UserError(
+            "model.tokenizer is required when training from scratch (a tokenizer folder, e.g. "
+            "runs/tiny/tokenizer/final from `gptpipe train recipes/tiny/tokenizer.yaml`, or a Hub id)"
+        )
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"model.tokenizer: {name} does not exist; train it first or fix the path")
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as e:
+        raise UserError(f"model.tokenizer: could not load {name!r}: {e}") from None
+    if tok.pad_token is None:  # many base tokenizers ship without one; batching needs it
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """Load ``model.name_or_path``, or build a new Llama whose vocabulary is the tokenizer's."""
+    dtype = "auto" if cfg.dtype == "auto" else DTYPES.get(cfg.dtype)
+    if dtype is None:
+        raise UserError(f"model.dtype: expected one of auto, {', '.join(DTYPES)}; got {cfg.dtype!r}")
+    if cfg.name_or_path:
+        if _looks_local(cfg.name_or_path) and not Path(cfg.name_or_path).expanduser().exists():
+            raise UserError(
+                f"model.name_or_path: {cfg.name_or_path} does not exist; run the stage that makes it first"
+            )
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                cfg.name_or_path,
+                revision=cfg.revision,
+                dtype=dtype,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        except OSError as e:
+            raise UserError(f"model.name_or_path: could not load {cfg.name_or_path!r}: {e}") from None
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise UserError(
+            f"model.hidden_size ({cfg.hidden_size}) must be a multiple of model.num_attention_heads ({cfg.num_attention_heads})"
+        )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if cfg.attn_implementation:
+        config._attn_implementation = cfg.attn_implementation
+    model = LlamaForCausalLM(config)
+    return model.to(torch.float32 if dtype == "auto" else dtype)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+) -> list[str]:
+    """Greedy continuation of each prompt (decoded, special tokens dropped), batched with left padding."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
+    outputs: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(model.device)
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs

@@ -1,0 +1,108 @@
+"""The run folder every stage writes: config.yaml, checkpoint-*/, final/, metrics.jsonl, eval.json.
+
+A run is *finished* when ``final/`` and ``eval.json`` exist; both are written atomically (under a
+temporary name, then renamed), so a killed run never looks finished. A finished run is never
+overwritten unless the recipe says ``overwrite: true``; an unfinished one resumes from its newest
+complete checkpoint unless it says ``resume: false``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from gptpipe.config import save_config
+from gptpipe.errors import UserError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Written by transformers.Trainer after everything else in a checkpoint: its presence marks a complete one.
+CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
+
+
+def is_finished(output_dir: str | Path) -> bool:
+    out = Path(output_dir)
+    return (out / "final").is_dir() and (out / "eval.json").is_file()
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` folder, or None."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    found = []
+    for child in out.iterdir():
+        m = CHECKPOINT_RE.match(child.name)
+        if m and child.is_dir() and (child / CHECKPOINT_COMPLETE_MARKER).is_file():
+            found.append((int(m.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def prepare_run_dir(cfg: Any, is_main_process: bool = True) -> Path | None:
+    """Make the run folder ready; return the checkpoint to resume from (None: start fresh).
+
+    Refuses to touch a finished run unless ``overwrite`` is set. Only the main process deletes or
+    writes; every process computes the same answer.
+    """
+    out = Path(cfg.output_dir)
+    if is_finished(out):
+        if not getattr(cfg, "overwrite", False):
+            raise UserError(
+                f"{out} holds a finished run (final/ and eval.json). Choose another output_dir, "
+                "or pass overwrite=true to replace it."
+            )
+        if is_main_process:
+            clear_run_dir(out)
+    resume_from = last_checkpoint(out) if getattr(cfg, "resume", True) else None
+    if resume_from is None and is_main_process and out.exists():
+        clear_run_dir(out)  # resume=false, or only incomplete leftovers: start over cleanly
+    if is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return resume_from
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove what a previous run of a stage wrote (checkpoints, final model, metrics), nothing else."""
+    for child in out.iterdir():
+        if CHECKPOINT_RE.match(child.name) or child.name in {
+            "final",
+            "eval.json",
+            "metrics.jsonl",
+            "baseline.json",
+        }:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif child.name.startswith((".final.tmp", ".eval.json.tmp", ".baseline.json.tmp")):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict | None:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def publish_final(tmp_dir: Path, output_dir: str | Path) -> Path:
+    """Move a completely written model folder into place as ``final/``."""
+    final = Path(output_dir) / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp_dir, final)
+    return final
+
+
+def final_tmp_dir(output_dir: str | Path, is_main_process: bool = True) -> Path:
+    """Where ``final/`` is written before it is published (one fixed name: every rank must agree on it)."""
+    tmp = Path(output_dir) / ".final.tmp"
+    if is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp

@@ -1,0 +1,143 @@
+"""Tokenizer stage: train a byte-level BPE tokenizer and save it as a Hugging Face tokenizer.
+
+    gptpipe train recipes/tiny/tokenizer.yaml
+
+Byte-level BPE (GPT-2 style) never meets an unknown character, so decoding is lossless. Special tokens:
+``<|bos|>`` (prepended to every sequence), ``<|end|>`` (end of a document *and* end of a chat turn —
+one token, so a chat model stops where the base model learned that text ends), ``<|pad|>``, and a
+token per chat role. The chat template wraps assistant turns in ``{% generation %}`` so TRL can train
+on assistant tokens only. Evidence (``eval.json``): round trip on held-out text and bytes per token.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from gptpipe.config import TokenizerConfig, save_config
+from gptpipe.data.sources import load_train_eval, text_row_check
+from gptpipe.errors import UserError
+from gptpipe.runs import final_tmp_dir, is_finished, publish_final, write_json_atomic
+
+BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
+ROLES = ("system", "user", "assistant", "tool")
+ROLE_TOKENS = [f"<|{role}|>" for role in ROLES]
+SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS]  # PAD first: id 0
+
+# <|bos|><|user|>question<|end|><|assistant|>answer<|end|> ... ; {% generation %} marks what the
+# assistant wrote (its <|end|> included: the model must learn to stop).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown chat role ' + message['role'] + '; expected system, user, assistant or tool') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{% else %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+HELDOUT_FRACTION = 0.05  # held out for the evidence when the recipe names no eval data
+
+
+def main(cfg: TokenizerConfig) -> dict:
+    out = Path(cfg.output_dir)
+    if is_finished(out) and not cfg.overwrite:
+        raise UserError(
+            f"{out} holds a finished tokenizer run. Choose another output_dir, or pass overwrite=true."
+        )
+    start = time.time()
+    if not cfg.eval_datasets and cfg.eval_split_size == 0:
+        cfg.eval_split_size = HELDOUT_FRACTION
+    train, heldout = load_train_eval(cfg, ["text"], text_row_check, seed=cfg.seed)
+    if cfg.max_train_documents:
+        train = train.select(range(min(cfg.max_train_documents, len(train))))
+    print(f"[tokenizer] training byte-level BPE (vocab up to {cfg.vocab_size}) on {len(train)} documents")
+
+    tokenizer = wrap(train_bpe((row["text"] for row in train), len(train), cfg.vocab_size, cfg.min_frequency))
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    tmp = final_tmp_dir(out)
+    tokenizer.save_pretrained(tmp)
+    final = publish_final(tmp, out)
+
+    # Evidence from the saved copy, loaded the way every later stage loads it.
+    evidence = measure(AutoTokenizer.from_pretrained(final), [row["text"] for row in heldout])
+    evidence["train_documents"] = len(train)
+    evidence["seconds"] = round(time.time() - start, 1)
+    write_json_atomic(out / "eval.json", evidence)
+    verdict = (
+        "lossless"
+        if evidence["roundtrip_lossless"]
+        else f"LOSSY on {evidence['roundtrip_failures']} documents"
+    )
+    print(
+        f"[tokenizer] saved {final} (vocab {evidence['vocab_size']}); held-out round trip {verdict}, "
+        f"{evidence['bytes_per_token']:.2f} bytes/token"
+    )
+    return evidence
+
+
+def train_bpe(texts, length: int, vocab_size: int, min_frequency: int) -> Tokenizer:
+    """Train byte-level BPE on an iterator of strings."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(
+                trim_offsets=False
+            ),  # keep exact character offsets (assistant masks use them)
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+            ),
+        ]
+    )
+    return tok
+
+
+def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer with the special tokens and chat template set."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=ROLE_TOKENS,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,  # cleanup would change the text: decoding must be lossless
+    )
+
+
+def measure(tokenizer, texts: list[str]) -> dict:
+    """Round-trip and compression on held-out texts."""
+    failures, n_bytes, n_tokens = 0, 0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        failures += tokenizer.decode(ids) != text
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += len(ids)
+    return {
+        "roundtrip_lossless": failures == 0,
+        "roundtrip_failures": failures,
+        "heldout_documents": len(texts),
+        "heldout_bytes": n_bytes,
+        "heldout_tokens": n_tokens,
+        "bytes_per_token": n_bytes / max(n_tokens, 1),
+        "vocab_size": len(tokenizer),
+    }

@@ -1,0 +1,60 @@
+"""Shared fixtures: offline Hugging Face, a tiny-world tokenizer, overrides for fast pretraining runs."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """Keep generated tiny-world files out of the user's cache."""
+    os.environ["GPTPIPE_CACHE"] = str(tmp_path_factory.mktemp("gptpipe-cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The tiny world's tokenizer, trained once per session by the tokenizer stage."""
+    from gptpipe.cli import run
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    run(["train", str(REPO / "recipes/tiny/tokenizer.yaml"), f"output_dir={out}"])
+    return out / "final"
+
+
+def small_pretrain(tokenizer_dir: Path, output_dir: Path, **extra) -> list[str]:
+    """Overrides that shrink the tiny pretraining recipe to seconds."""
+    settings = {
+        "output_dir": output_dir,
+        "model.tokenizer": tokenizer_dir,
+        "model.hidden_size": 64,
+        "model.intermediate_size": 128,
+        "model.num_hidden_layers": 2,
+        "model.num_attention_heads": 4,
+        "block_size": 64,
+        "max_steps": 30,
+        "logging_steps": 5,
+        "eval_steps": 15,
+        "save_steps": 15,
+        "probe_datasets": "[]",
+        "disable_tqdm": "true",
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def needs_shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (third-party samples live in ../shared/data beside the checkout)")
+    return path

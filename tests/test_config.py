@@ -1,0 +1,99 @@
+"""Recipes: overrides, validation messages and the saved config's round trip."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+
+from gptpipe.config import apply_override, build_stage_config, config_to_dict, load_recipe
+from gptpipe.errors import UserError
+
+PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
+
+
+def test_overrides_are_dotted_and_yaml_typed():
+    tree = {"stage": "pretrain", "datasets": [{"path": "a.jsonl"}]}
+    for assignment in [
+        "max_steps=20",
+        "learning_rate=3e-4",
+        "model.hidden_size=64",
+        "datasets.0.path=b.jsonl",
+        "datasets.1.path=c.txt",
+        "bf16=false",
+        "output_dir=/tmp/x",
+    ]:
+        apply_override(tree, assignment)
+    cfg = build_stage_config(tree)
+    assert cfg.max_steps == 20 and isinstance(cfg.max_steps, int)
+    assert cfg.learning_rate == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string: converted
+    assert cfg.model.hidden_size == 64
+    assert [d.path for d in cfg.datasets] == ["b.jsonl", "c.txt"]
+    assert cfg.bf16 is False
+
+
+def test_precedence_defaults_recipe_command_line():
+    cfg = load_recipe(PRETRAIN, ["learning_rate=1e-3"])
+    assert cfg.learning_rate == pytest.approx(1e-3)  # command line beats the recipe's 3e-3
+    assert cfg.max_steps == 600  # from the recipe
+    assert cfg.adam_beta1 == 0.9  # TrainingArguments default
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("max_stepz=5", "unknown key 'max_stepz'; did you mean 'max_steps'?"),
+        ("model.hiden_size=8", "unknown key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
+        ("datasets.0.colums={}", "did you mean 'datasets.0.columns'?"),
+        ("max_steps=many", "max_steps: expected an integer, got 'many'"),
+        ("learning_rate=fast", "learning_rate: expected a number, got 'fast'"),
+        ("model.tie_word_embeddings=3", "model.tie_word_embeddings: expected true or false, got 3"),
+        ("datasets=oops", "datasets: expected a list, got 'oops'"),
+        ("lr_scheduler_type=cosin", "cosin is not a valid SchedulerType"),
+        ("max_steps", "expected key=value"),
+    ],
+)
+def test_bad_settings_name_the_key(override, expected):
+    with pytest.raises(UserError) as err:
+        load_recipe(PRETRAIN, [override])
+    assert expected in str(err.value)
+    assert str(PRETRAIN) in str(err.value) or "key=value" in str(err.value)  # names the recipe file
+
+
+def test_missing_recipe_and_missing_stage(tmp_path):
+    with pytest.raises(UserError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: x\n")
+    with pytest.raises(UserError, match="no `stage:` key; a recipe must name one of: tokenizer, pretrain"):
+        load_recipe(bad)
+    bad.write_text("stage: pretrain\nmax_steps: [1\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_recipe(PRETRAIN, ["max_steps=7", "model.hidden_size=32", f"output_dir={tmp_path}"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    again = load_recipe(saved)
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert again.max_steps == 7 and again.model.hidden_size == 32
+
+
+def test_secrets_stay_out_of_saved_config():
+    cfg = load_recipe(PRETRAIN, ["hub_token=hf_secret123"])
+    assert "hf_secret123" not in yaml.safe_dump(config_to_dict(cfg))
+
+
+def test_cli_user_error_exits_2_without_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "gptpipe", "train", str(PRETRAIN), "max_stepz=5", "output_dir=/tmp/never"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert "did you mean 'max_steps'?" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,58 @@
+"""Tokenizer stage: lossless round trip, compression reported, loads with AutoTokenizer, chat template."""
+
+import json
+
+from conftest import needs_shared_data
+from transformers import AutoTokenizer
+
+from gptpipe.cli import run
+
+
+def test_tiny_tokenizer_evidence_and_chat_template(tokenizer_dir):
+    evidence = json.loads((tokenizer_dir.parent / "eval.json").read_text())
+    assert evidence["roundtrip_lossless"] and evidence["roundtrip_failures"] == 0
+    assert evidence["heldout_documents"] == 200
+    assert evidence["bytes_per_token"] > 2.5  # names and numbers become single tokens
+    assert (tokenizer_dir.parent / "config.yaml").exists()
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|bos|>", "<|end|>", "<|pad|>")
+    text = "Zuno turned 41 this year. 7 + 5 = 12. Ünïcödé 🙂 never seen before"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # byte-level: nothing unknown
+    assert tok(text)["input_ids"][0] == tok.bos_token_id
+
+    chat = [
+        {"role": "user", "content": "How old is Anna?"},
+        {"role": "assistant", "content": "Anna is 34 years old."},
+    ]
+    rendered = tok.apply_chat_template(chat, tokenize=False)
+    assert rendered == "<|bos|><|user|>How old is Anna?<|end|><|assistant|>Anna is 34 years old.<|end|>"
+    out = tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert (
+        tok.decode(marked) == "Anna is 34 years old.<|end|>"
+    )  # the answer and its end-of-turn, nothing else
+
+
+def test_finished_tokenizer_run_is_not_overwritten(tokenizer_dir, capsys):
+    import pytest
+    from conftest import REPO
+
+    from gptpipe.errors import UserError
+
+    with pytest.raises(UserError, match="finished tokenizer run"):
+        run(["train", str(REPO / "recipes/tiny/tokenizer.yaml"), f"output_dir={tokenizer_dir.parent}"])
+
+
+def test_wiki_demo_text_trains_a_tokenizer(tmp_path):
+    wiki = needs_shared_data("wiki_demo.txt")
+    recipe = tmp_path / "tok.yaml"
+    recipe.write_text(
+        f"stage: tokenizer\noutput_dir: {tmp_path / 'run'}\nvocab_size: 2000\n"
+        f"datasets: [{{path: {wiki}}}]\neval_split_size: 0.2\n"
+    )
+    run(["train", str(recipe)])
+    evidence = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert evidence["roundtrip_lossless"]
+    assert evidence["bytes_per_token"] > 2.0  # raw bytes would be 1.0; a 2k vocabulary merges common words
+    assert evidence["vocab_size"] == 2000
