@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 		$(BIN)/pip install "torch>=2.6"; \
 	else \
 		echo "setup: no GPU found, installing CPU-only torch $(TORCH_VERSION)"; \
-		$(BIN)/pip install "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
+		$(BIN)/pip install --retries 1 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(BIN)/pip install -e ".[dev]"
 	@touch $@

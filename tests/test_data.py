@@ -65,9 +65,12 @@ def test_missing_field_and_bad_row_name_file_row_field(tmp_path):
         match=r"d.jsonl: no field 'text' \(columns are \['body'\]\); map yours with `columns: \{text: <your column>\}`",
     ):
         load_mixture([DataSource(path=str(f))], ["text"], text_row_check)
-    g = write_jsonl(tmp_path / "g.jsonl", [{"text": "ok"}, {"text": "fine"}, {"text": None}])
-    with pytest.raises(UserError, match=r"g.jsonl: row 2: field 'text' must be a string, got NoneType"):
+    g = write_jsonl(tmp_path / "g.jsonl", [{"text": "ok"}, {"text": "fine"}, {"other": "no text here"}])
+    with pytest.raises(UserError, match=r"g.jsonl: row 2: field 'text' is missing or null"):
         load_mixture([DataSource(path=str(g))], ["text"], text_row_check)
+    h = write_jsonl(tmp_path / "h.jsonl", [{"text": "ok"}, {"text": 7}])
+    with pytest.raises(UserError, match=r"h.jsonl: row 1: field 'text' must be a string, got int"):
+        load_mixture([DataSource(path=str(h))], ["text"], text_row_check)
     with pytest.raises(UserError, match=r"columns.text names column 'nope'"):
         load_mixture([DataSource(path=str(g), columns={"text": "nope"})], ["text"])
 

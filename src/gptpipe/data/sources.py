@@ -184,6 +184,8 @@ def load_train_eval(
 def text_row_check(row: dict) -> str | None:
     """Pretraining/tokenizer rows need a non-empty string in ``text``."""
     text = row["text"]
+    if text is None:
+        return "field 'text' is missing or null; every row needs a 'text' string"
     if not isinstance(text, str):
         return f"field 'text' must be a string, got {type(text).__name__} ({text!r:.60})"
     return None
