@@ -34,6 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = data_sub.add_parser("tinyworld", help="write the synthetic tiny world as jsonl files")
     tiny.add_argument("--out", required=True, help="folder to write (<out>/<part>/<split>.jsonl)")
     tiny.add_argument("--seed", type=int, default=0)
+
+    chat = sub.add_parser("chat", help="chat with a model folder (a run's final/)")
+    chat.add_argument("model")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--system", default=None, help="system message")
+
+    gen = sub.add_parser("generate", help="sample replies to a file of prompts")
+    gen.add_argument("model")
+    gen.add_argument("--prompts", required=True, help="jsonl/json rows with 'prompt' (text or messages) or 'messages'")
+    gen.add_argument("--out", default=None, help="output jsonl (default: <prompts>.generated.jsonl)")
+    gen.add_argument("--num-samples", type=int, default=1)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=32)
     return parser
 
 
@@ -51,6 +68,21 @@ def run(argv: list[str] | None = None) -> None:
         for recipe in args.recipes:
             cfg = validate_recipe(recipe, args.overrides)
             print(f"ok: {recipe} (stage {cfg.stage}, output_dir {cfg.output_dir})")
+    elif args.command == "chat":
+        from gptpipe.generation import chat_loop
+
+        chat_loop(args.model, args.max_new_tokens, args.temperature, args.system)
+    elif args.command == "generate":
+        from pathlib import Path
+
+        from gptpipe.generation import generate_file
+
+        out = args.out or str(Path(args.prompts).with_suffix("")) + ".generated.jsonl"
+        n = generate_file(
+            args.model, args.prompts, out, args.num_samples, args.max_new_tokens, args.temperature, args.top_p,
+            args.seed, args.batch_size,
+        )
+        print(f"wrote {n} completions to {out}")
     elif args.command == "data":
         from gptpipe.data.tinyworld import generate, write
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import trl
 import yaml
 from transformers import TrainingArguments
 
@@ -30,6 +31,28 @@ from gptpipe.errors import UserError
 
 # Config fields that may hold credentials: never written to config.yaml (tokens belong in the environment).
 SECRET_FIELDS = {"hub_token"}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft): only these small matrices train; the base weights stay frozen."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None  # fully trained extra modules, e.g. [score] for a reward head
+
+
+@dataclass
+class QuantizationSettings:
+    """Load the base model in 4 or 8 bits with bitsandbytes (QLoRA when combined with LoRA)."""
+
+    bits: int = 4  # 4 | 8
+    quant_type: str = "nf4"  # 4-bit: nf4 | fp4
+    double_quant: bool = True  # 4-bit: quantize the quantization constants too (saves ~0.4 bit/parameter)
+    compute_dtype: str = "bfloat16"  # dtype of the matmuls on dequantized weights
+    quant_storage: str | None = None  # 4-bit storage dtype; set to the model dtype for FSDP (e.g. bfloat16)
 
 
 @dataclass
@@ -53,6 +76,10 @@ class ModelConfig:
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True  # tiny models spend most parameters on embeddings: share them
+    # Memory switches.
+    lora: LoraSettings | None = None  # e.g. lora: {r: 16, alpha: 32}
+    quantization: QuantizationSettings | None = None  # e.g. quantization: {bits: 4}
+    merge_lora: bool = False  # save final/ as a plain model with the adapter merged in (else final/ is the adapter)
 
 
 @dataclass
@@ -121,7 +148,23 @@ class PretrainConfig(RunSettings, TrainingArguments):
     )  # cloze rows {prompt, answer} checked before/after
 
 
-STAGE_CONFIGS: dict[str, type] = {"tokenizer": TokenizerConfig, "pretrain": PretrainConfig}
+@dataclass
+class SFTConfig(RunSettings, trl.SFTConfig):
+    """Supervised finetuning with ``trl.SFTTrainer`` on conversations (see ``gptpipe.data.formats``).
+
+    Loss masks are TRL's switches: ``assistant_only_loss`` (our default: train on what the assistant
+    wrote), ``completion_only_loss`` (the final assistant turn only), or both false (every token).
+    """
+
+    stage: ClassVar[str] = "sft"
+    module: ClassVar[str] = "gptpipe.stages.sft"
+    assistant_only_loss: bool = True
+    chat_template: str | None = None  # None: the tokenizer's own; or chatml | gptpipe | a .jinja file
+    answer_datasets: list[DataSource] = field(default_factory=list)  # held-out chats with an `answer` field
+    answer_max_new_tokens: int = 48
+
+
+STAGE_CONFIGS: dict[str, type] = {"tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "sft": SFTConfig}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -88,39 +88,59 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.n
     return model.to(torch.float32 if dtype == "auto" else dtype)
 
 
+def apply_lora(model: torch.nn.Module, cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap the model with LoRA adapters when ``model.lora`` is set (k-bit models are prepared first)."""
+    if cfg.lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        modules_to_save=cfg.lora.modules_to_save,
+        task_type=task_type,
+    )
+    return get_peft_model(model, lora)
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, auto_class=AutoModelForCausalLM) -> None:
+    """Load the adapter's base in full precision, merge the adapter in and save a plain model to ``out_dir``."""
+    from peft import PeftConfig, PeftModel
+
+    base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    base = auto_class.from_pretrained(base_name, dtype=torch.float32)  # never merge into quantized weights
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir)
+
+
+def load_for_inference(path: str | Path, auto_class=AutoModelForCausalLM):
+    """(model, tokenizer) from a run's ``final/`` folder: a full model or a LoRA adapter."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such model folder (expected a run's final/ folder or a downloaded model)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if is_adapter(path):
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+        peft_class = AutoPeftModelForCausalLM if auto_class is AutoModelForCausalLM else AutoPeftModelForSequenceClassification
+        model = peft_class.from_pretrained(str(path))
+    else:
+        model = auto_class.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
-
-
-@torch.no_grad()
-def greedy_continuations(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    max_new_tokens: int = 8,
-    batch_size: int = 64,
-) -> list[str]:
-    """Greedy continuation of each prompt (decoded, special tokens dropped), batched with left padding."""
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
-    outputs: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(model.device)
-            generated = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return outputs

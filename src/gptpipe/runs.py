@@ -106,3 +106,13 @@ def final_tmp_dir(output_dir: str | Path, is_main_process: bool = True) -> Path:
     if is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     return tmp
+
+
+def measured_once(path: str | Path, compute, is_main_process: bool = True) -> dict:
+    """``compute()`` once per run and kept in ``path``: "before" numbers survive a resume unchanged."""
+    found = read_json(path)
+    if found is None:
+        found = compute()
+        if is_main_process:
+            write_json_atomic(path, found)
+    return found

@@ -47,6 +47,13 @@ def perplexity(loss: float) -> float:
     )  # cap: exp overflows past ~709, and any value this large means "untrained"
 
 
+def eval_loss(trainer) -> float:
+    """Held-out loss now: the Trainer's own evaluation at this step when it just ran one, else a new one."""
+    step = trainer.state.global_step
+    done = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
+    return done[-1] if done and step > 0 else trainer.evaluate()["eval_loss"]
+
+
 def read_metrics(output_dir: str | Path) -> list[dict]:
     """The records of ``metrics.jsonl``, oldest first."""
     path = Path(output_dir) / "metrics.jsonl"

@@ -21,6 +21,8 @@ TINYWORLD_SCHEME = "tinyworld:"
 
 # A row check: returns None for a good row, or a message naming the bad field.
 RowCheck = Callable[[dict], "str | None"]
+# A per-source conversion (e.g. a chat format to messages), applied before the fields are checked.
+Prepare = Callable[[Dataset, DataSource], Dataset]
 
 
 def describe(src: DataSource) -> str:
@@ -134,14 +136,23 @@ def check_rows(ds: Dataset, src: DataSource, fields: list[str], check: RowCheck 
 
 
 def load_mixture(
-    sources: list[DataSource], fields: list[str], check: RowCheck | None = None, seed: int = 42
+    sources: list[DataSource],
+    fields: list[str],
+    check: RowCheck | None = None,
+    seed: int = 42,
+    prepare: Prepare | None = None,
 ) -> Dataset:
-    """Load, check and mix several sources; ``weight`` scales how many rows each contributes."""
+    """Load, convert, check and mix several sources; ``weight`` scales how many rows each contributes."""
     parts = []
     for src in sources:
         ds = load_source(src, seed=seed)
+        if prepare is not None:
+            if len(ds) == 0:
+                raise UserError(f"{describe(src)}: the dataset is empty (0 rows); check the file or the split name")
+            ds = prepare(ds, src)
         check_rows(ds, src, fields, check)
-        ds = ds.select_columns(fields)
+        if fields:  # drop the columns nobody reads (an empty list keeps what `prepare` produced)
+            ds = ds.select_columns(fields)
         if src.weight <= 0:
             raise UserError(f"{describe(src)}: weight must be positive, got {src.weight}")
         parts.append(_reweight(ds, src.weight, seed))
@@ -160,7 +171,11 @@ def _reweight(ds: Dataset, weight: float, seed: int) -> Dataset:
 
 
 def load_train_eval(
-    settings: DataSettings, fields: list[str], check: RowCheck | None = None, seed: int = 42
+    settings: DataSettings,
+    fields: list[str],
+    check: RowCheck | None = None,
+    seed: int = 42,
+    prepare: Prepare | None = None,
 ) -> tuple[Dataset, Dataset | None]:
     """The training mixture and the held-out set (``eval_datasets`` or an ``eval_split_size`` fraction)."""
     if not settings.datasets:
@@ -168,9 +183,9 @@ def load_train_eval(
             "datasets: no training data; add at least one source, e.g. datasets: [{path: data.jsonl}]"
         )
     check_sources_exist(settings)
-    train = load_mixture(settings.datasets, fields, check, seed)
+    train = load_mixture(settings.datasets, fields, check, seed, prepare)
     if settings.eval_datasets:
-        return train, load_mixture(settings.eval_datasets, fields, check, seed)
+        return train, load_mixture(settings.eval_datasets, fields, check, seed, prepare)
     if settings.eval_split_size > 0:
         if not 0 < settings.eval_split_size < 1:
             raise UserError(

@@ -18,8 +18,9 @@ from transformers import Trainer, default_data_collator, set_seed
 from gptpipe.config import PretrainConfig
 from gptpipe.data.packing import pack_documents
 from gptpipe.data.sources import load_mixture, load_train_eval, text_row_check
-from gptpipe.modeling import build_model, count_parameters, greedy_continuations, load_tokenizer
-from gptpipe.runs import final_tmp_dir, prepare_run_dir, publish_final, read_json, write_json_atomic
+from gptpipe.generation import complete
+from gptpipe.modeling import build_model, count_parameters, load_tokenizer
+from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
 from gptpipe.tracking import MetricsLogger, load_callbacks, perplexity
 
 
@@ -59,12 +60,7 @@ def main(cfg: PretrainConfig) -> dict:
         callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
     )
 
-    # "Before" numbers are measured once, on the untrained model, and kept for resumed runs.
-    baseline = read_json(out / "baseline.json")
-    if baseline is None:
-        baseline = measure(trainer, heldout, probes)
-        if is_main:
-            write_json_atomic(out / "baseline.json", baseline)
+    baseline = measured_once(out / "baseline.json", lambda: measure(trainer, heldout, probes), is_main)
     if resume_from:
         say(f"[pretrain] resuming from {resume_from}")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -125,7 +121,7 @@ def measure(trainer: Trainer, heldout, probes) -> dict:
 
 def probe_accuracy(model, tokenizer, probes) -> float:
     """Share of cloze prompts whose greedy continuation starts with the expected answer word."""
-    answers = greedy_continuations(model, tokenizer, probes["prompt"], max_new_tokens=4)
+    answers = [c[0] for c in complete(model, tokenizer, probes["prompt"], max_new_tokens=4)]
     right = 0
     for got, expected in zip(answers, probes["answer"], strict=True):
         words = got.strip().split()

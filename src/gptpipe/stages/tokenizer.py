@@ -18,31 +18,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from gptpipe.config import TokenizerConfig, save_config
+from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval, text_row_check
 from gptpipe.errors import UserError
 from gptpipe.runs import final_tmp_dir, is_finished, publish_final, write_json_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
-ROLES = ("system", "user", "assistant", "tool")
-ROLE_TOKENS = [f"<|{role}|>" for role in ROLES]
+ROLE_TOKENS = [t for t in chat_templates.GPTPIPE.special_tokens if t != EOS]
 SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS]  # PAD first: id 0
-
-# <|bos|><|user|>question<|end|><|assistant|>answer<|end|> ... ; {% generation %} marks what the
-# assistant wrote (its <|end|> included: the model must learn to stop).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
-    "{{ raise_exception('unknown chat role ' + message['role'] + '; expected system, user, assistant or tool') }}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}"
-    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
-    "{% else %}"
-    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 HELDOUT_FRACTION = 0.05  # held out for the evidence when the recipe names no eval data
 
 
@@ -119,7 +102,7 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
         eos_token=EOS,
         pad_token=PAD,
         extra_special_tokens=ROLE_TOKENS,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_templates.GPTPIPE.template,
         clean_up_tokenization_spaces=False,  # cleanup would change the text: decoding must be lossless
     )
 

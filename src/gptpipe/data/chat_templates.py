@@ -1,0 +1,86 @@
+"""Chat templates that mark assistant turns with ``{% generation %}`` (TRL's assistant-only loss needs it).
+
+Each template puts the assistant's end-of-turn token *inside* the generation block, so the model is
+trained to emit it, and names that token so generation can stop there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptpipe.errors import UserError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+_ROLE_CHECK = (
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown chat role ' + message['role'] + '; expected system, user, assistant or tool') }}"
+    "{% endif %}"
+)
+# Tools (a JSON list of function schemas) are shown to the model in a system turn.
+_TOOLS = "{% if tools %}{% set tools_text = tools | tojson %}{% else %}{% set tools_text = '' %}{% endif %}"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    template: str
+    end_of_turn: str  # the token that closes an assistant turn: generation stops there
+    special_tokens: tuple[str, ...]  # tokens the template needs in the vocabulary
+
+
+# gptpipe's own: <|bos|><|user|>question<|end|><|assistant|>answer<|end|> — compact for tiny models.
+GPTPIPE = ChatTemplate(
+    name="gptpipe",
+    template=(
+        "{{ bos_token }}"
+        + _TOOLS
+        + "{% if tools_text %}<|system|>Tools: {{ tools_text }}<|end|>{% endif %}"
+        "{% for message in messages %}"
+        + _ROLE_CHECK
+        + "{% if message['role'] == 'assistant' %}"
+        "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+        "{% else %}"
+        "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    ),
+    end_of_turn="<|end|>",
+    special_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"),
+)
+
+# ChatML (Qwen, SmolLM2-Instruct and many more), with generation markers.
+CHATML = ChatTemplate(
+    name="chatml",
+    template=(
+        _TOOLS
+        + "{% if tools_text %}<|im_start|>system\nTools: {{ tools_text }}<|im_end|>\n{% endif %}"
+        "{% for message in messages %}"
+        + _ROLE_CHECK
+        + "{% if message['role'] == 'assistant' %}"
+        "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
+        "{% else %}"
+        "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    end_of_turn="<|im_end|>",
+    special_tokens=("<|im_start|>", "<|im_end|>"),
+)
+
+BUILTIN = {t.name: t for t in (GPTPIPE, CHATML)}
+
+
+def resolve(name_or_path: str) -> str:
+    """The Jinja text of a built-in template name or a template file."""
+    if name_or_path in BUILTIN:
+        return BUILTIN[name_or_path].template
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path.read_text()
+    raise UserError(
+        f"chat_template: {name_or_path!r} is neither a built-in template ({', '.join(BUILTIN)}) nor a file"
+    )

@@ -1,0 +1,240 @@
+"""SFT stage: supervised finetuning of a base model into an assistant with ``trl.SFTTrainer``.
+
+    gptpipe train recipes/tiny/sft.yaml
+    accelerate launch -m gptpipe train recipes/tiny/sft.yaml   # several processes
+
+Every source is converted to conversations (``gptpipe.data.formats``) and rendered with the chat
+template: the tokenizer's own, or ``chat_template:`` (chatml, gptpipe or a .jinja file). The loss covers
+the assistant's tokens by default (TRL's ``assistant_only_loss``), so the template must mark them;
+the template's end-of-turn token is written into ``generation_config`` so generation stops there.
+
+Evidence (``eval.json``): held-out loss before and after, and — with ``answer_datasets`` (held-out
+chats with an ``answer`` field, e.g. ``tinyworld:sft`` eval) — the share of questions answered
+correctly by greedy generation, before and after.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from transformers import set_seed
+from trl import SFTTrainer
+
+from gptpipe.config import SFTConfig
+from gptpipe.data import chat_templates, formats
+from gptpipe.data.sources import describe, load_mixture, load_train_eval
+from gptpipe.errors import UserError
+from gptpipe.generation import answer_accuracy
+from gptpipe.modeling import apply_lora, build_model, count_parameters, load_tokenizer, merge_adapter
+from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
+from gptpipe.tracking import MetricsLogger, eval_loss, load_callbacks, perplexity
+
+
+def main(cfg: SFTConfig) -> dict:
+    start = time.time()
+    out = Path(cfg.output_dir)
+    is_main = cfg.process_index == 0
+    say = print if is_main else (lambda *a, **k: None)
+    resume_from = prepare_run_dir(cfg, is_main)
+
+    tokenizer = load_tokenizer(cfg.model)
+    added_tokens = set_chat_template(tokenizer, cfg)
+    with cfg.main_process_first(desc="preparing data"):
+        train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=lambda ds, src: _convert(ds, src, cfg))
+        train, heldout = (_shape_for_loss(ds, cfg) if ds is not None else None for ds in (train, heldout))
+        answers = load_mixture(cfg.answer_datasets, ["messages", "answer"], seed=cfg.seed) if cfg.answer_datasets else None
+    end_of_turn = end_of_turn_token(tokenizer) if "text" not in train.column_names else tokenizer.eos_token
+
+    set_seed(cfg.seed)
+    model = build_model(cfg.model, tokenizer)
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    # Generation must stop where the template ends an assistant turn (a frequent bug when they disagree).
+    stop_ids = {tokenizer.convert_tokens_to_ids(end_of_turn), tokenizer.eos_token_id}
+    model.generation_config.eos_token_id = sorted(stop_ids)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    model = apply_lora(model, cfg.model)  # LoRA starts as a no-op (B = 0): "before" numbers are the base model's
+    trainable, total = count_parameters(model)
+    say(f"[sft] {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; {len(train)} conversations")
+    trainer = PadStatsSFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=train,
+        eval_dataset=heldout,
+        processing_class=tokenizer,
+        callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
+    )
+    baseline = measured_once(out / "baseline.json", lambda: _measure(trainer, heldout, answers, cfg), is_main)
+    if resume_from:
+        say(f"[sft] resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    after = _measure(trainer, heldout, answers, cfg)
+    tmp = final_tmp_dir(out, is_main)
+    trainer.save_model(str(tmp))  # a full model, or the LoRA adapter; with the tokenizer
+    if is_main:
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        unwrapped.generation_config.save_pretrained(tmp)  # adapters too: chat must stop at end of turn
+        if cfg.model.lora is not None and cfg.model.merge_lora:
+            merged = out / ".merged.tmp"
+            merge_adapter(tmp, merged)
+            tokenizer.save_pretrained(merged)
+            unwrapped.generation_config.save_pretrained(merged)
+            import shutil
+
+            shutil.rmtree(tmp)
+            tmp = merged
+    trainer.accelerator.wait_for_everyone()
+
+    evidence = _evidence(baseline, after)
+    evidence |= {
+        "train_steps": trainer.state.global_step,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "end_of_turn_token": end_of_turn,
+        "seconds": round(time.time() - start, 1),
+    }
+    if is_main:
+        final = publish_final(tmp, out)
+        write_json_atomic(out / "eval.json", evidence)
+        say(f"[sft] saved {final}" + (" (LoRA adapter)" if cfg.model.lora and not cfg.model.merge_lora else ""))
+        line = f"[sft] held-out loss {evidence.get('eval_loss_before', float('nan')):.3f} -> {evidence.get('eval_loss_after', float('nan')):.3f}"
+        if answers is not None:
+            line += (
+                f"; exact answers {evidence['exact_match_before']:.2f} -> {evidence['exact_match_after']:.2f}"
+                f", right answer {evidence['answer_accuracy_before']:.2f} -> {evidence['answer_accuracy_after']:.2f}"
+            )
+        say(line)
+        for example in after.get("examples", [])[:3]:
+            say(f"    Q: {example['prompt']}\n    A: {example['reply']}")
+    trainer.accelerator.wait_for_everyone()
+    return evidence
+
+
+def set_chat_template(tokenizer, cfg: SFTConfig) -> int:
+    """Install the recipe's chat template (adding its special tokens); returns how many tokens were added."""
+    added = 0
+    if cfg.chat_template:
+        tokenizer.chat_template = chat_templates.resolve(cfg.chat_template)
+        builtin = chat_templates.BUILTIN.get(cfg.chat_template)
+        if builtin:
+            missing = [t for t in builtin.special_tokens if t not in tokenizer.get_vocab()]
+            added = tokenizer.add_tokens(missing, special_tokens=True) if missing else 0
+    elif tokenizer.chat_template is None:
+        raise UserError(
+            f"model.tokenizer {cfg.model.tokenizer or cfg.model.name_or_path}: the tokenizer has no chat template; "
+            "set chat_template: chatml (or gptpipe, or a .jinja file)"
+        )
+    if cfg.assistant_only_loss and not _marks_assistant(tokenizer):
+        raise UserError(
+            "assistant_only_loss is on, but the chat template cannot mark assistant tokens (it has no "
+            "{% generation %} block); set chat_template: chatml, or assistant_only_loss: false to train on every token"
+        )
+    return added
+
+
+SAMPLE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+
+
+def _marks_assistant(tokenizer) -> bool:
+    out = tokenizer.apply_chat_template(SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return 1 in out["assistant_masks"]
+
+
+def end_of_turn_token(tokenizer) -> str:
+    """The special token that closes an assistant turn in the template (falls back to EOS)."""
+    out = tokenizer.apply_chat_template(SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    if marked and marked[-1] in tokenizer.all_special_ids:
+        return tokenizer.convert_ids_to_tokens(marked[-1])
+    ids = out["input_ids"]
+    reply = tokenizer.encode("Hello there", add_special_tokens=False)
+    for i in range(len(ids) - len(reply) + 1):  # no markers: the first special token after the reply
+        if ids[i : i + len(reply)] == reply:
+            after = [t for t in ids[i + len(reply) :] if t in tokenizer.all_special_ids]
+            if after:
+                return tokenizer.convert_ids_to_tokens(after[0])
+    return tokenizer.eos_token
+
+
+def _convert(ds, src, cfg: SFTConfig):
+    fmt = src.format or ("messages" if "messages" in ds.column_names else None)
+    if fmt is None:
+        raise UserError(f"{describe(src)}: set format: to one of {', '.join(formats.FIELDS)} (columns are {ds.column_names})")
+    if fmt == "text" and cfg.assistant_only_loss:
+        raise UserError(f"{describe(src)}: format text has no assistant turns; set assistant_only_loss: false to train on every token")
+    return formats.convert(ds, fmt, describe(src), cfg.dataset_num_proc)
+
+
+def _shape_for_loss(ds, cfg: SFTConfig):
+    """Text stays text; conversations get the shape TRL's loss switch needs."""
+    if "text" in ds.column_names and "messages" in ds.column_names:
+        raise UserError("datasets: cannot mix format text with conversational sources in one SFT run")
+    if "messages" in ds.column_names and cfg.completion_only_loss:
+        return ds.map(formats.split_last_turn, remove_columns=["messages"], desc="splitting off the final reply")
+    return ds
+
+
+def _measure(trainer, heldout, answers, cfg: SFTConfig) -> dict:
+    """Held-out loss and, with answer_datasets, greedy answer accuracy."""
+    found = {"eval_loss": eval_loss(trainer)} if heldout is not None else {}
+    if answers is not None:
+        found |= answer_accuracy(trainer.model, trainer.processing_class, list(answers), cfg.answer_max_new_tokens)
+    return found
+
+
+def _evidence(before: dict, after: dict) -> dict:
+    evidence = {}
+    for key in ("eval_loss", "exact_match", "answer_accuracy"):
+        if key in before:
+            evidence[f"{key}_before"] = before[key]
+        if key in after:
+            evidence[f"{key}_after"] = after[key]
+    if "eval_loss_after" in evidence:
+        evidence["perplexity_after"] = perplexity(evidence["eval_loss_after"])
+    if "examples" in after:
+        evidence["examples_after"] = after["examples"]
+    return evidence
+
+
+class PadCounter:
+    """Wraps a collator and counts real (non-pad) tokens against all tokens in the batches it builds."""
+
+    def __init__(self, collate):
+        self.collate, self.real, self.total = collate, 0, 0
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        mask, n = batch.get("attention_mask"), batch["input_ids"].numel()
+        self.real += int(mask.sum()) if mask is not None else n  # padding-free batches carry no mask: all real
+        self.total += n
+        return batch
+
+    def take(self) -> float | None:
+        fraction = self.real / self.total if self.total else None
+        self.real = self.total = 0
+        return fraction
+
+
+class PadStatsSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` that also logs ``nonpad_fraction``: the share of real tokens in the training batches
+    since the last log (1.0 with packing or padding-free batches)."""
+
+    def get_train_dataloader(self):
+        collate = self.data_collator
+        self.pad_counter = PadCounter(collate)
+        self.data_collator = self.pad_counter
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collate
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        counter = getattr(self, "pad_counter", None)
+        if "loss" in logs and counter is not None:
+            fraction = counter.take()
+            if fraction is not None:
+                logs["nonpad_fraction"] = fraction
+        super().log(logs, start_time)
