@@ -22,14 +22,16 @@ $(VENV)/.installed: pyproject.toml
 		echo "setup: no GPU found, installing CPU-only torch $(TORCH_VERSION)"; \
 		$(BIN)/pip install --retries 1 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,quant]"
 	@touch $@
 
-# The tiny pipeline on a CPU: tokenizer -> pretraining (a few minutes). Re-running starts the demo over.
+# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT (about 3 minutes). Re-running starts over.
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/tokenizer.yaml overwrite=true
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/pretrain.yaml overwrite=true resume=false
-	@echo "demo: models in runs/tiny/tokenizer/final and runs/tiny/pretrain/final; evidence in runs/tiny/*/eval.json"
+	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/sft.yaml overwrite=true resume=false
+	@echo "demo: models in runs/tiny/{tokenizer,pretrain,sft}/final; evidence in runs/tiny/*/eval.json"
+	@echo "demo: talk to the assistant with: $(BIN)/gptpipe chat runs/tiny/sft/final"
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -58,3 +58,43 @@ def needs_shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (third-party samples live in ../shared/data beside the checkout)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny-world base model that knows the facts (the demo recipe, half the steps: ~1 minute)."""
+    from gptpipe.cli import run
+
+    out = tmp_path_factory.mktemp("base")
+    run(
+        [
+            "train",
+            str(REPO / "recipes/tiny/pretrain.yaml"),
+            f"output_dir={out}",
+            f"model.tokenizer={tokenizer_dir}",
+            "max_steps=300",
+            "warmup_steps=15",
+            "eval_steps=300",
+            "save_steps=1000",
+            "logging_steps=50",
+            "probe_datasets=[]",
+            "disable_tqdm=true",
+        ]
+    )
+    return out / "final"
+
+
+def sft_overrides(base: Path, output_dir: Path, **extra) -> list[str]:
+    """Overrides that point the tiny SFT recipe at a base model and shrink it for tests."""
+    settings = {
+        "output_dir": output_dir,
+        "model.name_or_path": base,
+        "max_steps": 10,
+        "logging_steps": 5,
+        "eval_steps": 10,
+        "save_steps": 100,
+        "answer_datasets": "[]",
+        "disable_tqdm": "true",
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]

@@ -73,8 +73,12 @@ def test_missing_recipe_and_missing_stage(tmp_path):
         load_recipe(bad)
 
 
-def test_saved_config_round_trips(tmp_path):
-    cfg = load_recipe(PRETRAIN, ["max_steps=7", "model.hidden_size=32", f"output_dir={tmp_path}"])
+@pytest.mark.parametrize("recipe", ["tiny/pretrain.yaml", "tiny/sft.yaml", "qwen2.5-7b/sft-qlora.yaml"])
+def test_saved_config_round_trips(tmp_path, recipe):
+    overrides = ["max_steps=7", "model.hidden_size=32", f"output_dir={tmp_path}"]
+    if "qwen" in recipe:
+        overrides += ["bf16=false", "optim=adamw_torch"]  # this machine has no GPU
+    cfg = load_recipe(REPO / "recipes" / recipe, overrides)
     saved = tmp_path / "config.yaml"
     saved.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     again = load_recipe(saved)

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="sample replies to a file of prompts")
     gen.add_argument("model")
-    gen.add_argument("--prompts", required=True, help="jsonl/json rows with 'prompt' (text or messages) or 'messages'")
+    gen.add_argument(
+        "--prompts", required=True, help="jsonl/json rows with 'prompt' (text or messages) or 'messages'"
+    )
     gen.add_argument("--out", default=None, help="output jsonl (default: <prompts>.generated.jsonl)")
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -79,8 +81,15 @@ def run(argv: list[str] | None = None) -> None:
 
         out = args.out or str(Path(args.prompts).with_suffix("")) + ".generated.jsonl"
         n = generate_file(
-            args.model, args.prompts, out, args.num_samples, args.max_new_tokens, args.temperature, args.top_p,
-            args.seed, args.batch_size,
+            args.model,
+            args.prompts,
+            out,
+            args.num_samples,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            args.seed,
+            args.batch_size,
         )
         print(f"wrote {n} completions to {out}")
     elif args.command == "data":

@@ -79,7 +79,9 @@ class ModelConfig:
     # Memory switches.
     lora: LoraSettings | None = None  # e.g. lora: {r: 16, alpha: 32}
     quantization: QuantizationSettings | None = None  # e.g. quantization: {bits: 4}
-    merge_lora: bool = False  # save final/ as a plain model with the adapter merged in (else final/ is the adapter)
+    merge_lora: bool = (
+        False  # save final/ as a plain model with the adapter merged in (else final/ is the adapter)
+    )
 
 
 @dataclass
@@ -204,6 +206,10 @@ def validate_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     try:
         cfg = build_stage_config(tree)
         check_sources_exist(cfg)
+        if getattr(cfg, "chat_template", None):
+            from gptpipe.data.chat_templates import resolve
+
+            resolve(cfg.chat_template)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     return cfg

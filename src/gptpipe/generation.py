@@ -33,7 +33,9 @@ def complete(
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    )
     outputs: list[list[str]] = []
     starts = range(0, len(prompts), batch_size)
     if progress:
@@ -43,7 +45,10 @@ def complete(
     try:
         for i in starts:
             batch = tokenizer(
-                prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+                prompts[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=add_special_tokens,
             ).to(model.device)
             generated = model.generate(
                 **batch,
@@ -52,7 +57,9 @@ def complete(
                 pad_token_id=tokenizer.pad_token_id,
                 **sampling,
             )
-            texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts = tokenizer.batch_decode(
+                generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+            )
             outputs += [texts[j : j + num_samples] for j in range(0, len(texts), num_samples)]
     finally:
         tokenizer.padding_side = side
@@ -62,7 +69,9 @@ def complete(
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]]) -> list[str]:
     """Chat prompts ending with the assistant's turn opener, as the model saw them in training."""
-    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    return [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+    ]
 
 
 def answer_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 48) -> dict:
@@ -75,16 +84,22 @@ def answer_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 48
     import re
 
     prompts = render_chat(tokenizer, [r["messages"][:-1] for r in rows])
-    replies = [r[0].strip() for r in complete(model, tokenizer, prompts, max_new_tokens, add_special_tokens=False)]
+    replies = [
+        r[0].strip() for r in complete(model, tokenizer, prompts, max_new_tokens, add_special_tokens=False)
+    ]
     exact = sum(reply == r["messages"][-1]["content"].strip() for reply, r in zip(replies, rows, strict=True))
     firsts = [re.split(r"(?<=[.!?])\s", reply, maxsplit=1)[0] for reply in replies]
     right = sum(
-        bool(re.search(rf"(?<!\w){re.escape(str(r['answer']))}(?!\w)", first)) for first, r in zip(firsts, rows, strict=True)
+        bool(re.search(rf"(?<!\w){re.escape(str(r['answer']))}(?!\w)", first))
+        for first, r in zip(firsts, rows, strict=True)
     )
     return {
         "exact_match": exact / len(rows),
         "answer_accuracy": right / len(rows),
-        "examples": [{"prompt": r["messages"][-2]["content"], "reply": reply} for reply, r in zip(replies[:5], rows, strict=False)],
+        "examples": [
+            {"prompt": r["messages"][-2]["content"], "reply": reply}
+            for reply, r in zip(replies[:5], rows, strict=False)
+        ],
     }
 
 
@@ -95,7 +110,11 @@ def read_prompts(path: str | Path) -> list[dict]:
         raise UserError(f"--prompts: file not found: {path}")
     text = path.read_text()
     try:
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = (
+            json.loads(text)
+            if path.suffix == ".json"
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     out = []
@@ -132,11 +151,24 @@ def generate_file(
     rows = read_prompts(prompts_file)
     set_seed(seed)
     chat = tokenizer.chat_template is not None
-    prompts = render_chat(tokenizer, [r["messages"] for r in rows]) if chat else [r["messages"][-1]["content"] for r in rows]
+    prompts = (
+        render_chat(tokenizer, [r["messages"] for r in rows])
+        if chat
+        else [r["messages"][-1]["content"] for r in rows]
+    )
     do_sample = temperature > 0 and (num_samples > 1 or temperature != 1.0 or top_p < 1.0)
     samples = complete(
-        model, tokenizer, prompts, max_new_tokens, do_sample, max(temperature, 1e-5), top_p, num_samples,
-        batch_size, add_special_tokens=not chat, progress=True,
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        do_sample,
+        max(temperature, 1e-5),
+        top_p,
+        num_samples,
+        batch_size,
+        add_special_tokens=not chat,
+        progress=True,
     )
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -144,12 +176,24 @@ def generate_file(
     with tmp.open("w") as fh:
         for row, completions in zip(rows, samples, strict=True):
             for k, completion in enumerate(completions):
-                fh.write(json.dumps({"id": row["id"], "prompt": row["messages"], "sample": k, "completion": completion.strip()}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "id": row["id"],
+                            "prompt": row["messages"],
+                            "sample": k,
+                            "completion": completion.strip(),
+                        }
+                    )
+                    + "\n"
+                )
     tmp.replace(out_file)
     return len(rows) * num_samples
 
 
-def chat_loop(model_dir: str | Path, max_new_tokens: int = 256, temperature: float = 0.0, system: str | None = None) -> None:
+def chat_loop(
+    model_dir: str | Path, max_new_tokens: int = 256, temperature: float = 0.0, system: str | None = None
+) -> None:
     """Interactive multi-turn chat on the terminal, streaming tokens; the reply ends at end of turn."""
     from transformers import TextStreamer
 
@@ -172,11 +216,20 @@ def chat_loop(model_dir: str | Path, max_new_tokens: int = 256, temperature: flo
             history = history[:1] if system else []
             continue
         history.append({"role": "user", "content": user})
-        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            history, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         print("assistant> ", end="", flush=True)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        )
         with torch.no_grad():
-            out = model.generate(**ids.to(model.device), max_new_tokens=max_new_tokens, streamer=streamer,
-                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+            out = model.generate(
+                **ids.to(model.device),
+                max_new_tokens=max_new_tokens,
+                streamer=streamer,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
         reply = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": reply})

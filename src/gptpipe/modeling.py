@@ -88,8 +88,17 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.n
     return model.to(torch.float32 if dtype == "auto" else dtype)
 
 
-def apply_lora(model: torch.nn.Module, cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
-    """Wrap the model with LoRA adapters when ``model.lora`` is set (k-bit models are prepared first)."""
+def apply_lora(
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    task_type: str = "CAUSAL_LM",
+    new_token_ids: list[int] | None = None,
+) -> torch.nn.Module:
+    """Wrap the model with LoRA adapters when ``model.lora`` is set (k-bit models are prepared first).
+
+    ``new_token_ids`` (tokens added for a chat template) get their embedding rows trained too: a frozen
+    random embedding for ``<|im_end|>`` would never learn to end a turn.
+    """
     if cfg.lora is None:
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -102,6 +111,7 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig, task_type: str = "CAUSA
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         modules_to_save=cfg.lora.modules_to_save,
+        trainable_token_indices=list(new_token_ids) if new_token_ids else None,
         task_type=task_type,
     )
     return get_peft_model(model, lora)
@@ -125,12 +135,18 @@ def load_for_inference(path: str | Path, auto_class=AutoModelForCausalLM):
     """(model, tokenizer) from a run's ``final/`` folder: a full model or a LoRA adapter."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"{path}: no such model folder (expected a run's final/ folder or a downloaded model)")
+        raise UserError(
+            f"{path}: no such model folder (expected a run's final/ folder or a downloaded model)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     if is_adapter(path):
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-        peft_class = AutoPeftModelForCausalLM if auto_class is AutoModelForCausalLM else AutoPeftModelForSequenceClassification
+        peft_class = (
+            AutoPeftModelForCausalLM
+            if auto_class is AutoModelForCausalLM
+            else AutoPeftModelForSequenceClassification
+        )
         model = peft_class.from_pretrained(str(path))
     else:
         model = auto_class.from_pretrained(path)

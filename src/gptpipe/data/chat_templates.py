@@ -34,12 +34,8 @@ class ChatTemplate:
 GPTPIPE = ChatTemplate(
     name="gptpipe",
     template=(
-        "{{ bos_token }}"
-        + _TOOLS
-        + "{% if tools_text %}<|system|>Tools: {{ tools_text }}<|end|>{% endif %}"
-        "{% for message in messages %}"
-        + _ROLE_CHECK
-        + "{% if message['role'] == 'assistant' %}"
+        "{{ bos_token }}" + _TOOLS + "{% if tools_text %}<|system|>Tools: {{ tools_text }}<|end|>{% endif %}"
+        "{% for message in messages %}" + _ROLE_CHECK + "{% if message['role'] == 'assistant' %}"
         "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
         "{% else %}"
         "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
@@ -55,12 +51,10 @@ GPTPIPE = ChatTemplate(
 CHATML = ChatTemplate(
     name="chatml",
     template=(
-        _TOOLS
-        + "{% if tools_text %}<|im_start|>system\nTools: {{ tools_text }}<|im_end|>\n{% endif %}"
-        "{% for message in messages %}"
-        + _ROLE_CHECK
-        + "{% if message['role'] == 'assistant' %}"
-        "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
+        _TOOLS + "{% if tools_text %}<|im_start|>system\nTools: {{ tools_text }}<|im_end|>\n{% endif %}"
+        "{% for message in messages %}" + _ROLE_CHECK + "{% if message['role'] == 'assistant' %}"
+        # transformers renders with trim_blocks: a newline right after a tag is dropped, so print it.
+        "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}{{ '\\n' }}"
         "{% else %}"
         "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
         "{% endif %}"

@@ -22,7 +22,13 @@ from datasets import Dataset, Features, Value
 from gptpipe.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant", "observation": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+}
 FIELDS = {
     "messages": ["messages"],
     "alpaca": ["instruction", "output"],
@@ -32,7 +38,9 @@ FIELDS = {
 }
 CONVERSATIONAL = ("messages", "alpaca", "sharegpt", "prompt_completion")
 # One schema for every converted source, so sources of different formats concatenate into one mixture.
-CHAT_FEATURES = Features({"messages": [{"role": Value("string"), "content": Value("string")}], "tools": Value("string")})
+CHAT_FEATURES = Features(
+    {"messages": [{"role": Value("string"), "content": Value("string")}], "tools": Value("string")}
+)
 
 
 class RowError(ValueError):
@@ -56,7 +64,9 @@ def _messages(value, field: str) -> list[dict]:
         if not isinstance(m, dict) or "role" not in m:
             raise RowError(f"{field}.{i}", f"expected a {{role, content}} message, got {m!r:.80}")
         if m["role"] not in ROLES:
-            raise RowError(f"{field}.{i}.role", f"unknown role {m['role']!r}; expected one of {', '.join(ROLES)}")
+            raise RowError(
+                f"{field}.{i}.role", f"unknown role {m['role']!r}; expected one of {', '.join(ROLES)}"
+            )
         out.append({"role": m["role"], "content": _text(m.get("content"), f"{field}.{i}.content")})
     return out
 
@@ -92,7 +102,9 @@ def from_alpaca(row: dict) -> dict:
 def from_sharegpt(row: dict) -> dict:
     turns = row["conversations"]
     if not isinstance(turns, list):
-        raise RowError("conversations", f"expected a list of {{from, value}} turns, got {type(turns).__name__}")
+        raise RowError(
+            "conversations", f"expected a list of {{from, value}} turns, got {type(turns).__name__}"
+        )
     messages = []
     if row.get("system"):
         messages.append({"role": "system", "content": _text(row["system"], "system")})
@@ -100,15 +112,22 @@ def from_sharegpt(row: dict) -> dict:
         speaker = turn.get("from") if isinstance(turn, dict) else None
         if speaker not in SHAREGPT_ROLES:
             raise RowError(
-                f"conversations.{i}.from", f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
+                f"conversations.{i}.from",
+                f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}",
             )
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), f"conversations.{i}.value")})
+        messages.append(
+            {"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), f"conversations.{i}.value")}
+        )
     return {"messages": messages, "tools": _tools(row)}
 
 
 def from_prompt_completion(row: dict) -> dict:
     prompt, completion = row["prompt"], row["completion"]
-    prompt = _messages(prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": _text(prompt, "prompt")}]
+    prompt = (
+        _messages(prompt, "prompt")
+        if isinstance(prompt, list)
+        else [{"role": "user", "content": _text(prompt, "prompt")}]
+    )
     if isinstance(completion, list):
         completion = _messages(completion, "completion")
     else:

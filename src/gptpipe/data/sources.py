@@ -148,7 +148,9 @@ def load_mixture(
         ds = load_source(src, seed=seed)
         if prepare is not None:
             if len(ds) == 0:
-                raise UserError(f"{describe(src)}: the dataset is empty (0 rows); check the file or the split name")
+                raise UserError(
+                    f"{describe(src)}: the dataset is empty (0 rows); check the file or the split name"
+                )
             ds = prepare(ds, src)
         check_rows(ds, src, fields, check)
         if fields:  # drop the columns nobody reads (an empty list keeps what `prepare` produced)

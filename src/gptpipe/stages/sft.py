@@ -41,9 +41,15 @@ def main(cfg: SFTConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     added_tokens = set_chat_template(tokenizer, cfg)
     with cfg.main_process_first(desc="preparing data"):
-        train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=lambda ds, src: _convert(ds, src, cfg))
+        train, heldout = load_train_eval(
+            cfg, [], seed=cfg.seed, prepare=lambda ds, src: _convert(ds, src, cfg)
+        )
         train, heldout = (_shape_for_loss(ds, cfg) if ds is not None else None for ds in (train, heldout))
-        answers = load_mixture(cfg.answer_datasets, ["messages", "answer"], seed=cfg.seed) if cfg.answer_datasets else None
+        answers = (
+            load_mixture(cfg.answer_datasets, ["messages", "answer"], seed=cfg.seed)
+            if cfg.answer_datasets
+            else None
+        )
     end_of_turn = end_of_turn_token(tokenizer) if "text" not in train.column_names else tokenizer.eos_token
 
     set_seed(cfg.seed)
@@ -55,7 +61,10 @@ def main(cfg: SFTConfig) -> dict:
     model.generation_config.eos_token_id = sorted(stop_ids)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    model = apply_lora(model, cfg.model)  # LoRA starts as a no-op (B = 0): "before" numbers are the base model's
+    new_ids = list(range(len(tokenizer) - added_tokens, len(tokenizer))) if added_tokens else None
+    model = apply_lora(
+        model, cfg.model, new_token_ids=new_ids
+    )  # LoRA starts as a no-op (B = 0): "before" numbers are the base model's
     trainable, total = count_parameters(model)
     say(f"[sft] {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; {len(train)} conversations")
     trainer = PadStatsSFTTrainer(
@@ -99,7 +108,10 @@ def main(cfg: SFTConfig) -> dict:
     if is_main:
         final = publish_final(tmp, out)
         write_json_atomic(out / "eval.json", evidence)
-        say(f"[sft] saved {final}" + (" (LoRA adapter)" if cfg.model.lora and not cfg.model.merge_lora else ""))
+        say(
+            f"[sft] saved {final}"
+            + (" (LoRA adapter)" if cfg.model.lora and not cfg.model.merge_lora else "")
+        )
         line = f"[sft] held-out loss {evidence.get('eval_loss_before', float('nan')):.3f} -> {evidence.get('eval_loss_after', float('nan')):.3f}"
         if answers is not None:
             line += (
@@ -139,13 +151,17 @@ SAMPLE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content
 
 
 def _marks_assistant(tokenizer) -> bool:
-    out = tokenizer.apply_chat_template(SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tokenizer.apply_chat_template(
+        SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     return 1 in out["assistant_masks"]
 
 
 def end_of_turn_token(tokenizer) -> str:
     """The special token that closes an assistant turn in the template (falls back to EOS)."""
-    out = tokenizer.apply_chat_template(SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tokenizer.apply_chat_template(
+        SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
     if marked and marked[-1] in tokenizer.all_special_ids:
         return tokenizer.convert_ids_to_tokens(marked[-1])
@@ -162,9 +178,13 @@ def end_of_turn_token(tokenizer) -> str:
 def _convert(ds, src, cfg: SFTConfig):
     fmt = src.format or ("messages" if "messages" in ds.column_names else None)
     if fmt is None:
-        raise UserError(f"{describe(src)}: set format: to one of {', '.join(formats.FIELDS)} (columns are {ds.column_names})")
+        raise UserError(
+            f"{describe(src)}: set format: to one of {', '.join(formats.FIELDS)} (columns are {ds.column_names})"
+        )
     if fmt == "text" and cfg.assistant_only_loss:
-        raise UserError(f"{describe(src)}: format text has no assistant turns; set assistant_only_loss: false to train on every token")
+        raise UserError(
+            f"{describe(src)}: format text has no assistant turns; set assistant_only_loss: false to train on every token"
+        )
     return formats.convert(ds, fmt, describe(src), cfg.dataset_num_proc)
 
 
@@ -173,7 +193,9 @@ def _shape_for_loss(ds, cfg: SFTConfig):
     if "text" in ds.column_names and "messages" in ds.column_names:
         raise UserError("datasets: cannot mix format text with conversational sources in one SFT run")
     if "messages" in ds.column_names and cfg.completion_only_loss:
-        return ds.map(formats.split_last_turn, remove_columns=["messages"], desc="splitting off the final reply")
+        return ds.map(
+            formats.split_last_turn, remove_columns=["messages"], desc="splitting off the final reply"
+        )
     return ds
 
 
@@ -181,7 +203,9 @@ def _measure(trainer, heldout, answers, cfg: SFTConfig) -> dict:
     """Held-out loss and, with answer_datasets, greedy answer accuracy."""
     found = {"eval_loss": eval_loss(trainer)} if heldout is not None else {}
     if answers is not None:
-        found |= answer_accuracy(trainer.model, trainer.processing_class, list(answers), cfg.answer_max_new_tokens)
+        found |= answer_accuracy(
+            trainer.model, trainer.processing_class, list(answers), cfg.answer_max_new_tokens
+        )
     return found
 
 
@@ -208,7 +232,9 @@ class PadCounter:
     def __call__(self, features):
         batch = self.collate(features)
         mask, n = batch.get("attention_mask"), batch["input_ids"].numel()
-        self.real += int(mask.sum()) if mask is not None else n  # padding-free batches carry no mask: all real
+        self.real += (
+            int(mask.sum()) if mask is not None else n
+        )  # padding-free batches carry no mask: all real
         self.total += n
         return batch
 
