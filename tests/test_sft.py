@@ -162,6 +162,7 @@ def test_qlora_4bit_runs_on_cpu(tiny_base, tmp_path):
         ]
     )
     e = evidence(tmp_path / "q")
+    assert e["quantized_layers"] == 4 * 7  # every linear layer of the 4 blocks is 4-bit (lm_head stays full)
     assert e["eval_loss_after"] < e["eval_loss_before"]
     assert (tmp_path / "q/final/adapter_config.json").exists()
 
@@ -214,3 +215,19 @@ def test_alpaca_files_train(tiny_base, tmp_path, name):
     )
     e = evidence(tmp_path / "run")
     assert e["train_steps"] == 4 and e["eval_loss_after"] < e["eval_loss_before"]
+
+
+def test_packing_fills_batches(tiny_base, tmp_path):
+    run(
+        [
+            "train",
+            SFT,
+            *sft_overrides(tiny_base, tmp_path / "p", max_steps=6, logging_steps=3, packing="true"),
+        ]
+    )
+    records = [json.loads(line) for line in (tmp_path / "p/metrics.jsonl").read_text().splitlines()]
+    assert [r["nonpad_fraction"] for r in records if "nonpad_fraction" in r] == [
+        1.0,
+        1.0,
+    ]  # padding-free: no pad at all
+    assert evidence(tmp_path / "p")["eval_loss_after"] < evidence(tmp_path / "p")["eval_loss_before"]

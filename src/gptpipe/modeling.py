@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -44,26 +45,81 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """Load ``model.name_or_path``, or build a new Llama whose vocabulary is the tokenizer's."""
-    dtype = "auto" if cfg.dtype == "auto" else DTYPES.get(cfg.dtype)
-    if dtype is None:
-        raise UserError(f"model.dtype: expected one of auto, {', '.join(DTYPES)}; got {cfg.dtype!r}")
+def _dtype(name: str, key: str):
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise UserError(f"{key}: expected one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def model_path(cfg: ModelConfig) -> str:
+    """``model.name_or_path``, made absolute when it is a local folder (adapters record their base by path)."""
+    name = cfg.name_or_path
+    if _looks_local(name):
+        if not Path(name).expanduser().exists():
+            raise UserError(f"model.name_or_path: {name} does not exist; run the stage that makes it first")
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
+def quantization_config(cfg: ModelConfig):
+    """A ``BitsAndBytesConfig`` for ``model.quantization``, or None."""
+    q = cfg.quantization
+    if q is None:
+        return None
+    if q.bits not in (4, 8):
+        raise UserError(f"model.quantization.bits: expected 4 or 8, got {q.bits}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("model.quantization needs bitsandbytes: pip install 'gptpipe[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = _dtype(q.quant_storage, "model.quantization.quant_storage") if q.quant_storage else torch.uint8
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=_dtype(q.compute_dtype, "model.quantization.compute_dtype"),
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, auto_class=AutoModelForCausalLM):
+    """Load ``model.name_or_path`` (quantized if asked), or build a new Llama whose vocabulary is the tokenizer's.
+
+    ``auto_class=AutoModelForSequenceClassification`` loads a one-output reward model. LoRA is applied
+    separately (``apply_lora``), so stages can measure the model before wrapping it.
+    """
+    dtype = _dtype(cfg.dtype, "model.dtype")
     if cfg.name_or_path:
-        if _looks_local(cfg.name_or_path) and not Path(cfg.name_or_path).expanduser().exists():
-            raise UserError(
-                f"model.name_or_path: {cfg.name_or_path} does not exist; run the stage that makes it first"
-            )
+        name = model_path(cfg)
         try:
-            return AutoModelForCausalLM.from_pretrained(
-                cfg.name_or_path,
+            model = auto_class.from_pretrained(
+                name,
                 revision=cfg.revision,
                 dtype=dtype,
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
+                quantization_config=quantization_config(cfg),
+                **_head_kwargs(auto_class),
             )
         except OSError as e:
             raise UserError(f"model.name_or_path: could not load {cfg.name_or_path!r}: {e}") from None
+        if model.config.pad_token_id is None:  # classifiers find each sequence's last token by the pad id
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+    if cfg.quantization is not None:
+        raise UserError(
+            "model.quantization needs a pretrained model (model.name_or_path): a new model has nothing to quantize"
+        )
+    if auto_class is not AutoModelForCausalLM:
+        raise UserError(
+            "model.name_or_path is required: this stage starts from a trained model (e.g. the sft stage's final/)"
+        )
     if cfg.hidden_size % cfg.num_attention_heads:
         raise UserError(
             f"model.hidden_size ({cfg.hidden_size}) must be a multiple of model.num_attention_heads ({cfg.num_attention_heads})"
@@ -121,12 +177,18 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def _head_kwargs(auto_class) -> dict:
+    """A reward model is a sequence classifier with one output: say so whenever one is loaded."""
+    return {"num_labels": 1} if auto_class is AutoModelForSequenceClassification else {}
+
+
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, auto_class=AutoModelForCausalLM) -> None:
     """Load the adapter's base in full precision, merge the adapter in and save a plain model to ``out_dir``."""
     from peft import PeftConfig, PeftModel
 
     base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    base = auto_class.from_pretrained(base_name, dtype=torch.float32)  # never merge into quantized weights
+    # Never merge into quantized weights: load the base in full precision.
+    base = auto_class.from_pretrained(base_name, dtype=torch.float32, **_head_kwargs(auto_class))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
 
@@ -147,12 +209,23 @@ def load_for_inference(path: str | Path, auto_class=AutoModelForCausalLM):
             if auto_class is AutoModelForCausalLM
             else AutoPeftModelForSequenceClassification
         )
-        model = peft_class.from_pretrained(str(path))
+        model = peft_class.from_pretrained(str(path), **_head_kwargs(auto_class))
+        if (path / "generation_config.json").is_file():  # the end-of-turn stop the SFT stage chose
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(path)
     else:
         model = auto_class.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # classifiers find each sequence's last token by the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def quantized_layers(model: torch.nn.Module) -> int:
+    """How many linear layers hold 4- or 8-bit bitsandbytes weights (0 for a full-precision model)."""
+    return sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())  # not peft's wrappers
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

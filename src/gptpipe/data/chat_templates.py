@@ -78,3 +78,58 @@ def resolve(name_or_path: str) -> str:
     raise UserError(
         f"chat_template: {name_or_path!r} is neither a built-in template ({', '.join(BUILTIN)}) nor a file"
     )
+
+
+SAMPLE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+
+
+def install(tokenizer, name_or_path: str | None, need_assistant_mask: bool, tokenizer_name: str) -> int:
+    """Give the tokenizer the recipe's chat template (adding its special tokens); returns how many were added.
+
+    With ``name_or_path`` None the tokenizer's own template stays; having none is an error. With
+    ``need_assistant_mask`` (assistant-only loss) a template that cannot mark assistant tokens is refused
+    here, before any training.
+    """
+    added = 0
+    if name_or_path:
+        tokenizer.chat_template = resolve(name_or_path)
+        builtin = BUILTIN.get(name_or_path)
+        if builtin:
+            missing = [t for t in builtin.special_tokens if t not in tokenizer.get_vocab()]
+            added = tokenizer.add_tokens(missing, special_tokens=True) if missing else 0
+    elif tokenizer.chat_template is None:
+        raise UserError(
+            f"model.tokenizer {tokenizer_name}: the tokenizer has no chat template; "
+            "set chat_template: chatml (or gptpipe, or a .jinja file)"
+        )
+    if need_assistant_mask and not _marks_assistant(tokenizer):
+        raise UserError(
+            "assistant_only_loss is on, but the chat template cannot mark assistant tokens (it has no "
+            "{% generation %} block); set chat_template: chatml, or assistant_only_loss: false to train on every token"
+        )
+    return added
+
+
+def _marks_assistant(tokenizer) -> bool:
+    out = tokenizer.apply_chat_template(
+        SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return 1 in out["assistant_masks"]
+
+
+def end_of_turn_token(tokenizer) -> str:
+    """The special token that closes an assistant turn in the template (falls back to EOS)."""
+    out = tokenizer.apply_chat_template(
+        SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    if marked and marked[-1] in tokenizer.all_special_ids:
+        return tokenizer.convert_ids_to_tokens(marked[-1])
+    ids = out["input_ids"]
+    reply = tokenizer.encode("Hello there", add_special_tokens=False)
+    for i in range(len(ids) - len(reply) + 1):  # no markers: the first special token after the reply
+        if ids[i : i + len(reply)] == reply:
+            after = [t for t in ids[i + len(reply) :] if t in tokenizer.all_special_ids]
+            if after:
+                return tokenizer.convert_ids_to_tokens(after[0])
+    return tokenizer.eos_token

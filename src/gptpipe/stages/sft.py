@@ -26,7 +26,14 @@ from gptpipe.data import chat_templates, formats
 from gptpipe.data.sources import describe, load_mixture, load_train_eval
 from gptpipe.errors import UserError
 from gptpipe.generation import answer_accuracy
-from gptpipe.modeling import apply_lora, build_model, count_parameters, load_tokenizer, merge_adapter
+from gptpipe.modeling import (
+    apply_lora,
+    build_model,
+    count_parameters,
+    load_tokenizer,
+    merge_adapter,
+    quantized_layers,
+)
 from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
 from gptpipe.tracking import MetricsLogger, eval_loss, load_callbacks, perplexity
 
@@ -39,7 +46,9 @@ def main(cfg: SFTConfig) -> dict:
     resume_from = prepare_run_dir(cfg, is_main)
 
     tokenizer = load_tokenizer(cfg.model)
-    added_tokens = set_chat_template(tokenizer, cfg)
+    added_tokens = chat_templates.install(
+        tokenizer, cfg.chat_template, cfg.assistant_only_loss, _tokenizer_name(cfg)
+    )
     with cfg.main_process_first(desc="preparing data"):
         train, heldout = load_train_eval(
             cfg, [], seed=cfg.seed, prepare=lambda ds, src: _convert(ds, src, cfg)
@@ -50,7 +59,11 @@ def main(cfg: SFTConfig) -> dict:
             if cfg.answer_datasets
             else None
         )
-    end_of_turn = end_of_turn_token(tokenizer) if "text" not in train.column_names else tokenizer.eos_token
+    end_of_turn = (
+        chat_templates.end_of_turn_token(tokenizer)
+        if "text" not in train.column_names
+        else tokenizer.eos_token
+    )
 
     set_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer)
@@ -102,6 +115,7 @@ def main(cfg: SFTConfig) -> dict:
         "train_steps": trainer.state.global_step,
         "parameters": total,
         "trainable_parameters": trainable,
+        "quantized_layers": quantized_layers(trainer.model),
         "end_of_turn_token": end_of_turn,
         "seconds": round(time.time() - start, 1),
     }
@@ -125,54 +139,8 @@ def main(cfg: SFTConfig) -> dict:
     return evidence
 
 
-def set_chat_template(tokenizer, cfg: SFTConfig) -> int:
-    """Install the recipe's chat template (adding its special tokens); returns how many tokens were added."""
-    added = 0
-    if cfg.chat_template:
-        tokenizer.chat_template = chat_templates.resolve(cfg.chat_template)
-        builtin = chat_templates.BUILTIN.get(cfg.chat_template)
-        if builtin:
-            missing = [t for t in builtin.special_tokens if t not in tokenizer.get_vocab()]
-            added = tokenizer.add_tokens(missing, special_tokens=True) if missing else 0
-    elif tokenizer.chat_template is None:
-        raise UserError(
-            f"model.tokenizer {cfg.model.tokenizer or cfg.model.name_or_path}: the tokenizer has no chat template; "
-            "set chat_template: chatml (or gptpipe, or a .jinja file)"
-        )
-    if cfg.assistant_only_loss and not _marks_assistant(tokenizer):
-        raise UserError(
-            "assistant_only_loss is on, but the chat template cannot mark assistant tokens (it has no "
-            "{% generation %} block); set chat_template: chatml, or assistant_only_loss: false to train on every token"
-        )
-    return added
-
-
-SAMPLE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
-
-
-def _marks_assistant(tokenizer) -> bool:
-    out = tokenizer.apply_chat_template(
-        SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return 1 in out["assistant_masks"]
-
-
-def end_of_turn_token(tokenizer) -> str:
-    """The special token that closes an assistant turn in the template (falls back to EOS)."""
-    out = tokenizer.apply_chat_template(
-        SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
-    if marked and marked[-1] in tokenizer.all_special_ids:
-        return tokenizer.convert_ids_to_tokens(marked[-1])
-    ids = out["input_ids"]
-    reply = tokenizer.encode("Hello there", add_special_tokens=False)
-    for i in range(len(ids) - len(reply) + 1):  # no markers: the first special token after the reply
-        if ids[i : i + len(reply)] == reply:
-            after = [t for t in ids[i + len(reply) :] if t in tokenizer.all_special_ids]
-            if after:
-                return tokenizer.convert_ids_to_tokens(after[0])
-    return tokenizer.eos_token
+def _tokenizer_name(cfg: SFTConfig) -> str:
+    return cfg.model.tokenizer or cfg.model.name_or_path or "(none)"
 
 
 def _convert(ds, src, cfg: SFTConfig):
