@@ -25,12 +25,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[dev,quant]"
 	@touch $@
 
-# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT (about 3 minutes). Re-running starts over.
+# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model (about 5 minutes). Re-running starts over.
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/tokenizer.yaml overwrite=true
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/pretrain.yaml overwrite=true resume=false
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/sft.yaml overwrite=true resume=false
-	@echo "demo: models in runs/tiny/{tokenizer,pretrain,sft}/final; evidence in runs/tiny/*/eval.json"
+	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/reward.yaml overwrite=true resume=false
+	@echo "demo: models in runs/tiny/{tokenizer,pretrain,sft,reward}/final; evidence in runs/tiny/*/eval.json"
 	@echo "demo: talk to the assistant with: $(BIN)/gptpipe chat runs/tiny/sft/final"
 
 test: setup

@@ -98,3 +98,32 @@ def sft_overrides(base: Path, output_dir: Path, **extra) -> list[str]:
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_base, tmp_path_factory) -> Path:
+    """The tiny base model finetuned on the tiny world's chats, with answer accuracy measured (~15 s)."""
+    from gptpipe.cli import run
+
+    out = tmp_path_factory.mktemp("sft")
+    overrides = sft_overrides(
+        tiny_base, out, max_steps=150, logging_steps=25, eval_steps=150,
+        answer_datasets="[{path: 'tinyworld:sft', split: eval}]",
+    )
+    run(["train", str(REPO / "recipes/tiny/sft.yaml"), *overrides])
+    return out / "final"
+
+
+def reward_overrides(base: Path, output_dir: Path, **extra) -> list[str]:
+    """Overrides that point the tiny reward recipe at a model and shrink it for tests."""
+    settings = {
+        "output_dir": output_dir,
+        "model.name_or_path": base,
+        "max_steps": 10,
+        "logging_steps": 5,
+        "eval_steps": 10,
+        "save_steps": 100,
+        "disable_tqdm": "true",
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]

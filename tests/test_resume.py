@@ -1,5 +1,5 @@
-"""Kill a run hard after a checkpoint, rerun the same command: it resumes and every later logged loss,
-and the final weights, equal the uninterrupted run's bit for bit (CPU). Pretraining and SFT."""
+"""Kill a run hard after a checkpoint, rerun the same command: it resumes and every later logged loss, the
+final weights and the evidence equal the uninterrupted run's bit for bit (CPU). Pretraining, SFT, reward."""
 
 import json
 import os
@@ -7,20 +7,17 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, small_pretrain
+from conftest import REPO, reward_overrides, sft_overrides, small_pretrain
 from safetensors.torch import load_file
 
 PRETRAIN = str(REPO / "recipes/tiny/pretrain.yaml")
+TIMING_KEYS = {"seconds"}  # wall-clock fields: the only evidence allowed to differ
 
 
 def gptpipe(args, recipe=PRETRAIN, **env):
     run_env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "helpers"), **env}
     return subprocess.run(
-        [sys.executable, "-m", "gptpipe", "train", recipe, *args],
-        capture_output=True,
-        text=True,
-        env=run_env,
-        cwd=REPO,
+        [sys.executable, "-m", "gptpipe", "train", recipe, *args], capture_output=True, text=True, env=run_env, cwd=REPO
     )
 
 
@@ -29,85 +26,65 @@ def logged(output_dir, key):
     return [(r["step"], r[key]) for r in records if key in r]
 
 
-def test_kill_and_resume_is_bit_identical(tokenizer_dir, tmp_path):
-    def args(out, *extra):
-        return small_pretrain(
-            tokenizer_dir, out, max_steps=30, logging_steps=1, save_steps=10, eval_steps=10
-        ) + list(extra)
-
-    reference = gptpipe(args(tmp_path / "reference"))
+def check_kill_and_resume(tmp_path, recipe, args, steps, checkpoint, kill_at):
+    """Reference run; the same run killed (SIGKILL) at ``kill_at``; rerun: all must match the reference."""
+    reference = gptpipe(args(tmp_path / "reference"), recipe)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run = tmp_path / "interrupted"
-    killed = gptpipe(args(run, "callbacks=[kill_callback:KillAtStep]"), GPTPIPE_TEST_KILL_AT_STEP="15")
+    killed = gptpipe(args(run) + ["callbacks=[kill_callback:KillAtStep]"], recipe, GPTPIPE_TEST_KILL_AT_STEP=str(kill_at))
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no chance to clean up
-    assert (
-        (run / "checkpoint-10").is_dir() and not (run / "final").exists() and not (run / "eval.json").exists()
-    )
-    assert max(step for step, _ in logged(run, "loss")) == 14  # it logged past its last checkpoint
+    assert (run / f"checkpoint-{checkpoint}").is_dir()
+    assert not (run / "final").exists() and not (run / "eval.json").exists()  # it never looks finished
+    assert max(step for step, _ in logged(run, "loss")) == kill_at - 1  # it logged past its last checkpoint
 
-    resumed = gptpipe(args(run))  # the same command again
+    resumed = gptpipe(args(run), recipe)  # the same command again
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout and "checkpoint-10" in resumed.stdout
+    assert f"resuming from {run / f'checkpoint-{checkpoint}'}" in resumed.stdout
 
     for key in ("loss", "grad_norm", "eval_loss"):
         assert logged(run, key) == logged(tmp_path / "reference", key), key
-    assert len(logged(run, "loss")) == 30
-    ref_weights = load_file(tmp_path / "reference" / "final" / "model.safetensors")
-    new_weights = load_file(run / "final" / "model.safetensors")
-    assert all(torch.equal(ref_weights[k], new_weights[k]) for k in ref_weights)
-    evidence = json.loads((run / "eval.json").read_text())
-    assert evidence == {
-        **json.loads((tmp_path / "reference" / "eval.json").read_text()),
-        "seconds": evidence["seconds"],
+    assert len(logged(run, "loss")) == steps
+    ref = load_file(tmp_path / "reference" / "final" / "model.safetensors")
+    new = load_file(run / "final" / "model.safetensors")
+    assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
+    ref_evidence = json.loads((tmp_path / "reference" / "eval.json").read_text())
+    new_evidence = json.loads((run / "eval.json").read_text())
+    assert {k: v for k, v in new_evidence.items() if k not in TIMING_KEYS} == {
+        k: v for k, v in ref_evidence.items() if k not in TIMING_KEYS
     }
+
+
+def test_pretrain_kill_and_resume_is_bit_identical(tokenizer_dir, tmp_path):
+    def args(out):
+        return small_pretrain(tokenizer_dir, out, max_steps=30, logging_steps=1, save_steps=10, eval_steps=10)
+
+    check_kill_and_resume(tmp_path, PRETRAIN, args, steps=30, checkpoint=10, kill_at=15)
+
+
+def test_sft_kill_and_resume_is_bit_identical(tiny_base, tmp_path):
+    def args(out):
+        return sft_overrides(tiny_base, out, max_steps=20, logging_steps=1, save_steps=10, eval_steps=10)
+
+    check_kill_and_resume(tmp_path, str(REPO / "recipes/tiny/sft.yaml"), args, steps=20, checkpoint=10, kill_at=13)
+
+
+def test_reward_kill_and_resume_is_bit_identical(tiny_sft, tmp_path):
+    def args(out):
+        return reward_overrides(tiny_sft, out, max_steps=16, logging_steps=1, save_steps=8, eval_steps=8, check_reload="false")
+
+    check_kill_and_resume(tmp_path, str(REPO / "recipes/tiny/reward.yaml"), args, steps=16, checkpoint=8, kill_at=11)
 
 
 def test_resume_false_starts_over(tokenizer_dir, tmp_path):
     run = tmp_path / "run"
     killed = gptpipe(
-        small_pretrain(
-            tokenizer_dir,
-            run,
-            max_steps=20,
-            save_steps=5,
-            eval_steps=10,
-            **{"callbacks": "[kill_callback:KillAtStep]"},
-        ),
+        small_pretrain(tokenizer_dir, run, max_steps=20, save_steps=5, eval_steps=10, callbacks="[kill_callback:KillAtStep]"),
         GPTPIPE_TEST_KILL_AT_STEP="7",
     )
     assert killed.returncode == -9
-    fresh = gptpipe(
-        small_pretrain(tokenizer_dir, run, max_steps=20, save_steps=50, eval_steps=10, resume="false")
-    )
+    fresh = gptpipe(small_pretrain(tokenizer_dir, run, max_steps=20, save_steps=50, eval_steps=10, resume="false"))
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming" not in fresh.stdout
     assert not (run / "checkpoint-5").exists()  # the old run's checkpoints were cleared
     assert [s for s, _ in logged(run, "loss")] == [5, 10, 15, 20]
-
-
-def test_sft_kill_and_resume_is_bit_identical(tiny_base, tmp_path):
-    from conftest import sft_overrides
-
-    sft = str(REPO / "recipes/tiny/sft.yaml")
-
-    def args(out, *extra):
-        return sft_overrides(
-            tiny_base, out, max_steps=20, logging_steps=1, save_steps=10, eval_steps=10
-        ) + list(extra)
-
-    reference = gptpipe(args(tmp_path / "reference"), recipe=sft)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    run = tmp_path / "interrupted"
-    killed = gptpipe(
-        args(run, "callbacks=[kill_callback:KillAtStep]"), recipe=sft, GPTPIPE_TEST_KILL_AT_STEP="13"
-    )
-    assert killed.returncode == -9 and (run / "checkpoint-10").is_dir() and not (run / "final").exists()
-    resumed = gptpipe(args(run), recipe=sft)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    for key in ("loss", "grad_norm", "eval_loss"):
-        assert logged(run, key) == logged(tmp_path / "reference", key), key
-    ref = load_file(tmp_path / "reference" / "final" / "model.safetensors")
-    new = load_file(run / "final" / "model.safetensors")
-    assert all(torch.equal(ref[k], new[k]) for k in ref)

@@ -21,23 +21,8 @@ def evidence(run_dir):
 
 
 @pytest.fixture(scope="module")
-def sft_run(tiny_base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    run(
-        [
-            "train",
-            SFT,
-            *sft_overrides(
-                tiny_base,
-                out,
-                max_steps=150,
-                logging_steps=25,
-                eval_steps=150,
-                answer_datasets="[{path: 'tinyworld:sft', split: eval}]",
-            ),
-        ]
-    )
-    return out
+def sft_run(tiny_sft):
+    return tiny_sft.parent
 
 
 def test_sft_raises_heldout_answer_accuracy(sft_run):

@@ -1,8 +1,12 @@
 """The ``gptpipe`` command: argument parsing only; the work happens in config, data and the stages.
 
-gptpipe train RECIPE [key=value ...]     run the stage the recipe names
-gptpipe validate RECIPE [RECIPE ...]     parse and check recipes (no training, no network)
-gptpipe data tinyworld --out DIR         write the synthetic tiny-world data set
+    gptpipe train RECIPE [key=value ...]     run the stage the recipe names
+    gptpipe validate RECIPE [RECIPE ...]     parse and check recipes (no training, no network)
+    gptpipe data tinyworld --out DIR         write the synthetic tiny-world data set
+    gptpipe chat MODEL                       talk to a trained model (multi-turn, streamed)
+    gptpipe generate MODEL --prompts FILE    sample replies for a file of prompts (jsonl out)
+    gptpipe score MODEL --pairs FILE         a reward model's pairwise accuracy on a preference file
+    gptpipe score MODEL --texts FILE         a reward model's score of each conversation or text
 """
 
 from __future__ import annotations
@@ -53,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=32)
+
+    score = sub.add_parser("score", help="score with a reward model (a reward run's final/)")
+    score.add_argument("model")
+    what = score.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pairs", help="preference file (json/jsonl): prints pairwise accuracy")
+    what.add_argument("--texts", help="jsonl/json rows with 'messages' or 'text': prints one score per row")
+    score.add_argument("--format", default=None, help="preference | sharegpt_preference | ranked (default: guessed)")
+    score.add_argument("--max-length", type=int, default=None)
     return parser
 
 
@@ -92,6 +104,20 @@ def run(argv: list[str] | None = None) -> None:
             args.batch_size,
         )
         print(f"wrote {n} completions to {out}")
+    elif args.command == "score":
+        import json
+
+        from gptpipe.scoring import score_pairs_file, score_texts_file
+
+        if args.pairs:
+            result = score_pairs_file(args.model, args.pairs, args.format, args.max_length)
+            print(
+                f"{args.pairs}: pairwise accuracy {result['pairwise_accuracy']:.4f}, mean margin "
+                f"{result['mean_margin']:.3f} over {result['pairs']} pairs"
+            )
+        else:
+            for row in score_texts_file(args.model, args.texts):
+                print(json.dumps(row))
     elif args.command == "data":
         from gptpipe.data.tinyworld import generate, write
 

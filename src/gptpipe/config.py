@@ -166,7 +166,24 @@ class SFTConfig(RunSettings, trl.SFTConfig):
     answer_max_new_tokens: int = 48
 
 
-STAGE_CONFIGS: dict[str, type] = {"tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "sft": SFTConfig}
+@dataclass
+class RewardConfig(RunSettings, trl.RewardConfig):
+    """Reward modeling with ``trl.RewardTrainer``: a one-output sequence classifier trained on comparisons."""
+
+    stage: ClassVar[str] = "reward"
+    module: ClassVar[str] = "gptpipe.stages.reward"
+    chat_template: str | None = None  # None: the tokenizer's own; or chatml | gptpipe | a .jinja file
+    truncation_side: str = "left"  # over max_length, cut the start (left) and keep the replies being judged
+    invalid_pairs: str = "error"  # error | drop: identical chosen/rejected, missing reply, empty prompt
+    check_reload: bool = True  # reload final/ after saving and check it scores exactly as the trained model did
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "tokenizer": TokenizerConfig,
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+}
 
 
 # ---------------------------------------------------------------------------------------------------

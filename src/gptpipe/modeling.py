@@ -182,15 +182,26 @@ def _head_kwargs(auto_class) -> dict:
     return {"num_labels": 1} if auto_class is AutoModelForSequenceClassification else {}
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, auto_class=AutoModelForCausalLM) -> None:
-    """Load the adapter's base in full precision, merge the adapter in and save a plain model to ``out_dir``."""
+def merge_adapter(adapter_dir: str | Path, auto_class=AutoModelForCausalLM) -> Path:
+    """Replace a saved adapter folder by a plain model with the adapter merged in; returns the new folder.
+
+    The base is loaded in full precision (never merge into quantized weights); the adapter folder's
+    tokenizer and generation config go along.
+    """
+    import shutil
+
     from peft import PeftConfig, PeftModel
 
+    adapter_dir = Path(adapter_dir)
+    out = adapter_dir.with_name(adapter_dir.name + ".merged")
     base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    # Never merge into quantized weights: load the base in full precision.
     base = auto_class.from_pretrained(base_name, dtype=torch.float32, **_head_kwargs(auto_class))
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out_dir)
+    PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(out)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
+    if (adapter_dir / "generation_config.json").is_file():
+        shutil.copy(adapter_dir / "generation_config.json", out / "generation_config.json")
+    shutil.rmtree(adapter_dir)
+    return out
 
 
 def load_for_inference(path: str | Path, auto_class=AutoModelForCausalLM):

@@ -28,7 +28,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-VERSION = 1  # bump when the generated data changes, so cached copies are regenerated
+VERSION = 2  # bump when the generated data changes, so cached copies are regenerated
 PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
@@ -70,7 +70,8 @@ PROBE_TEMPLATES = {
     "pet": "The pet of {n} is a",
     "sum": "{a} + {b} =",
 }
-# Question phrasings; the last one of each is kept for held-out comparisons (a phrasing never trained on).
+# Question phrasings. The last one of each never appears in SFT or reward-model training, only in pretraining
+# text: held-out comparisons ask with it, so the reward model is tested on wording it never judged.
 QUESTIONS = {
     "city": [
         "Where does {n} live?",
@@ -181,7 +182,7 @@ def _documents(facts: list[Fact], qa_facts: list[Fact], rng: random.Random, coun
         else:  # plain-text Q/A teaches the question -> answer mapping before SFT (keeps SFT stable across seeds)
             chosen = rng.sample(qa_facts, 3)
             text = " ".join(
-                f"Q: {f.render(rng.choice(QUESTIONS[f.kind][:3]))} A: {f.render(ANSWERS[f.kind])}"
+                f"Q: {f.render(rng.choice(QUESTIONS[f.kind]))} A: {f.render(ANSWERS[f.kind])}"
                 for f in chosen
             )
             docs.append({"text": text})

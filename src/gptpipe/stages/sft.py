@@ -100,14 +100,7 @@ def main(cfg: SFTConfig) -> dict:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         unwrapped.generation_config.save_pretrained(tmp)  # adapters too: chat must stop at end of turn
         if cfg.model.lora is not None and cfg.model.merge_lora:
-            merged = out / ".merged.tmp"
-            merge_adapter(tmp, merged)
-            tokenizer.save_pretrained(merged)
-            unwrapped.generation_config.save_pretrained(merged)
-            import shutil
-
-            shutil.rmtree(tmp)
-            tmp = merged
+            tmp = merge_adapter(tmp)
     trainer.accelerator.wait_for_everyone()
 
     evidence = _evidence(baseline, after)

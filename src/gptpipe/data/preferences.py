@@ -1,0 +1,178 @@
+"""Comparison data for reward models, converted to pairs of whole conversations.
+
+Every format becomes rows of ``chosen`` and ``rejected`` (each a full conversation: the prompt's
+messages plus one assistant reply) and ``margin`` (how much better chosen is; 0 unless given):
+
+| format | fields (after ``columns:``) |
+| --- | --- |
+| ``preference`` | ``prompt``, ``chosen``, ``rejected`` — strings or message lists; without ``prompt``, chosen and rejected are whole conversations (implicit prompt) |
+| ``sharegpt_preference`` | ``conversations`` ([{from, value}]), ``chosen`` and ``rejected`` ({from, value}); optional ``system`` |
+| ``ranked`` | ``prompt`` and ``responses`` ranked best to worst, expanded to all k(k-1)/2 pairs |
+
+Any format takes an optional ``margin`` column. Bad rows (identical chosen and rejected, a missing
+reply, an empty prompt) stop the run with file, row and field, or with ``invalid_pairs: drop`` are
+dropped and counted.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+from datasets import Dataset, Features, Value
+
+from gptpipe.data.formats import SHAREGPT_ROLES, RowError, _messages, _text
+from gptpipe.errors import UserError
+
+FIELDS = {
+    "preference": ["chosen", "rejected"],
+    "sharegpt_preference": ["conversations", "chosen", "rejected"],
+    "ranked": ["prompt", "responses"],
+}
+_MESSAGES = [{"role": Value("string"), "content": Value("string")}]
+PAIR_FEATURES = Features({"chosen": _MESSAGES, "rejected": _MESSAGES, "margin": Value("float32"), "problem": Value("string")})
+
+
+def _prompt(value, field: str = "prompt") -> list[dict]:
+    if isinstance(value, list):
+        messages = _messages(value, field)
+    else:
+        messages = [{"role": "user", "content": _text(value, field)}]
+    if not messages or not any(m["content"].strip() for m in messages):
+        raise RowError(field, "the prompt is empty")
+    return messages
+
+
+def _reply(value, field: str) -> list[dict]:
+    if value is None or value == "" or value == []:
+        raise RowError(field, "is missing or empty; every comparison needs a chosen and a rejected reply")
+    if isinstance(value, list):
+        return _messages(value, field)
+    return [{"role": "assistant", "content": _text(value, field)}]
+
+
+def from_preference(row: dict) -> list[tuple[list, list]]:
+    if row.get("prompt") is not None:
+        prompt = _prompt(row["prompt"])
+        pair = []
+        for side in ("chosen", "rejected"):
+            reply = _reply(row[side], side)
+            # Some sets (UltraFeedback) repeat the prompt inside chosen/rejected: do not add it twice.
+            pair.append(reply if reply[: len(prompt)] == prompt else prompt + reply)
+        return [tuple(pair)]
+    chosen, rejected = _reply(row["chosen"], "chosen"), _reply(row["rejected"], "rejected")
+    if len(chosen) < 2:
+        raise RowError("chosen", "without a prompt column, chosen and rejected must be whole conversations (message lists)")
+    return [(chosen, rejected)]
+
+
+def from_sharegpt_preference(row: dict) -> list[tuple[list, list]]:
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise RowError("conversations", "the prompt is empty")
+    prompt = [{"role": "system", "content": _text(row["system"], "system")}] if row.get("system") else []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if speaker not in SHAREGPT_ROLES:
+            raise RowError(f"conversations.{i}.from", f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+        prompt.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), f"conversations.{i}.value")})
+    pair = []
+    for field in ("chosen", "rejected"):
+        value = row[field]
+        if not isinstance(value, dict) or not value.get("value"):
+            raise RowError(field, "is missing or empty; expected {from, value}")
+        pair.append(prompt + [{"role": SHAREGPT_ROLES.get(value.get("from"), "assistant"), "content": _text(value["value"], f"{field}.value")}])
+    return [tuple(pair)]
+
+
+def from_ranked(row: dict) -> list[tuple[list, list]]:
+    prompt = _prompt(row["prompt"])
+    responses = row["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise RowError("responses", "expected at least two responses, ranked best to worst")
+    replies = [_reply(r, f"responses.{i}") for i, r in enumerate(responses)]
+    return [(prompt + replies[i], prompt + replies[j]) for i, j in combinations(range(len(replies)), 2)]
+
+
+CONVERTERS = {"preference": from_preference, "sharegpt_preference": from_sharegpt_preference, "ranked": from_ranked}
+
+
+def guess_format(columns: list[str]) -> str:
+    if "responses" in columns:
+        return "ranked"
+    if "conversations" in columns:
+        return "sharegpt_preference"
+    return "preference"
+
+
+def convert_pairs(ds: Dataset, fmt: str | None, where: str, invalid: str = "error", num_proc: int | None = None) -> Dataset:
+    """Rows of any preference format -> ``chosen``/``rejected`` conversations and ``margin``."""
+    fmt = fmt or guess_format(ds.column_names)
+    if fmt not in FIELDS:
+        raise UserError(f"{where}: unknown preference format {fmt!r}; choose one of {', '.join(FIELDS)}")
+    missing = [f for f in FIELDS[fmt] if f not in ds.column_names]
+    if missing:
+        raise UserError(
+            f"{where}: format {fmt} needs field {missing[0]!r}, but the columns are {ds.column_names}; "
+            f"map yours with `columns: {{{missing[0]}: <your column>}}` or pick another format"
+        )
+    if invalid not in ("error", "drop"):
+        raise UserError(f"invalid_pairs: expected error or drop, got {invalid!r}")
+    convert = CONVERTERS[fmt]
+
+    def apply(batch: dict, indices: list[int]) -> dict:
+        out = {"chosen": [], "rejected": [], "margin": [], "problem": []}
+        for j, index in enumerate(indices):
+            row = {k: v[j] for k, v in batch.items()}
+            try:
+                pairs = convert(row)
+                margin = float(row["margin"]) if row.get("margin") is not None else 0.0
+                for chosen, rejected in pairs:
+                    if chosen == rejected:
+                        raise RowError("chosen", "is identical to rejected; a comparison needs two different replies")
+            except (RowError, TypeError, ValueError) as e:
+                problem = f"row {index}: {e}"
+                if invalid == "error":
+                    raise UserError(f"{where}: {problem} (or set invalid_pairs: drop to skip such rows)") from None
+                pairs, margin = [([], [])], 0.0
+            else:
+                problem = ""
+            for chosen, rejected in pairs:
+                out["chosen"].append(chosen)
+                out["rejected"].append(rejected)
+                out["margin"].append(margin)
+                out["problem"].append(problem)
+        return out
+
+    pairs = ds.map(
+        apply, batched=True, with_indices=True, remove_columns=ds.column_names, features=PAIR_FEATURES,
+        num_proc=num_proc, desc=f"converting {where} ({fmt})",
+    )
+    problems = [p for p in pairs["problem"] if p]
+    if problems:
+        print(f"warning: {where}: dropped {len(problems)} invalid rows of {len(ds)}; first: {problems[0]}")
+        pairs = pairs.filter(lambda p: not p, input_columns="problem")
+    return pairs.remove_columns("problem")
+
+
+def tokenize_pairs(ds: Dataset, tokenizer, max_length: int | None, truncation_side: str = "left", num_proc: int | None = None) -> Dataset:
+    """Render both conversations with the chat template and tokenize; cut sequences over ``max_length``.
+
+    ``truncation_side: left`` drops the start of a long conversation and keeps the replies being judged.
+    """
+    if truncation_side not in ("left", "right"):
+        raise UserError(f"truncation_side: expected left or right, got {truncation_side!r}")
+
+    def cut(ids: list[int]) -> list[int]:
+        if max_length is None or len(ids) <= max_length:
+            return ids
+        return ids[-max_length:] if truncation_side == "left" else ids[:max_length]
+
+    def encode(row: dict) -> dict:
+        out = {}
+        for side in ("chosen", "rejected"):
+            ids = tokenizer.apply_chat_template(row[side], tokenize=True, return_dict=True)["input_ids"]
+            out[f"{side}_ids"] = cut(ids)
+            out[f"{side}_truncated"] = len(ids) > len(out[f"{side}_ids"])
+        return out
+
+    return ds.map(encode, num_proc=num_proc, desc="tokenizing comparisons")
