@@ -107,7 +107,11 @@ def tiny_sft(tiny_base, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("sft")
     overrides = sft_overrides(
-        tiny_base, out, max_steps=150, logging_steps=25, eval_steps=150,
+        tiny_base,
+        out,
+        max_steps=150,
+        logging_steps=25,
+        eval_steps=150,
         answer_datasets="[{path: 'tinyworld:sft', split: eval}]",
     )
     run(["train", str(REPO / "recipes/tiny/sft.yaml"), *overrides])

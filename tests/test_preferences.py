@@ -27,7 +27,9 @@ def test_explicit_prompt_strings_and_messages():
         ([msg(U, "2+2?"), msg(A, "4")], [msg(U, "2+2?"), msg(A, "5")], 0.0)
     ]
     row = {"prompt": [msg(U, "2+2?")], "chosen": [msg(A, "4")], "rejected": [msg(A, "5")], "margin": 1.5}
-    assert pairs_of("preference", [row]) == [([msg(U, "2+2?"), msg(A, "4")], [msg(U, "2+2?"), msg(A, "5")], 1.5)]
+    assert pairs_of("preference", [row]) == [
+        ([msg(U, "2+2?"), msg(A, "4")], [msg(U, "2+2?"), msg(A, "5")], 1.5)
+    ]
 
 
 def test_implicit_prompt_and_prompt_repeated_inside_replies():
@@ -44,17 +46,28 @@ def test_sharegpt_preference():
         "rejected": {"from": "gpt", "value": "Lyon."},
     }
     assert pairs_of("sharegpt_preference", [row]) == [
-        ([msg(U, "Capital of France?"), msg(A, "Paris.")], [msg(U, "Capital of France?"), msg(A, "Lyon.")], 0.0)
+        (
+            [msg(U, "Capital of France?"), msg(A, "Paris.")],
+            [msg(U, "Capital of France?"), msg(A, "Lyon.")],
+            0.0,
+        )
     ]
 
 
 def test_ranked_expands_to_every_ordered_pair():
     pairs = pairs_of("ranked", [{"prompt": "Q", "responses": ["best", "good", "bad"]}])
-    assert [(c[-1]["content"], r[-1]["content"]) for c, r, _ in pairs] == [("best", "good"), ("best", "bad"), ("good", "bad")]
+    assert [(c[-1]["content"], r[-1]["content"]) for c, r, _ in pairs] == [
+        ("best", "good"),
+        ("best", "bad"),
+        ("good", "bad"),
+    ]
 
 
 BAD_ROWS = [
-    ({"prompt": "Q", "chosen": "same", "rejected": "same"}, "row 0: field 'chosen': is identical to rejected"),
+    (
+        {"prompt": "Q", "chosen": "same", "rejected": "same"},
+        "row 0: field 'chosen': is identical to rejected",
+    ),
     ({"prompt": "Q", "chosen": "A", "rejected": None}, "row 0: field 'rejected': is missing or empty"),
     ({"prompt": "  ", "chosen": "A", "rejected": "B"}, "row 0: field 'prompt': the prompt is empty"),
 ]
@@ -82,7 +95,9 @@ def test_missing_column_is_always_an_error():
 
 def test_tokenize_pairs_truncates_on_the_chosen_side(tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ds = convert_pairs(Dataset.from_list([{"prompt": "word " * 50, "chosen": "Yes.", "rejected": "No."}]), "preference", "x")
+    ds = convert_pairs(
+        Dataset.from_list([{"prompt": "word " * 50, "chosen": "Yes.", "rejected": "No."}]), "preference", "x"
+    )
     full = tokenize_pairs(ds, tok, None)[0]
     left = tokenize_pairs(ds, tok, 16, "left")[0]
     right = tokenize_pairs(ds, tok, 16, "right")[0]

@@ -17,7 +17,11 @@ TIMING_KEYS = {"seconds"}  # wall-clock fields: the only evidence allowed to dif
 def gptpipe(args, recipe=PRETRAIN, **env):
     run_env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "helpers"), **env}
     return subprocess.run(
-        [sys.executable, "-m", "gptpipe", "train", recipe, *args], capture_output=True, text=True, env=run_env, cwd=REPO
+        [sys.executable, "-m", "gptpipe", "train", recipe, *args],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        cwd=REPO,
     )
 
 
@@ -32,7 +36,9 @@ def check_kill_and_resume(tmp_path, recipe, args, steps, checkpoint, kill_at):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run = tmp_path / "interrupted"
-    killed = gptpipe(args(run) + ["callbacks=[kill_callback:KillAtStep]"], recipe, GPTPIPE_TEST_KILL_AT_STEP=str(kill_at))
+    killed = gptpipe(
+        args(run) + ["callbacks=[kill_callback:KillAtStep]"], recipe, GPTPIPE_TEST_KILL_AT_STEP=str(kill_at)
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no chance to clean up
     assert (run / f"checkpoint-{checkpoint}").is_dir()
     assert not (run / "final").exists() and not (run / "eval.json").exists()  # it never looks finished
@@ -66,24 +72,39 @@ def test_sft_kill_and_resume_is_bit_identical(tiny_base, tmp_path):
     def args(out):
         return sft_overrides(tiny_base, out, max_steps=20, logging_steps=1, save_steps=10, eval_steps=10)
 
-    check_kill_and_resume(tmp_path, str(REPO / "recipes/tiny/sft.yaml"), args, steps=20, checkpoint=10, kill_at=13)
+    check_kill_and_resume(
+        tmp_path, str(REPO / "recipes/tiny/sft.yaml"), args, steps=20, checkpoint=10, kill_at=13
+    )
 
 
 def test_reward_kill_and_resume_is_bit_identical(tiny_sft, tmp_path):
     def args(out):
-        return reward_overrides(tiny_sft, out, max_steps=16, logging_steps=1, save_steps=8, eval_steps=8, check_reload="false")
+        return reward_overrides(
+            tiny_sft, out, max_steps=16, logging_steps=1, save_steps=8, eval_steps=8, check_reload="false"
+        )
 
-    check_kill_and_resume(tmp_path, str(REPO / "recipes/tiny/reward.yaml"), args, steps=16, checkpoint=8, kill_at=11)
+    check_kill_and_resume(
+        tmp_path, str(REPO / "recipes/tiny/reward.yaml"), args, steps=16, checkpoint=8, kill_at=11
+    )
 
 
 def test_resume_false_starts_over(tokenizer_dir, tmp_path):
     run = tmp_path / "run"
     killed = gptpipe(
-        small_pretrain(tokenizer_dir, run, max_steps=20, save_steps=5, eval_steps=10, callbacks="[kill_callback:KillAtStep]"),
+        small_pretrain(
+            tokenizer_dir,
+            run,
+            max_steps=20,
+            save_steps=5,
+            eval_steps=10,
+            callbacks="[kill_callback:KillAtStep]",
+        ),
         GPTPIPE_TEST_KILL_AT_STEP="7",
     )
     assert killed.returncode == -9
-    fresh = gptpipe(small_pretrain(tokenizer_dir, run, max_steps=20, save_steps=50, eval_steps=10, resume="false"))
+    fresh = gptpipe(
+        small_pretrain(tokenizer_dir, run, max_steps=20, save_steps=50, eval_steps=10, resume="false")
+    )
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming" not in fresh.stdout
     assert not (run / "checkpoint-5").exists()  # the old run's checkpoints were cleared

@@ -21,7 +21,15 @@ def evidence(run_dir):
 @pytest.fixture(scope="module")
 def reward_run(tiny_sft, tmp_path_factory):
     out = tmp_path_factory.mktemp("reward")
-    run(["train", REWARD, *reward_overrides(tiny_sft, out, max_steps=150, learning_rate="1e-3", logging_steps=25, eval_steps=150)])
+    run(
+        [
+            "train",
+            REWARD,
+            *reward_overrides(
+                tiny_sft, out, max_steps=250, learning_rate="3e-4", logging_steps=25, eval_steps=250
+            ),
+        ]
+    )
     return out
 
 
@@ -32,7 +40,9 @@ def reloaded_scores(final, n=8):
     from gptpipe.data.preferences import convert_pairs, tokenize_pairs
     from gptpipe.data.tinyworld import ensure_tinyworld
 
-    rows = [json.loads(line) for line in (ensure_tinyworld() / "comparisons/eval.jsonl").read_text().splitlines()][:n]
+    rows = [
+        json.loads(line) for line in (ensure_tinyworld() / "comparisons/eval.jsonl").read_text().splitlines()
+    ][:n]
     model, tok = load_for_inference(final, AutoModelForSequenceClassification)
     assert model.config.pad_token_id == tok.pad_token_id
     pairs = tokenize_pairs(convert_pairs(Dataset.from_list(rows), "preference", "eval"), tok, 128)
@@ -48,13 +58,29 @@ def test_reward_model_learns_to_rank_heldout_pairs(reward_run):
 
 
 def test_final_reloads_with_identical_scores(reward_run):
-    assert reloaded_scores(reward_run / "final") == pytest.approx(evidence(reward_run)["scores_chosen_head"], abs=1e-5)
+    assert reloaded_scores(reward_run / "final") == pytest.approx(
+        evidence(reward_run)["scores_chosen_head"], abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("merge", [False, True])
 def test_lora_reward_model_saves_its_score_head(tiny_sft, tmp_path, merge):
     out = tmp_path / "lora"
-    run(["train", REWARD, *reward_overrides(tiny_sft, out, **{"model.lora": "{r: 8, alpha: 16}", "model.merge_lora": str(merge).lower(), "learning_rate": "1e-3"})])
+    run(
+        [
+            "train",
+            REWARD,
+            *reward_overrides(
+                tiny_sft,
+                out,
+                **{
+                    "model.lora": "{r: 8, alpha: 16}",
+                    "model.merge_lora": str(merge).lower(),
+                    "learning_rate": "1e-3",
+                },
+            ),
+        ]
+    )
     e = evidence(out)
     assert (out / "final/adapter_config.json").exists() is not merge
     # The score head trains (modules_to_save) and is saved with the adapter: reloaded scores match.
@@ -65,13 +91,24 @@ def test_lora_reward_model_saves_its_score_head(tiny_sft, tmp_path, merge):
 def test_score_command_on_pairs_and_texts(reward_run, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(
-        json.dumps({"prompt": "What is 2 plus 3?", "chosen": "2 plus 3 is 5.", "rejected": "hmm, 5 i think"}) + "\n"
-        + json.dumps({"prompt": "What is 4 plus 4?", "chosen": "4 plus 4 is 8.", "rejected": "4 plus 4 is 9."}) + "\n"
+        json.dumps({"prompt": "What is 2 plus 3?", "chosen": "2 plus 3 is 5.", "rejected": "hmm, 5 i think"})
+        + "\n"
+        + json.dumps(
+            {"prompt": "What is 4 plus 4?", "chosen": "4 plus 4 is 8.", "rejected": "4 plus 4 is 9."}
+        )
+        + "\n"
     )
     run(["score", str(reward_run / "final"), "--pairs", str(pairs)])
     assert "pairwise accuracy" in capsys.readouterr().out
     texts = tmp_path / "texts.jsonl"
-    texts.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}) + "\n" + json.dumps({"text": "plain"}) + "\n")
+    texts.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+        )
+        + "\n"
+        + json.dumps({"text": "plain"})
+        + "\n"
+    )
     run(["score", str(reward_run / "final"), "--texts", str(texts)])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [r["row"] for r in lines] == [0, 1] and all(isinstance(r["score"], float) for r in lines)
@@ -80,8 +117,21 @@ def test_score_command_on_pairs_and_texts(reward_run, tmp_path, capsys):
 def test_shared_dpo_demo_trains_and_reports_accuracy(tiny_sft, tmp_path):
     data = needs_shared_data("dpo_en_demo.json")
     out = tmp_path / "dpo"
-    run(["train", REWARD, *reward_overrides(
-        tiny_sft, out, max_steps=6, max_length=256, invalid_pairs="drop",
-        datasets=f"[{{path: {data}, format: sharegpt_preference}}]", eval_datasets="[]", eval_split_size=0.1)])
+    run(
+        [
+            "train",
+            REWARD,
+            *reward_overrides(
+                tiny_sft,
+                out,
+                max_steps=6,
+                max_length=256,
+                invalid_pairs="drop",
+                datasets=f"[{{path: {data}, format: sharegpt_preference}}]",
+                eval_datasets="[]",
+                eval_split_size=0.1,
+            ),
+        ]
+    )
     e = evidence(out)
     assert e["pairs_after"] == 30 and 0.0 <= e["pairwise_accuracy_after"] <= 1.0

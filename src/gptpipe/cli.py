@@ -1,12 +1,12 @@
 """The ``gptpipe`` command: argument parsing only; the work happens in config, data and the stages.
 
-    gptpipe train RECIPE [key=value ...]     run the stage the recipe names
-    gptpipe validate RECIPE [RECIPE ...]     parse and check recipes (no training, no network)
-    gptpipe data tinyworld --out DIR         write the synthetic tiny-world data set
-    gptpipe chat MODEL                       talk to a trained model (multi-turn, streamed)
-    gptpipe generate MODEL --prompts FILE    sample replies for a file of prompts (jsonl out)
-    gptpipe score MODEL --pairs FILE         a reward model's pairwise accuracy on a preference file
-    gptpipe score MODEL --texts FILE         a reward model's score of each conversation or text
+gptpipe train RECIPE [key=value ...]     run the stage the recipe names
+gptpipe validate RECIPE [RECIPE ...]     parse and check recipes (no training, no network)
+gptpipe data tinyworld --out DIR         write the synthetic tiny-world data set
+gptpipe chat MODEL                       talk to a trained model (multi-turn, streamed)
+gptpipe generate MODEL --prompts FILE    sample replies for a file of prompts (jsonl out)
+gptpipe score MODEL --pairs FILE         a reward model's pairwise accuracy on a preference file
+gptpipe score MODEL --texts FILE         a reward model's score of each conversation or text
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     what = score.add_mutually_exclusive_group(required=True)
     what.add_argument("--pairs", help="preference file (json/jsonl): prints pairwise accuracy")
     what.add_argument("--texts", help="jsonl/json rows with 'messages' or 'text': prints one score per row")
-    score.add_argument("--format", default=None, help="preference | sharegpt_preference | ranked (default: guessed)")
+    score.add_argument(
+        "--format", default=None, help="preference | sharegpt_preference | ranked (default: guessed)"
+    )
     score.add_argument("--max-length", type=int, default=None)
     return parser
 

@@ -175,7 +175,9 @@ class RewardConfig(RunSettings, trl.RewardConfig):
     chat_template: str | None = None  # None: the tokenizer's own; or chatml | gptpipe | a .jinja file
     truncation_side: str = "left"  # over max_length, cut the start (left) and keep the replies being judged
     invalid_pairs: str = "error"  # error | drop: identical chosen/rejected, missing reply, empty prompt
-    check_reload: bool = True  # reload final/ after saving and check it scores exactly as the trained model did
+    check_reload: bool = (
+        True  # reload final/ after saving and check it scores exactly as the trained model did
+    )
 
 
 STAGE_CONFIGS: dict[str, type] = {

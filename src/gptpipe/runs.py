@@ -75,7 +75,9 @@ def clear_run_dir(out: Path) -> None:
             "baseline.json",
         }:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif child.name.startswith((".final.tmp", ".eval.json.tmp", ".baseline.json.tmp")):  # incl. .final.tmp.merged
+        elif child.name.startswith(
+            (".final.tmp", ".eval.json.tmp", ".baseline.json.tmp")
+        ):  # incl. .final.tmp.merged
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 

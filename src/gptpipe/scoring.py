@@ -54,12 +54,18 @@ def read_rows(path: str | Path) -> list:
         raise UserError(f"file not found: {path}")
     text = path.read_text()
     try:
-        return json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        return (
+            json.loads(text)
+            if path.suffix == ".json"
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
-def score_pairs_file(model_dir: str | Path, path: str | Path, fmt: str | None = None, max_length: int | None = None) -> dict:
+def score_pairs_file(
+    model_dir: str | Path, path: str | Path, fmt: str | None = None, max_length: int | None = None
+) -> dict:
     """Pairwise accuracy of a reward model on any preference file."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
@@ -85,7 +91,9 @@ def score_texts_file(model_dir: str | Path, path: str | Path) -> list[dict]:
     for i, row in enumerate(rows):
         row = {"text": row} if isinstance(row, str) else row
         if isinstance(row.get("messages"), list):
-            sequences.append(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
+            sequences.append(
+                tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+            )
         elif isinstance(row.get("text"), str):
             sequences.append(tokenizer(row["text"])["input_ids"])
         else:

@@ -29,7 +29,9 @@ FIELDS = {
     "ranked": ["prompt", "responses"],
 }
 _MESSAGES = [{"role": Value("string"), "content": Value("string")}]
-PAIR_FEATURES = Features({"chosen": _MESSAGES, "rejected": _MESSAGES, "margin": Value("float32"), "problem": Value("string")})
+PAIR_FEATURES = Features(
+    {"chosen": _MESSAGES, "rejected": _MESSAGES, "margin": Value("float32"), "problem": Value("string")}
+)
 
 
 def _prompt(value, field: str = "prompt") -> list[dict]:
@@ -61,7 +63,10 @@ def from_preference(row: dict) -> list[tuple[list, list]]:
         return [tuple(pair)]
     chosen, rejected = _reply(row["chosen"], "chosen"), _reply(row["rejected"], "rejected")
     if len(chosen) < 2:
-        raise RowError("chosen", "without a prompt column, chosen and rejected must be whole conversations (message lists)")
+        raise RowError(
+            "chosen",
+            "without a prompt column, chosen and rejected must be whole conversations (message lists)",
+        )
     return [(chosen, rejected)]
 
 
@@ -73,14 +78,27 @@ def from_sharegpt_preference(row: dict) -> list[tuple[list, list]]:
     for i, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None
         if speaker not in SHAREGPT_ROLES:
-            raise RowError(f"conversations.{i}.from", f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
-        prompt.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), f"conversations.{i}.value")})
+            raise RowError(
+                f"conversations.{i}.from",
+                f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}",
+            )
+        prompt.append(
+            {"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), f"conversations.{i}.value")}
+        )
     pair = []
     for field in ("chosen", "rejected"):
         value = row[field]
         if not isinstance(value, dict) or not value.get("value"):
             raise RowError(field, "is missing or empty; expected {from, value}")
-        pair.append(prompt + [{"role": SHAREGPT_ROLES.get(value.get("from"), "assistant"), "content": _text(value["value"], f"{field}.value")}])
+        pair.append(
+            prompt
+            + [
+                {
+                    "role": SHAREGPT_ROLES.get(value.get("from"), "assistant"),
+                    "content": _text(value["value"], f"{field}.value"),
+                }
+            ]
+        )
     return [tuple(pair)]
 
 
@@ -93,7 +111,11 @@ def from_ranked(row: dict) -> list[tuple[list, list]]:
     return [(prompt + replies[i], prompt + replies[j]) for i, j in combinations(range(len(replies)), 2)]
 
 
-CONVERTERS = {"preference": from_preference, "sharegpt_preference": from_sharegpt_preference, "ranked": from_ranked}
+CONVERTERS = {
+    "preference": from_preference,
+    "sharegpt_preference": from_sharegpt_preference,
+    "ranked": from_ranked,
+}
 
 
 def guess_format(columns: list[str]) -> str:
@@ -104,7 +126,9 @@ def guess_format(columns: list[str]) -> str:
     return "preference"
 
 
-def convert_pairs(ds: Dataset, fmt: str | None, where: str, invalid: str = "error", num_proc: int | None = None) -> Dataset:
+def convert_pairs(
+    ds: Dataset, fmt: str | None, where: str, invalid: str = "error", num_proc: int | None = None
+) -> Dataset:
     """Rows of any preference format -> ``chosen``/``rejected`` conversations and ``margin``."""
     fmt = fmt or guess_format(ds.column_names)
     if fmt not in FIELDS:
@@ -128,11 +152,15 @@ def convert_pairs(ds: Dataset, fmt: str | None, where: str, invalid: str = "erro
                 margin = float(row["margin"]) if row.get("margin") is not None else 0.0
                 for chosen, rejected in pairs:
                     if chosen == rejected:
-                        raise RowError("chosen", "is identical to rejected; a comparison needs two different replies")
+                        raise RowError(
+                            "chosen", "is identical to rejected; a comparison needs two different replies"
+                        )
             except (RowError, TypeError, ValueError) as e:
                 problem = f"row {index}: {e}"
                 if invalid == "error":
-                    raise UserError(f"{where}: {problem} (or set invalid_pairs: drop to skip such rows)") from None
+                    raise UserError(
+                        f"{where}: {problem} (or set invalid_pairs: drop to skip such rows)"
+                    ) from None
                 pairs, margin = [([], [])], 0.0
             else:
                 problem = ""
@@ -144,8 +172,13 @@ def convert_pairs(ds: Dataset, fmt: str | None, where: str, invalid: str = "erro
         return out
 
     pairs = ds.map(
-        apply, batched=True, with_indices=True, remove_columns=ds.column_names, features=PAIR_FEATURES,
-        num_proc=num_proc, desc=f"converting {where} ({fmt})",
+        apply,
+        batched=True,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        features=PAIR_FEATURES,
+        num_proc=num_proc,
+        desc=f"converting {where} ({fmt})",
     )
     problems = [p for p in pairs["problem"] if p]
     if problems:
@@ -154,7 +187,9 @@ def convert_pairs(ds: Dataset, fmt: str | None, where: str, invalid: str = "erro
     return pairs.remove_columns("problem")
 
 
-def tokenize_pairs(ds: Dataset, tokenizer, max_length: int | None, truncation_side: str = "left", num_proc: int | None = None) -> Dataset:
+def tokenize_pairs(
+    ds: Dataset, tokenizer, max_length: int | None, truncation_side: str = "left", num_proc: int | None = None
+) -> Dataset:
     """Render both conversations with the chat template and tokenize; cut sequences over ``max_length``.
 
     ``truncation_side: left`` drops the start of a long conversation and keeps the replies being judged.

@@ -28,7 +28,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-VERSION = 2  # bump when the generated data changes, so cached copies are regenerated
+VERSION = 3  # bump when the generated data changes, so cached copies are regenerated
 PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
@@ -182,8 +182,7 @@ def _documents(facts: list[Fact], qa_facts: list[Fact], rng: random.Random, coun
         else:  # plain-text Q/A teaches the question -> answer mapping before SFT (keeps SFT stable across seeds)
             chosen = rng.sample(qa_facts, 3)
             text = " ".join(
-                f"Q: {f.render(rng.choice(QUESTIONS[f.kind]))} A: {f.render(ANSWERS[f.kind])}"
-                for f in chosen
+                f"Q: {f.render(rng.choice(QUESTIONS[f.kind]))} A: {f.render(ANSWERS[f.kind])}" for f in chosen
             )
             docs.append({"text": text})
             continue
@@ -199,7 +198,9 @@ def _rejected_answers(fact: Fact, facts_by_subject: dict, rng: random.Random) ->
     """(kind of mistake, rejected reply) candidates for one fact."""
     pool = {"city": CITIES, "job": JOBS, "pet": PETS}.get(fact.kind)
     if pool is None:  # ages and sums: nearby wrong numbers
-        wrong_values = [str(int(fact.value) + d) for d in (-3, -2, -1, 1, 2, 3) if int(fact.value) + d > 0]
+        wrong_values = [
+            str(int(fact.value) + d) for d in (-5, -4, -3, -2, -1, 1, 2, 3, 4, 5) if int(fact.value) + d > 0
+        ]
     else:
         wrong_values = [v for v in pool if v != fact.value]
     out = [("wrong_value", fact.render(ANSWERS[fact.kind], v)) for v in wrong_values]
@@ -260,8 +261,9 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
 
     # Train pairs cover every fact with the trained phrasings; held-out pairs use the unseen 4th phrasing and
     # rejected answers not used in training.
-    out["comparisons"]["train"] = comparison_rows(facts, [0, 1, 2], per_fact=6, skip=0)
-    out["comparisons"]["eval"] = comparison_rows(facts, [3], per_fact=1, skip=6)
+    # Ten pairs per fact: a reward model judges "is this the right value" only after seeing most wrong ones.
+    out["comparisons"]["train"] = comparison_rows(facts, [0, 1, 2], per_fact=10, skip=0)
+    out["comparisons"]["eval"] = comparison_rows(facts, [3], per_fact=1, skip=10)
 
     def prompt_rows(fs: list[Fact], phrasings: range) -> list[dict]:
         return [

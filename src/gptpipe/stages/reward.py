@@ -49,19 +49,29 @@ def main(cfg: RewardConfig) -> dict:
         cfg.eval_split_size = HELDOUT_FRACTION
 
     tokenizer = load_tokenizer(cfg.model)
-    added = chat_templates.install(tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path)
+    added = chat_templates.install(
+        tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path
+    )
     with cfg.main_process_first(desc="preparing comparisons"):
         train, heldout = load_train_eval(
-            cfg, [], seed=cfg.seed,
-            prepare=lambda ds, src: preferences.convert_pairs(ds, src.format, describe(src), cfg.invalid_pairs, cfg.dataset_num_proc),
+            cfg,
+            [],
+            seed=cfg.seed,
+            prepare=lambda ds, src: preferences.convert_pairs(
+                ds, src.format, describe(src), cfg.invalid_pairs, cfg.dataset_num_proc
+            ),
         )
         train, heldout = (
-            preferences.tokenize_pairs(ds, tokenizer, cfg.max_length, cfg.truncation_side, cfg.dataset_num_proc)
+            preferences.tokenize_pairs(
+                ds, tokenizer, cfg.max_length, cfg.truncation_side, cfg.dataset_num_proc
+            )
             for ds in (train, heldout)
         )
     truncated = sum(train["chosen_truncated"]) + sum(train["rejected_truncated"])
     if truncated:
-        say(f"[reward] {truncated} training replies were longer than max_length={cfg.max_length}: cut on the {cfg.truncation_side}")
+        say(
+            f"[reward] {truncated} training replies were longer than max_length={cfg.max_length}: cut on the {cfg.truncation_side}"
+        )
     columns = TRAINER_COLUMNS if any(train["margin"]) else TRAINER_COLUMNS[:2]  # all-zero margins: plain loss
 
     set_seed(cfg.seed)
@@ -70,9 +80,13 @@ def main(cfg: RewardConfig) -> dict:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id  # saved with the model: scoring batches need it
     new_ids = list(range(len(tokenizer) - added, len(tokenizer))) if added else None
-    model = apply_lora(model, cfg.model, task_type="SEQ_CLS", new_token_ids=new_ids)  # SEQ_CLS trains the head too
+    model = apply_lora(
+        model, cfg.model, task_type="SEQ_CLS", new_token_ids=new_ids
+    )  # SEQ_CLS trains the head too
     trainable, total = count_parameters(model)
-    say(f"[reward] {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; {len(train)} training pairs")
+    say(
+        f"[reward] {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; {len(train)} training pairs"
+    )
     trainer = RewardTrainer(
         model=model,
         args=cfg,
@@ -109,7 +123,10 @@ def main(cfg: RewardConfig) -> dict:
         evidence["seconds"] = round(time.time() - start, 1)
         final = publish_final(tmp, out)
         write_json_atomic(out / "eval.json", evidence)
-        say(f"[reward] saved {final}" + (" (LoRA adapter + score head)" if cfg.model.lora and not cfg.model.merge_lora else ""))
+        say(
+            f"[reward] saved {final}"
+            + (" (LoRA adapter + score head)" if cfg.model.lora and not cfg.model.merge_lora else "")
+        )
         say(
             f"[reward] held-out pairwise accuracy {evidence['pairwise_accuracy_before']:.3f} -> "
             f"{evidence['pairwise_accuracy_after']:.3f}, mean margin {evidence['mean_margin_before']:.2f} -> "
