@@ -62,7 +62,7 @@ def needs_shared_data(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
-    """A tiny-world base model that knows the facts (the demo recipe, half the steps: ~1 minute)."""
+    """A tiny-world base model that knows the facts (the demo recipe, 400 of its 600 steps: ~1.5 minutes)."""
     from gptpipe.cli import run
 
     out = tmp_path_factory.mktemp("base")
@@ -72,9 +72,9 @@ def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
             str(REPO / "recipes/tiny/pretrain.yaml"),
             f"output_dir={out}",
             f"model.tokenizer={tokenizer_dir}",
-            "max_steps=300",
-            "warmup_steps=15",
-            "eval_steps=300",
+            "max_steps=400",
+            "warmup_steps=20",
+            "eval_steps=400",
             "save_steps=1000",
             "logging_steps=50",
             "probe_datasets=[]",
@@ -102,16 +102,16 @@ def sft_overrides(base: Path, output_dir: Path, **extra) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_sft(tiny_base, tmp_path_factory) -> Path:
-    """The tiny base model finetuned on the tiny world's chats, with answer accuracy measured (~15 s)."""
+    """The tiny base model finetuned on the tiny world's chats, with answer accuracy measured (~25 s)."""
     from gptpipe.cli import run
 
     out = tmp_path_factory.mktemp("sft")
     overrides = sft_overrides(
         tiny_base,
         out,
-        max_steps=150,
+        max_steps=250,
         logging_steps=25,
-        eval_steps=150,
+        eval_steps=250,
         answer_datasets="[{path: 'tinyworld:sft', split: eval}]",
     )
     run(["train", str(REPO / "recipes/tiny/sft.yaml"), *overrides])

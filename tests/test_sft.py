@@ -29,8 +29,9 @@ def test_sft_raises_heldout_answer_accuracy(sft_run):
     e = evidence(sft_run)
     # Held-out questions ask about facts seen only in pretraining: the base model cannot answer in chat form.
     assert e["exact_match_before"] == 0.0
-    assert e["answer_accuracy_after"] >= e["answer_accuracy_before"] + 0.15
-    assert e["exact_match_after"] > e["exact_match_before"]
+    # Measured: right answer 0.12 -> 0.67, exact 0.00 -> 0.64 (this fixture's 400-step base, 250 SFT steps).
+    assert e["answer_accuracy_after"] >= e["answer_accuracy_before"] + 0.3
+    assert e["exact_match_after"] >= 0.4
     assert e["eval_loss_after"] < e["eval_loss_before"] / 2
     records = [json.loads(line) for line in (sft_run / "metrics.jsonl").read_text().splitlines()]
     fractions = [r["nonpad_fraction"] for r in records if "nonpad_fraction" in r]
