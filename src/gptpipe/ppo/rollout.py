@@ -1,0 +1,102 @@
+"""Rollouts: sample responses for a batch of prompts and recompute their per-token log-probs.
+
+The training forward pass must see exactly what generation saw: the same left padding, the same
+position ids (counted from each row's first real token) and logits divided by the same temperature.
+Otherwise the PPO ratio starts away from 1 (PPO-NOTES.md, "Known traps").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts (left-padded) followed by their responses (right-padded, cut after the first EOS)."""
+
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R): 1 on real prompt and response tokens
+    response_mask: torch.Tensor  # (B, R): 1 on response tokens up to and including the first EOS
+    ended: torch.Tensor  # (B,): the response stopped on its own (an EOS within the length limit)
+    prompt_length: int  # P: responses start here
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_length :]
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
+def response_mask_until_eos(
+    responses: torch.Tensor, eos_token_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, ended): 1 up to and including each row's first stop token; ``ended`` says whether it had one."""
+    is_stop = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device))
+    # Positions after the first stop token have a stop earlier in the row: cumulative count > 0 before them.
+    stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
+    mask = (stops_before == 0).long()
+    return mask, is_stop.any(dim=1)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: list[list[int]],
+    pad_token_id: int,
+    eos_token_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Rollout:
+    """Sample one response per prompt from the model's own distribution (temperature and top-p only)."""
+    ids, mask = left_pad(prompts, pad_token_id)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,  # transformers' default top_k=50 would change the sampling distribution silently
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_ids,
+        pad_token_id=pad_token_id,
+    )
+    responses = out[:, ids.shape[1] :]
+    response_mask, ended = response_mask_until_eos(responses, eos_token_ids)
+    return Rollout(
+        input_ids=out,
+        attention_mask=torch.cat([mask, response_mask], dim=1),
+        response_mask=response_mask,
+        ended=ended,
+        prompt_length=ids.shape[1],
+    )
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (as generation counts them under left padding)."""
+    return (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of the sampled response tokens, the logits they came from), temperature applied."""
+    logits = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=position_ids(rollout.attention_mask),
+    ).logits
+    # The token at position i is predicted by the logits at i - 1.
+    logits = logits[:, rollout.prompt_length - 1 : -1].float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, rollout.responses.unsqueeze(-1)).squeeze(-1)
+    return logprobs * rollout.response_mask, logits

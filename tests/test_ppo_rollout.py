@@ -1,0 +1,62 @@
+"""Rollouts: the training forward pass recomputes exactly the log-probs generation sampled with (ratio 1 at
+the start of PPO), under left padding and temperature; responses are cut after the first stop token."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gptpipe.ppo.rollout import response_logprobs, response_mask_until_eos, sample
+
+PAD, EOS = 0, 2
+
+
+def tiny_policy():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_mask_cuts_after_the_first_stop_token():
+    responses = torch.tensor([[5, 6, EOS, 7, EOS], [5, 6, 7, 8, 9], [EOS, 5, 5, 5, 5]])
+    mask, ended = response_mask_until_eos(responses, [EOS])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_recomputed_logprobs_equal_the_sampling_distribution():
+    model = tiny_policy()
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 10], [1, 11, 12, 13]]  # different lengths: left padding matters
+    temperature = 0.7
+    torch.manual_seed(1)
+    rollout = sample(model, prompts, PAD, [EOS], max_new_tokens=8, temperature=temperature)
+    # Regenerate the same samples with the scores generation used (processed logits = logits / temperature).
+    torch.manual_seed(1)
+    out = model.generate(
+        input_ids=rollout.input_ids[:, : rollout.prompt_length],
+        attention_mask=rollout.attention_mask[:, : rollout.prompt_length],
+        do_sample=True,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=8,
+        eos_token_id=[EOS],
+        pad_token_id=PAD,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, rollout.input_ids)
+    sampled = torch.stack(out.scores, dim=1).log_softmax(-1)
+    expected = sampled.gather(-1, rollout.responses.unsqueeze(-1)).squeeze(-1) * rollout.response_mask
+    with torch.no_grad():
+        got, _ = response_logprobs(model, rollout, temperature)
+    assert torch.allclose(got, expected, atol=1e-5)  # PPO's first ratio is exp(0) = 1
+    assert rollout.response_mask.sum() > 0
