@@ -1,6 +1,7 @@
 """Rollouts: the training forward pass recomputes exactly the log-probs generation sampled with (ratio 1 at
 the start of PPO), under left padding and temperature; responses are cut after the first stop token."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -60,3 +61,55 @@ def test_recomputed_logprobs_equal_the_sampling_distribution():
         got, _ = response_logprobs(model, rollout, temperature)
     assert torch.allclose(got, expected, atol=1e-5)  # PPO's first ratio is exp(0) = 1
     assert rollout.response_mask.sum() > 0
+
+
+def test_value_model_from_a_reward_model_starts_at_its_score(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from gptpipe.ppo.rollout import left_pad
+    from gptpipe.ppo.value import build_value_model, response_values
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        num_labels=1,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    reward = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    critic = build_value_model(str(tmp_path / "rm"), "reward").eval()
+    ids = torch.tensor([[1, 5, 6, 7, EOS]])
+    with torch.no_grad():
+        assert critic(input_ids=ids).logits[0, -1, 0].item() == pytest.approx(
+            reward(input_ids=ids).logits[0, 0].item(), abs=1e-6
+        )
+
+    zero = build_value_model(str(tmp_path / "rm"), "policy")
+    prompt_ids, prompt_mask = left_pad([[1, 5, 6], [1, 7]], PAD)
+    from gptpipe.ppo.rollout import Rollout
+
+    responses = torch.tensor([[8, 9, EOS], [10, EOS, PAD]])
+    response_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rollout = Rollout(
+        input_ids=torch.cat([prompt_ids, responses], 1),
+        attention_mask=torch.cat([prompt_mask, response_mask], 1),
+        response_mask=response_mask,
+        ended=torch.tensor([True, True]),
+        prompt_length=3,
+    )
+    with torch.no_grad():
+        assert response_values(zero, rollout).abs().sum() == 0  # zero-initialized head: every value is 0
+        values = response_values(critic, rollout)
+        full = critic(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0),
+        ).logits[..., 0]
+    assert values.shape == (2, 3) and values[1, 2] == 0
+    assert torch.allclose(values[0], full[0, 2:5]) and torch.allclose(values[1, :2], full[1, 2:4])
