@@ -1,0 +1,125 @@
+"""One PPO iteration: roll out, score, turn scores into advantages, then several epochs of clipped updates.
+
+This is the algorithm's core, free of I/O: the `rl` stage wraps it with data loading, accelerate,
+checkpoints and logging. Policy and critic are separate models with separate optimizers (they do not
+share a backbone), as in InstructGPT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gptpipe.ppo.advantages import gae, masked_mean, token_rewards, whiten
+from gptpipe.ppo.kl import FixedKLController, kl_per_token
+from gptpipe.ppo.losses import entropy_from_logits, policy_loss, value_loss
+from gptpipe.ppo.rollout import Rollout, response_logprobs, sample
+from gptpipe.ppo.value import response_values
+
+# score_fn(rollout) -> one scalar per sequence (the frozen reward model, or any Python function)
+ScoreFn = Callable[[Rollout], torch.Tensor]
+
+
+@dataclass
+class PPOSettings:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    ppo_epochs: int = 4
+    minibatches: int = 1
+    clip: float = 0.2
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_estimator: str = "k1"
+    missing_eos_penalty: float | None = None  # replace the score of a response that never stopped
+    whiten_advantages: bool = True
+    max_grad_norm: float = 1.0
+
+
+def ppo_iteration(
+    policy,
+    reference,
+    critic,
+    score_fn: ScoreFn,
+    prompts: list[list[int]],
+    pad_token_id: int,
+    eos_token_ids: list[int],
+    policy_optimizer: torch.optim.Optimizer,
+    critic_optimizer: torch.optim.Optimizer,
+    kl_controller: FixedKLController,
+    settings: PPOSettings,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """Run one iteration on a batch of prompts; returns the statistics to log."""
+    s = settings
+    policy.eval()  # no dropout: the ratio must be exactly 1 before the first update
+    rollout = sample(policy, prompts, pad_token_id, eos_token_ids, s.max_new_tokens, s.temperature, s.top_p)
+    mask = rollout.response_mask.float()
+    with torch.no_grad():
+        old_logprobs, _ = response_logprobs(policy, rollout, s.temperature)
+        ref_logprobs, _ = response_logprobs(reference, rollout, s.temperature)
+        old_values = response_values(critic, rollout)
+        scores = score_fn(rollout).float()
+        if s.missing_eos_penalty is not None:
+            scores = torch.where(rollout.ended, scores, torch.full_like(scores, s.missing_eos_penalty))
+        kl = kl_per_token(old_logprobs, ref_logprobs, s.kl_estimator) * mask
+        rewards = token_rewards(scores, kl, mask, kl_controller.beta)
+        advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
+        if s.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+    batch = len(prompts)
+    stats: dict[str, list[float]] = {}
+    for _ in range(s.ppo_epochs):
+        order = torch.randperm(batch, generator=generator)
+        for chunk in order.chunk(s.minibatches):
+            part = _select(rollout, chunk)
+            m = mask[chunk]
+            logprobs, logits = response_logprobs(policy, part, s.temperature)
+            p_loss, p_stats = policy_loss(logprobs, old_logprobs[chunk], advantages[chunk], m, s.clip)
+            policy_optimizer.zero_grad()
+            p_loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), s.max_grad_norm)
+            policy_optimizer.step()
+
+            values = response_values(critic, part)
+            v_loss, v_stats = value_loss(values, old_values[chunk], returns[chunk], m, s.value_clip)
+            critic_optimizer.zero_grad()
+            v_loss.backward()
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), s.max_grad_norm)
+            critic_optimizer.step()
+
+            with torch.no_grad():
+                p_stats["entropy"] = masked_mean(entropy_from_logits(logits), m).item()
+            for key, value in {
+                **p_stats,
+                **v_stats,
+                "policy_loss": p_loss.item(),
+                "value_loss": v_loss.item(),
+            }.items():
+                stats.setdefault(key, []).append(value)
+
+    kl_per_sample = kl.sum(dim=1).mean().item()
+    kl_controller.update(kl_per_sample, batch)
+    out = {key: sum(values) / len(values) for key, values in stats.items()}
+    out |= {
+        "reward": scores.mean().item(),
+        "kl": kl_per_sample,
+        "beta": kl_controller.beta,
+        "response_length": mask.sum(dim=1).mean().item(),
+        "ended_fraction": rollout.ended.float().mean().item(),
+    }
+    return out
+
+
+def _select(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    return Rollout(
+        input_ids=rollout.input_ids[rows],
+        attention_mask=rollout.attention_mask[rows],
+        response_mask=rollout.response_mask[rows],
+        ended=rollout.ended[rows],
+        prompt_length=rollout.prompt_length,
+    )
