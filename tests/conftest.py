@@ -131,3 +131,34 @@ def reward_overrides(base: Path, output_dir: Path, **extra) -> list[str]:
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tiny_sft, tmp_path_factory) -> Path:
+    """A reward model from the tiny SFT model on the tiny world's comparisons (~45 s)."""
+    from gptpipe.cli import run
+
+    out = tmp_path_factory.mktemp("reward")
+    overrides = reward_overrides(
+        tiny_sft, out, max_steps=250, learning_rate="3e-4", logging_steps=25, eval_steps=250
+    )
+    run(["train", str(REPO / "recipes/tiny/reward.yaml"), *overrides])
+    return out / "final"
+
+
+def rl_overrides(policy: Path, reward: Path, output_dir: Path, **extra) -> list[str]:
+    """Overrides that point the tiny PPO recipe at an SFT and a reward model and shrink it for tests."""
+    settings = {
+        "output_dir": output_dir,
+        "model.name_or_path": policy,
+        "reward_model": reward,
+        "max_steps": 6,
+        "per_device_train_batch_size": 8,
+        "max_new_tokens": 16,
+        "eval_prompts": 16,
+        "logging_steps": 1,
+        "save_steps": 3,
+        "ppo_epochs": 2,
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]

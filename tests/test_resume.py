@@ -30,7 +30,9 @@ def logged(output_dir, key):
     return [(r["step"], r[key]) for r in records if key in r]
 
 
-def check_kill_and_resume(tmp_path, recipe, args, steps, checkpoint, kill_at):
+def check_kill_and_resume(
+    tmp_path, recipe, args, steps, checkpoint, kill_at, keys=("loss", "grad_norm", "eval_loss")
+):
     """Reference run; the same run killed (SIGKILL) at ``kill_at``; rerun: all must match the reference."""
     reference = gptpipe(args(tmp_path / "reference"), recipe)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -42,15 +44,15 @@ def check_kill_and_resume(tmp_path, recipe, args, steps, checkpoint, kill_at):
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no chance to clean up
     assert (run / f"checkpoint-{checkpoint}").is_dir()
     assert not (run / "final").exists() and not (run / "eval.json").exists()  # it never looks finished
-    assert max(step for step, _ in logged(run, "loss")) == kill_at - 1  # it logged past its last checkpoint
+    assert max(step for step, _ in logged(run, keys[0])) == kill_at - 1  # it logged past its last checkpoint
 
     resumed = gptpipe(args(run), recipe)  # the same command again
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {run / f'checkpoint-{checkpoint}'}" in resumed.stdout
 
-    for key in ("loss", "grad_norm", "eval_loss"):
+    for key in keys:
         assert logged(run, key) == logged(tmp_path / "reference", key), key
-    assert len(logged(run, "loss")) == steps
+    assert len(logged(run, keys[0])) == steps
     ref = load_file(tmp_path / "reference" / "final" / "model.safetensors")
     new = load_file(run / "final" / "model.safetensors")
     assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)

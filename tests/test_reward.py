@@ -19,18 +19,8 @@ def evidence(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reward_run(tiny_sft, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reward")
-    run(
-        [
-            "train",
-            REWARD,
-            *reward_overrides(
-                tiny_sft, out, max_steps=250, learning_rate="3e-4", logging_steps=25, eval_steps=250
-            ),
-        ]
-    )
-    return out
+def reward_run(tiny_reward):
+    return tiny_reward.parent
 
 
 def reloaded_scores(final, n=8):

@@ -180,11 +180,42 @@ class RewardConfig(RunSettings, trl.RewardConfig):
     )
 
 
+@dataclass
+class RLConfig(RunSettings, TrainingArguments):
+    """RLHF against a frozen reward model. ``algorithm: ppo`` is gptpipe's own trainer (``gptpipe.ppo``);
+    it reads the familiar ``TrainingArguments`` keys (learning_rate, max_steps, per_device_train_batch_size as
+    prompts per iteration, logging_steps, save_steps, seed) plus the PPO settings below."""
+
+    stage: ClassVar[str] = "rl"
+    module: ClassVar[str] = "gptpipe.stages.rl"
+    algorithm: str = "ppo"
+    reward_model: str | None = None  # the reward stage's final/ (or any one-output sequence classifier)
+    value_init: str = "reward"  # critic from the reward model (InstructGPT) or from the policy (zero head)
+    value_learning_rate: float | None = None  # None: learning_rate
+    chat_template: str | None = None
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # sampling temperature; log-probs use the same one
+    top_p: float = 1.0
+    ppo_epochs: int = 4
+    num_minibatches: int = 1
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    gamma: float = 1.0  # RLHF practice: no discount within a response
+    lam: float = 0.95
+    kl_coef: float = 0.05  # β: the per-token KL penalty against the reference (the SFT model)
+    kl_estimator: str = "k1"  # k1 | k3
+    kl_target: float | None = None  # set: adaptive β (Ziegler et al.) steering the per-sample KL to this
+    kl_horizon: int = 10000
+    missing_eos_penalty: float | None = None  # score for responses that never stop (e.g. -1.0)
+    eval_prompts: int = 128  # held-out prompts scored before and after (greedy)
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "tokenizer": TokenizerConfig,
     "pretrain": PretrainConfig,
     "sft": SFTConfig,
     "reward": RewardConfig,
+    "rl": RLConfig,
 }
 
 

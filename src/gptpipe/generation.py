@@ -74,6 +74,14 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dic
     ]
 
 
+def answers_in_first_sentence(reply: str, answer) -> bool:
+    """The right answer appears as a whole word in the reply's first sentence."""
+    import re
+
+    first = re.split(r"(?<=[.!?])\s", reply.strip(), maxsplit=1)[0]
+    return bool(re.search(rf"(?<!\w){re.escape(str(answer))}(?!\w)", first))
+
+
 def answer_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 48) -> dict:
     """Greedy replies to held-out chats (``messages`` ending in the reference reply, plus ``answer``).
 
@@ -81,18 +89,12 @@ def answer_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 48
     ``answer_accuracy``: the right answer appears as a whole word in the reply's first sentence (a model
     that rambles on through many facts does not get credit for hitting the right one by chance).
     """
-    import re
-
     prompts = render_chat(tokenizer, [r["messages"][:-1] for r in rows])
     replies = [
         r[0].strip() for r in complete(model, tokenizer, prompts, max_new_tokens, add_special_tokens=False)
     ]
     exact = sum(reply == r["messages"][-1]["content"].strip() for reply, r in zip(replies, rows, strict=True))
-    firsts = [re.split(r"(?<=[.!?])\s", reply, maxsplit=1)[0] for reply in replies]
-    right = sum(
-        bool(re.search(rf"(?<!\w){re.escape(str(r['answer']))}(?!\w)", first))
-        for first, r in zip(firsts, rows, strict=True)
-    )
+    right = sum(answers_in_first_sentence(reply, r["answer"]) for reply, r in zip(replies, rows, strict=True))
     return {
         "exact_match": exact / len(rows),
         "answer_accuracy": right / len(rows),

@@ -19,32 +19,38 @@ class MetricsLogger(TrainerCallback):
     """
 
     def __init__(self, output_dir: str | Path):
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.output_dir = Path(output_dir)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero or not self.path.exists():
-            return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line and json.loads(line).get("step", 0) <= state.global_step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        if state.is_world_process_zero:
+            truncate_metrics(self.output_dir, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
-        if "eval_loss" in logs:
-            record["eval_perplexity"] = perplexity(logs["eval_loss"])
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if state.is_world_process_zero and logs:
+            append_metrics(self.output_dir, {"step": state.global_step, "epoch": state.epoch, **logs})
+
+
+def append_metrics(output_dir: str | Path, record: dict) -> None:
+    """One line of ``metrics.jsonl``; an ``eval_loss`` gets its perplexity alongside."""
+    if "eval_loss" in record:
+        record = {**record, "eval_perplexity": perplexity(record["eval_loss"])}
+    with (Path(output_dir) / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(output_dir: str | Path, step: int) -> None:
+    """Drop the lines an interrupted run wrote after ``step`` (the checkpoint a resumed run starts from)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if path.exists():
+        kept = [
+            line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+        ]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def perplexity(loss: float) -> float:
-    return math.exp(
-        min(loss, 50.0)
-    )  # cap: exp overflows past ~709, and any value this large means "untrained"
+    # Capped: exp overflows past ~709, and any loss this large means "untrained" anyway.
+    return math.exp(min(loss, 50.0))
 
 
 def eval_loss(trainer) -> float:

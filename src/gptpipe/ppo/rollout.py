@@ -57,18 +57,22 @@ def sample(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    greedy: bool = False,
 ) -> Rollout:
-    """Sample one response per prompt from the model's own distribution (temperature and top-p only)."""
+    """Sample one response per prompt from the model's own distribution (temperature and top-p only);
+    ``greedy`` decodes the most likely response instead (evaluation)."""
     ids, mask = left_pad(prompts, pad_token_id)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,  # transformers' default top_k=50 would change the sampling distribution silently
+        **(
+            {"do_sample": False}
+            # top_k=0: transformers' default top_k=50 would change the sampling distribution silently
+            if greedy
+            else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        ),
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_ids,
         pad_token_id=pad_token_id,

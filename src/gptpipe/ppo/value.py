@@ -13,7 +13,7 @@ from transformers import AutoModelForTokenClassification
 
 from gptpipe.ppo.rollout import Rollout, position_ids
 
-INITS = ("reward", "policy")
+INITS = ("reward", "policy", "checkpoint")
 
 
 def value_head(model) -> torch.nn.Module:
@@ -24,10 +24,13 @@ def value_head(model) -> torch.nn.Module:
 
 
 def build_value_model(name_or_path: str, init: str = "reward", **load_kwargs) -> torch.nn.Module:
-    """A per-token value model initialized from a reward model or from the policy (see module doc)."""
+    """A per-token value model initialized from a reward model or from the policy (see module doc);
+    ``checkpoint`` loads a saved critic unchanged."""
     if init not in INITS:
         raise ValueError(f"value_init: expected one of {INITS}, got {init!r}")
     model = AutoModelForTokenClassification.from_pretrained(name_or_path, num_labels=1, **load_kwargs)
+    if init == "checkpoint":
+        return model
     head = value_head(model)
     with torch.no_grad():
         if init == "policy":
