@@ -162,3 +162,21 @@ def rl_overrides(policy: Path, reward: Path, output_dir: Path, **extra) -> list[
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+def tiny_llama_config(**overrides):
+    """A Llama small enough to build in milliseconds (pad 0, bos 1, eos 2), for tests of algorithm code."""
+    from transformers import LlamaConfig
+
+    settings = dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaConfig(**{**settings, **overrides})

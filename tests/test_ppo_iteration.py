@@ -3,7 +3,8 @@
 import copy
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from gptpipe.ppo.iteration import PPOSettings, ppo_iteration
 from gptpipe.ppo.kl import AdaptiveKLController
@@ -14,17 +15,7 @@ PAD, EOS, TARGET = 0, 2, 7
 
 def test_ppo_raises_a_toy_reward(tmp_path):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=24,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=1,
-    )
+    config = tiny_llama_config(vocab_size=24)
     policy = LlamaForCausalLM(config)
     policy.save_pretrained(tmp_path / "policy")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)

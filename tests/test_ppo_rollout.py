@@ -3,7 +3,8 @@ the start of PPO), under left padding and temperature; responses are cut after t
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from gptpipe.ppo.rollout import response_logprobs, response_mask_until_eos, sample
 
@@ -12,17 +13,7 @@ PAD, EOS = 0, 2
 
 def tiny_policy():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=1,
-    )
+    config = tiny_llama_config(vocab_size=40)
     return LlamaForCausalLM(config).eval()
 
 
@@ -70,17 +61,7 @@ def test_value_model_from_a_reward_model_starts_at_its_score(tmp_path):
     from gptpipe.ppo.value import build_value_model, response_values
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        num_labels=1,
-    )
+    config = tiny_llama_config(vocab_size=40, num_labels=1)
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     reward = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     critic = build_value_model(str(tmp_path / "rm"), "reward").eval()

@@ -99,7 +99,8 @@ def from_alpaca(row: dict) -> dict:
     return {"messages": messages, "tools": None}
 
 
-def from_sharegpt(row: dict) -> dict:
+def sharegpt_messages(row: dict) -> list[dict]:
+    """``system`` (optional) and ``conversations`` of {from, value} as messages."""
     turns = row["conversations"]
     if not isinstance(turns, list):
         raise RowError(
@@ -118,7 +119,11 @@ def from_sharegpt(row: dict) -> dict:
         messages.append(
             {"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), f"conversations.{i}.value")}
         )
-    return {"messages": messages, "tools": _tools(row)}
+    return messages
+
+
+def from_sharegpt(row: dict) -> dict:
+    return {"messages": sharegpt_messages(row), "tools": _tools(row)}
 
 
 def from_prompt_completion(row: dict) -> dict:

@@ -20,7 +20,7 @@ from itertools import combinations
 
 from datasets import Dataset, Features, Value
 
-from gptpipe.data.formats import SHAREGPT_ROLES, RowError, _messages, _text
+from gptpipe.data.formats import SHAREGPT_ROLES, RowError, _messages, _text, sharegpt_messages
 from gptpipe.errors import UserError
 
 FIELDS = {
@@ -71,20 +71,9 @@ def from_preference(row: dict) -> list[tuple[list, list]]:
 
 
 def from_sharegpt_preference(row: dict) -> list[tuple[list, list]]:
-    turns = row["conversations"]
-    if not isinstance(turns, list) or not turns:
+    prompt = sharegpt_messages(row)
+    if not any(m["role"] != "system" for m in prompt):
         raise RowError("conversations", "the prompt is empty")
-    prompt = [{"role": "system", "content": _text(row["system"], "system")}] if row.get("system") else []
-    for i, turn in enumerate(turns):
-        speaker = turn.get("from") if isinstance(turn, dict) else None
-        if speaker not in SHAREGPT_ROLES:
-            raise RowError(
-                f"conversations.{i}.from",
-                f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}",
-            )
-        prompt.append(
-            {"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), f"conversations.{i}.value")}
-        )
     pair = []
     for field in ("chosen", "rejected"):
         value = row[field]
