@@ -25,14 +25,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[dev,quant]"
 	@touch $@
 
-# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model (about 5 minutes). Re-running starts over.
+# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model -> PPO (about 8 minutes). Re-running starts over.
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/tokenizer.yaml overwrite=true
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/pretrain.yaml overwrite=true resume=false
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/sft.yaml overwrite=true resume=false
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/reward.yaml overwrite=true resume=false
-	@echo "demo: models in runs/tiny/{tokenizer,pretrain,sft,reward}/final; evidence in runs/tiny/*/eval.json"
-	@echo "demo: talk to the assistant with: $(BIN)/gptpipe chat runs/tiny/sft/final"
+	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/rl.yaml overwrite=true resume=false
+	@echo "demo: models in runs/tiny/{tokenizer,pretrain,sft,reward,rl}/final; evidence in runs/tiny/*/eval.json"
+	@echo "demo: talk to the assistant with: $(BIN)/gptpipe chat runs/tiny/rl/final"
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -28,7 +28,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-VERSION = 3  # bump when the generated data changes, so cached copies are regenerated
+VERSION = 4  # bump when the generated data changes, so cached copies are regenerated
 PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
@@ -277,8 +277,10 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
             for i in phrasings
         ]
 
-    out["rl_prompts"]["train"] = prompt_rows(train_facts, range(3))
-    out["rl_prompts"]["eval"] = prompt_rows(heldout_facts, range(1))
+    # Like the comparisons the reward model learned from: every fact, trained phrasings for RL, the unseen
+    # phrasing held out. (RL on the SFT questions alone taught nothing that carried over to held-out facts.)
+    out["rl_prompts"]["train"] = prompt_rows(facts, range(3))
+    out["rl_prompts"]["eval"] = prompt_rows(facts, range(3, 4))
     return out
 
 
