@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[dev,quant]"
 	@touch $@
 
-# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model -> PPO (about 8 minutes). Re-running starts over.
+# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model -> PPO (about 6 minutes). Re-running starts over.
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/tokenizer.yaml overwrite=true
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/pretrain.yaml overwrite=true resume=false
