@@ -49,8 +49,7 @@ def small_pretrain(tokenizer_dir: Path, output_dir: Path, **extra) -> list[str]:
         "probe_datasets": "[]",
         "disable_tqdm": "true",
     }
-    settings.update(extra)
-    return [f"{k}={v}" for k, v in settings.items()]
+    return as_overrides(settings, **extra)
 
 
 def needs_shared_data(name: str) -> Path:
@@ -84,20 +83,22 @@ def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
     return out / "final"
 
 
+# A few steps of any Trainer-based recipe, evaluated at the end, no checkpoint on the way.
+SHORT_RUN = {"max_steps": 10, "logging_steps": 5, "eval_steps": 10, "save_steps": 100, "disable_tqdm": "true"}
+
+
+def as_overrides(*layers: dict, **extra) -> list[str]:
+    """``key=value`` command-line overrides from dicts of settings, later ones winning."""
+    merged: dict = {}
+    for layer in (*layers, extra):
+        merged.update(layer)
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
 def sft_overrides(base: Path, output_dir: Path, **extra) -> list[str]:
     """Overrides that point the tiny SFT recipe at a base model and shrink it for tests."""
-    settings = {
-        "output_dir": output_dir,
-        "model.name_or_path": base,
-        "max_steps": 10,
-        "logging_steps": 5,
-        "eval_steps": 10,
-        "save_steps": 100,
-        "answer_datasets": "[]",
-        "disable_tqdm": "true",
-    }
-    settings.update(extra)
-    return [f"{k}={v}" for k, v in settings.items()]
+    target = {"output_dir": output_dir, "model.name_or_path": base, "answer_datasets": "[]"}
+    return as_overrides(SHORT_RUN, target, **extra)
 
 
 @pytest.fixture(scope="session")
@@ -120,17 +121,7 @@ def tiny_sft(tiny_base, tmp_path_factory) -> Path:
 
 def reward_overrides(base: Path, output_dir: Path, **extra) -> list[str]:
     """Overrides that point the tiny reward recipe at a model and shrink it for tests."""
-    settings = {
-        "output_dir": output_dir,
-        "model.name_or_path": base,
-        "max_steps": 10,
-        "logging_steps": 5,
-        "eval_steps": 10,
-        "save_steps": 100,
-        "disable_tqdm": "true",
-    }
-    settings.update(extra)
-    return [f"{k}={v}" for k, v in settings.items()]
+    return as_overrides(SHORT_RUN, {"output_dir": output_dir, "model.name_or_path": base}, **extra)
 
 
 @pytest.fixture(scope="session")
@@ -160,8 +151,7 @@ def rl_overrides(policy: Path, reward: Path, output_dir: Path, **extra) -> list[
         "save_steps": 3,
         "ppo_epochs": 2,
     }
-    settings.update(extra)
-    return [f"{k}={v}" for k, v in settings.items()]
+    return as_overrides(settings, **extra)
 
 
 def tiny_llama_config(**overrides):
