@@ -2,6 +2,9 @@
 policy that loads with plain transformers, and a killed run resumes bit for bit."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO, rl_overrides
@@ -56,3 +59,44 @@ def test_ppo_kill_and_resume_is_bit_identical(tiny_sft, tiny_reward, tmp_path):
 def test_missing_reward_model_is_a_clear_error(tiny_sft, tmp_path):
     with pytest.raises(UserError, match="reward_model is required"):
         run(["train", RL, *rl_overrides(tiny_sft, "null", tmp_path / "x")])
+
+
+def test_ppo_with_a_lora_policy_uses_the_disabled_adapter_as_reference(tiny_sft, tiny_reward, tmp_path):
+    out = tmp_path / "rl-lora"
+    overrides = rl_overrides(
+        tiny_sft, tiny_reward, out, max_steps=3, save_steps=0, learning_rate="1e-3", eval_prompts=8
+    )
+    run(["train", RL, *overrides, "model.lora={r: 8, alpha: 16, dropout: 0.0}"])
+    e = json.loads((out / "eval.json").read_text())
+    assert e["kl_before"] == pytest.approx(0.0, abs=1e-6)  # a fresh adapter is a no-op (B = 0)
+    assert abs(e["kl_after"]) > 1e-4  # the adapter trained; the reference (adapter off) did not move
+    assert (out / "final/adapter_config.json").is_file()
+
+
+@pytest.mark.distributed
+def test_ppo_under_torchrun_with_two_processes(tiny_sft, tiny_reward, tmp_path):
+    """DDP on CPU (gloo): two processes each roll out their share; the run reports world size 2."""
+    out = tmp_path / "rl-ddp"
+    overrides = rl_overrides(
+        tiny_sft, tiny_reward, out, max_steps=2, per_device_train_batch_size=4, eval_prompts=8, save_steps=0
+    )
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "gptpipe",
+        "train",
+        RL,
+    ]
+    done = subprocess.run(
+        [*cmd, *overrides, "use_cpu=true"], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    e = json.loads((out / "eval.json").read_text())
+    assert e["world_size"] == 2 and e["train_steps"] == 2
+    assert "8 per iteration (2 processes)" in done.stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # only the main process logs

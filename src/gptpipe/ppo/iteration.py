@@ -3,10 +3,15 @@
 This is the algorithm's core, free of I/O: the `rl` stage wraps it with data loading, accelerate,
 checkpoints and logging. Policy and critic are separate models with separate optimizers (they do not
 share a backbone), as in InstructGPT.
+
+Under several processes (``accelerator`` given; DDP), each process rolls out its own share of the prompts
+and gradients are averaged by DDP; advantages are whitened per process; the KL controller sees the KL
+averaged over all processes, so every process keeps the same β.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +20,7 @@ import torch
 from gptpipe.ppo.advantages import gae, masked_mean, token_rewards, whiten
 from gptpipe.ppo.kl import FixedKLController, kl_per_token
 from gptpipe.ppo.losses import entropy_from_logits, policy_loss, value_loss
-from gptpipe.ppo.rollout import Rollout, response_logprobs, sample
+from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
 from gptpipe.ppo.value import response_values
 
 # score_fn(rollout) -> one scalar per sequence (the frozen reward model, or any Python function)
@@ -37,6 +42,7 @@ class PPOSettings:
     missing_eos_penalty: float | None = None  # replace the score of a response that never stopped
     whiten_advantages: bool = True
     max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1  # micro-batches per minibatch (same update, less memory)
 
 
 def ppo_iteration(
@@ -52,15 +58,27 @@ def ppo_iteration(
     kl_controller: FixedKLController,
     settings: PPOSettings,
     generator: torch.Generator | None = None,
+    accelerator=None,
 ) -> dict:
-    """Run one iteration on a batch of prompts; returns the statistics to log."""
+    """Run one iteration on a batch of prompts; returns the statistics to log.
+
+    ``reference=None``: the policy is a peft (LoRA) model and the reference is the same weights with the
+    adapter disabled, so no second copy of the model is held in memory.
+    """
     s = settings
     policy.eval()  # no dropout: the ratio must be exactly 1 before the first update
-    rollout = sample(policy, prompts, pad_token_id, eos_token_ids, s.max_new_tokens, s.temperature, s.top_p)
+    with _for_generation(policy, accelerator) as generating:
+        rollout = sample(
+            generating, prompts, pad_token_id, eos_token_ids, s.max_new_tokens, s.temperature, s.top_p
+        )
     mask = rollout.response_mask.float()
+    backward = accelerator.backward if accelerator else torch.Tensor.backward
+    clip_grad_norm = accelerator.clip_grad_norm_ if accelerator else torch.nn.utils.clip_grad_norm_
     with torch.no_grad():
         old_logprobs, _ = response_logprobs(policy, rollout, s.temperature)
-        ref_logprobs, _ = response_logprobs(reference, rollout, s.temperature)
+        bare = accelerator.unwrap_model(policy) if accelerator else policy
+        with reference_context(bare, reference) as ref_model:
+            ref_logprobs, _ = response_logprobs(ref_model, rollout, s.temperature)
         old_values = response_values(critic, rollout)
         scores = score_fn(rollout).float()
         if s.missing_eos_penalty is not None:
@@ -75,44 +93,64 @@ def ppo_iteration(
     stats: dict[str, list[float]] = {}
     for _ in range(s.ppo_epochs):
         order = torch.randperm(batch, generator=generator)
-        for chunk in order.chunk(s.minibatches):
-            part = _select(rollout, chunk)
-            m = mask[chunk]
-            logprobs, logits = response_logprobs(policy, part, s.temperature)
-            p_loss, p_stats = policy_loss(logprobs, old_logprobs[chunk], advantages[chunk], m, s.clip)
+        for minibatch in order.chunk(s.minibatches):
             policy_optimizer.zero_grad()
-            p_loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), s.max_grad_norm)
-            policy_optimizer.step()
-
-            values = response_values(critic, part)
-            v_loss, v_stats = value_loss(values, old_values[chunk], returns[chunk], m, s.value_clip)
             critic_optimizer.zero_grad()
-            v_loss.backward()
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), s.max_grad_norm)
+            tokens = mask[minibatch].sum().clamp(min=1)
+            # Gradient accumulation: each micro-batch's token-mean loss weighted by its share of the
+            # minibatch's tokens, so the accumulated gradient is that of the minibatch's token mean.
+            for chunk in minibatch.chunk(s.gradient_accumulation_steps):
+                part = _select(rollout, chunk)
+                m = mask[chunk]
+                share = m.sum() / tokens
+                logprobs, logits = response_logprobs(policy, part, s.temperature)
+                p_loss, p_stats = policy_loss(logprobs, old_logprobs[chunk], advantages[chunk], m, s.clip)
+                backward(p_loss * share)
+                values = response_values(critic, part)
+                v_loss, v_stats = value_loss(values, old_values[chunk], returns[chunk], m, s.value_clip)
+                backward(v_loss * share)
+                with torch.no_grad():
+                    p_stats["entropy"] = masked_mean(entropy_from_logits(logits), m).item()
+                for key, value in {
+                    **p_stats,
+                    **v_stats,
+                    "policy_loss": p_loss.item(),
+                    "value_loss": v_loss.item(),
+                }.items():
+                    stats.setdefault(key, []).append(value)
+            clip_grad_norm(policy.parameters(), s.max_grad_norm)
+            policy_optimizer.step()
+            clip_grad_norm(critic.parameters(), s.max_grad_norm)
             critic_optimizer.step()
 
-            with torch.no_grad():
-                p_stats["entropy"] = masked_mean(entropy_from_logits(logits), m).item()
-            for key, value in {
-                **p_stats,
-                **v_stats,
-                "policy_loss": p_loss.item(),
-                "value_loss": v_loss.item(),
-            }.items():
-                stats.setdefault(key, []).append(value)
-
-    kl_per_sample = kl.sum(dim=1).mean().item()
-    kl_controller.update(kl_per_sample, batch)
     out = {key: sum(values) / len(values) for key, values in stats.items()}
     out |= {
         "reward": scores.mean().item(),
-        "kl": kl_per_sample,
-        "beta": kl_controller.beta,
+        "kl": kl.sum(dim=1).mean().item(),
         "response_length": mask.sum(dim=1).mean().item(),
         "ended_fraction": rollout.ended.float().mean().item(),
     }
+    if accelerator is not None and accelerator.num_processes > 1:
+        out = _mean_over_processes(out, accelerator)  # every process logs and adapts β on the same numbers
+    kl_controller.update(out["kl"], batch * (accelerator.num_processes if accelerator else 1))
+    out["beta"] = kl_controller.beta
     return out
+
+
+def _for_generation(policy, accelerator):
+    """The bare model for ``generate`` (DDP wraps it; ZeRO-3 needs its parameters gathered)."""
+    if accelerator is None:
+        return contextlib.nullcontext(policy)
+    from trl.models.utils import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(policy, accelerator)
+
+
+def _mean_over_processes(stats: dict, accelerator) -> dict:
+    keys = sorted(stats)
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist(), strict=True))
 
 
 def _select(rollout: Rollout, rows: torch.Tensor) -> Rollout:

@@ -7,6 +7,7 @@ Otherwise the PPO ratio starts away from 1 (PPO-NOTES.md, "Known traps").
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -104,3 +105,14 @@ def response_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> tupl
     logits = logits[:, rollout.prompt_length - 1 : -1].float() / temperature
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, rollout.responses.unsqueeze(-1)).squeeze(-1)
     return logprobs * rollout.response_mask, logits
+
+
+@contextlib.contextmanager
+def reference_context(policy, reference):
+    """The model whose log-probs are the reference's: a frozen copy, or (``reference=None``) the peft
+    policy itself with its LoRA adapter disabled, which is the model it started as."""
+    if reference is not None:
+        yield reference
+        return
+    with policy.disable_adapter():
+        yield policy

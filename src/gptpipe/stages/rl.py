@@ -1,15 +1,21 @@
 """RL stage: PPO against a frozen reward model (gptpipe's own trainer, see ``gptpipe.ppo``).
 
     gptpipe train recipes/tiny/rl.yaml
+    accelerate launch --multi_gpu --num_processes 8 -m gptpipe train recipes/smollm2/rl.yaml   # DDP
 
-The policy starts from the SFT model; the reference is the same SFT model, frozen; the critic starts
-from the reward model (``value_init: reward``). Each iteration samples responses for a batch of prompts,
-scores prompt + response with the reward model (re-rendered with the reward model's own chat template),
-and runs PPO epochs. Checkpoints hold everything a run needs to continue bit for bit: both models, both
-optimizers, the KL controller, the RNG states and the step (the data order is a function of seed and step).
+(``algorithm: grpo | rloo`` recipes run TRL's trainers instead: ``gptpipe.stages.rl_trl``.)
 
-Evidence (``eval.json``): on held-out prompts, the reward model's mean score of greedy responses, their
-KL to the reference and (with an ``answer`` column) answer accuracy, before and after.
+The policy starts from the SFT model; the reference is the same SFT model, frozen (with ``model.lora``,
+the policy's own weights with the adapter disabled: no second copy); the critic starts from the reward
+model (``value_init: reward``). Each iteration samples responses for a batch of prompts, scores
+prompt + response with the reward model (re-rendered with the reward model's own chat template), and runs
+PPO epochs. Under several processes each one rolls out ``per_device_train_batch_size`` prompts and DDP
+averages the gradients. Checkpoints hold everything a run needs to continue bit for bit: both models,
+both optimizers, the KL controller, every process's RNG states and the step (the data order is a
+function of seed and step).
+
+Evidence (``eval.json``, see ``gptpipe.rlhf``): on held-out prompts, the reward model's mean score of
+greedy responses, their KL to the reference and (with an ``answer`` column) answer accuracy, before and after.
 """
 
 from __future__ import annotations
@@ -22,58 +28,53 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from transformers import AutoModelForSequenceClassification, TrainerControl, TrainerState, set_seed
 
 from gptpipe.config import RLConfig
 from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
-from gptpipe.generation import answers_in_first_sentence
-from gptpipe.modeling import build_model, load_for_inference, load_tokenizer
+from gptpipe.modeling import apply_lora, build_model, load_for_inference, load_tokenizer, merge_adapter
 from gptpipe.ppo.iteration import PPOSettings, ppo_iteration
 from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController
-from gptpipe.ppo.rollout import response_logprobs, sample
 from gptpipe.ppo.value import build_value_model
+from gptpipe.rlhf import encode_prompts, evaluate, evidence_line, prompt_rows, reward_scorer, stop_token_ids
 from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
-from gptpipe.scoring import score_ids
 from gptpipe.tracking import append_metrics, load_callbacks, truncate_metrics
 
 
 def main(cfg: RLConfig) -> dict:
     start = time.time()
     out = Path(cfg.output_dir)
-    if cfg.algorithm != "ppo":
-        raise UserError(f"algorithm: {cfg.algorithm!r} is not available yet; use ppo")
     if not cfg.reward_model:
         raise UserError(
             "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final)"
         )
     if cfg.max_steps <= 0:
         raise UserError("max_steps: set the number of PPO iterations (e.g. max_steps: 60)")
-    if cfg.world_size > 1:
-        raise UserError("the PPO stage runs in one process for now; launch it without accelerate/torchrun")
-    resume_from = prepare_run_dir(cfg)
+    accelerator = Accelerator(cpu=cfg.use_cpu)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    say = print if is_main else (lambda *a, **k: None)
+    resume_from = prepare_run_dir(cfg, is_main)
+    accelerator.wait_for_everyone()
 
     tokenizer = load_tokenizer(cfg.model)
     chat_templates.install(tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path)
-    train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=_prompt_rows)
+    with accelerator.main_process_first():
+        train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
     if heldout is None:
         raise UserError("eval_datasets: PPO needs held-out prompts for its evidence (or set eval_split_size)")
     heldout = heldout.select(range(min(cfg.eval_prompts, len(heldout))))
-    train_prompts = _encode(tokenizer, train["prompt"])
-    stop_ids = sorted(
-        {tokenizer.convert_tokens_to_ids(chat_templates.end_of_turn_token(tokenizer)), tokenizer.eos_token_id}
-    )
+    train_prompts = encode_prompts(tokenizer, train["prompt"])
+    stop_ids = stop_token_ids(tokenizer)
 
     set_seed(cfg.seed)
-    reference = build_model(cfg.model, tokenizer).eval().requires_grad_(False)
-    if resume_from:  # the policy and critic continue from the checkpoint; the reference stays the SFT model
-        policy = build_model(
-            dataclasses.replace(cfg.model, name_or_path=str(resume_from / "policy")), tokenizer
-        )
+    policy, reference = _policy_and_reference(cfg, tokenizer, resume_from)
+    if resume_from:  # the critic continues from the checkpoint
         critic = build_value_model(str(resume_from / "critic"), "checkpoint")
     else:
-        policy = build_model(cfg.model, tokenizer)
         source = cfg.reward_model if cfg.value_init == "reward" else cfg.model.name_or_path
         critic = build_value_model(
             str(Path(source).resolve()) if Path(source).exists() else source, cfg.value_init
@@ -81,36 +82,29 @@ def main(cfg: RLConfig) -> dict:
     reward_model, reward_tokenizer = load_for_inference(cfg.reward_model, AutoModelForSequenceClassification)
     reward_model.requires_grad_(False)
     for model in (policy, reference, critic, reward_model):  # dropout off: the first PPO ratio must be 1
-        model.eval()
+        if model is not None:
+            model.eval()
+    scorer = reward_scorer(reward_model.to(accelerator.device), reward_tokenizer, tokenizer)
+    if reference is not None:
+        reference.to(accelerator.device)
 
-    def scorer(messages: list[list[dict]]):
-        def score(rollout) -> torch.Tensor:
-            replies = tokenizer.batch_decode(
-                rollout.responses * rollout.response_mask, skip_special_tokens=True
-            )
-            # Re-render with the reward model's own template: its tokenizer may differ from the policy's.
-            convs = [
-                m + [{"role": "assistant", "content": r.strip()}]
-                for m, r in zip(messages, replies, strict=True)
-            ]
-            ids = [
-                reward_tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
-                for c in convs
-            ]
-            return torch.tensor(score_ids(reward_model, ids, reward_tokenizer.pad_token_id))
-
-        return score
-
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    policy_opt = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+    )
     critic_opt = torch.optim.AdamW(
         critic.parameters(), lr=cfg.value_learning_rate or cfg.learning_rate, weight_decay=cfg.weight_decay
     )
+    policy, policy_opt, critic, critic_opt = accelerator.prepare(policy, policy_opt, critic, critic_opt)
+    bare_policy = accelerator.unwrap_model(policy)
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if cfg.kl_target
         else FixedKLController(cfg.kl_coef)
     )
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + rank)
+    set_seed(cfg.seed + rank)  # each process samples its own responses
     settings = PPOSettings(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -124,26 +118,31 @@ def main(cfg: RLConfig) -> dict:
         kl_estimator=cfg.kl_estimator,
         missing_eos_penalty=cfg.missing_eos_penalty,
         max_grad_norm=cfg.max_grad_norm,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
 
-    def measure() -> dict:
-        return evaluate(policy, reference, tokenizer, heldout, scorer, stop_ids, cfg)
+    def measure() -> dict:  # every process measures (ZeRO-3 forwards are collective); the main one writes
+        return evaluate(bare_policy, reference, tokenizer, heldout, scorer, cfg.max_new_tokens)
 
-    baseline = measured_once(out / "baseline.json", measure)
+    baseline = measured_once(out / "baseline.json", measure, is_main)
     step = 0
     if resume_from:
-        step = _load_checkpoint(resume_from, policy_opt, critic_opt, kl_ctl, generator)
-        truncate_metrics(out, step)
-        print(f"[rl] resuming from {resume_from}")
-    print(
-        f"[rl] PPO: {len(train_prompts)} prompts, {cfg.per_device_train_batch_size} per iteration, {cfg.max_steps} iterations"
+        step = _load_checkpoint(resume_from, rank, policy_opt, critic_opt, kl_ctl, generator)
+        if is_main:
+            truncate_metrics(out, step)
+        say(f"[rl] resuming from {resume_from}")
+    batch_size = cfg.per_device_train_batch_size
+    say(
+        f"[rl] PPO: {len(train_prompts)} prompts, {batch_size * world} per iteration "
+        f"({world} process{'es' if world > 1 else ''}), {cfg.max_steps} iterations"
+        + (", LoRA policy (reference = adapter disabled)" if reference is None else "")
     )
 
     callbacks = load_callbacks(cfg.callbacks)
     state, control = TrainerState(), TrainerControl()
-    batch_size = cfg.per_device_train_batch_size
     while step < cfg.max_steps:
-        rows = batch_rows(len(train_prompts), batch_size, step, cfg.seed)
+        rows = batch_rows(len(train_prompts), batch_size * world, step, cfg.seed)
+        rows = rows[rank * batch_size : (rank + 1) * batch_size]
         stats = ppo_iteration(
             policy,
             reference,
@@ -157,45 +156,64 @@ def main(cfg: RLConfig) -> dict:
             kl_ctl,
             settings,
             generator,
+            accelerator=accelerator if world > 1 else None,
         )
         step += 1
         state.global_step = step
         for cb in callbacks:
             cb.on_step_end(cfg, state, control)
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+        if (step % cfg.logging_steps == 0 or step == cfg.max_steps) and is_main:
             append_metrics(out, {"step": step, **stats})
             print(
                 f"[rl] step {step}: reward {stats['reward']:.3f}, kl {stats['kl']:.3f}, entropy {stats['entropy']:.3f}"
             )
         if cfg.save_steps and step % int(cfg.save_steps) == 0 and step < cfg.max_steps:
+            models = (bare_policy, accelerator.unwrap_model(critic))
             _save_checkpoint(
-                out,
-                step,
-                policy,
-                critic,
-                tokenizer,
-                policy_opt,
-                critic_opt,
-                kl_ctl,
-                generator,
-                cfg.save_total_limit,
+                out, step, models, tokenizer, (policy_opt, critic_opt), kl_ctl, generator, cfg, accelerator
             )
 
     after = measure()
     evidence = {f"{k}_before": v for k, v in baseline.items()} | {f"{k}_after": v for k, v in after.items()}
-    evidence |= {"train_steps": step, "kl_coef_final": kl_ctl.beta, "seconds": round(time.time() - start, 1)}
-    tmp = final_tmp_dir(out)
-    policy.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    policy.generation_config.save_pretrained(tmp)
-    final = publish_final(tmp, out)
-    write_json_atomic(out / "eval.json", evidence)
-    print(f"[rl] saved {final}")
-    line = f"[rl] held-out reward {evidence['reward_before']:.3f} -> {evidence['reward_after']:.3f}, KL to reference {evidence['kl_before']:.3f} -> {evidence['kl_after']:.3f}"
-    if "answer_accuracy_before" in evidence:
-        line += f"; answer accuracy {evidence['answer_accuracy_before']:.2f} -> {evidence['answer_accuracy_after']:.2f}"
-    print(line)
+    evidence |= {
+        "train_steps": step,
+        "world_size": world,
+        "kl_coef_final": kl_ctl.beta,
+        "seconds": round(time.time() - start, 1),
+    }
+    tmp = final_tmp_dir(out, is_main)
+    if is_main:
+        bare_policy.save_pretrained(tmp)  # a full model, or the LoRA adapter
+        tokenizer.save_pretrained(tmp)
+        bare_policy.generation_config.save_pretrained(tmp)
+        if cfg.model.lora is not None and cfg.model.merge_lora:
+            tmp = merge_adapter(tmp)
+        final = publish_final(tmp, out)
+        write_json_atomic(out / "eval.json", evidence)
+        print(
+            f"[rl] saved {final}" + (" (LoRA adapter)" if cfg.model.lora and not cfg.model.merge_lora else "")
+        )
+        print(evidence_line("rl", evidence))
+    accelerator.wait_for_everyone()
     return evidence
+
+
+def _policy_and_reference(cfg: RLConfig, tokenizer, resume_from: Path | None):
+    """(policy, reference). With LoRA the reference is None: the policy with its adapter disabled."""
+    if cfg.model.lora is None:
+        reference = build_model(cfg.model, tokenizer).requires_grad_(False)
+        source = (
+            cfg.model
+            if resume_from is None
+            else dataclasses.replace(cfg.model, name_or_path=str(resume_from / "policy"))
+        )
+        return build_model(source, tokenizer), reference
+    if resume_from is None:
+        return apply_lora(build_model(cfg.model, tokenizer), cfg.model), None
+    from peft import PeftModel
+
+    base = build_model(dataclasses.replace(cfg.model, lora=None), tokenizer)
+    return PeftModel.from_pretrained(base, resume_from / "policy", is_trainable=True), None
 
 
 def batch_rows(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -209,88 +227,55 @@ def batch_rows(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return rows
 
 
-@torch.no_grad()
-def evaluate(policy, reference, tokenizer, heldout, scorer, stop_ids, cfg: RLConfig) -> dict:
-    """Greedy responses to held-out prompts: reward-model score, KL to the reference, answer accuracy."""
-    prompts = _encode(tokenizer, heldout["prompt"])
-    found: dict[str, float] = {"reward": 0.0, "kl": 0.0}
-    answers, right = heldout["answer"] if "answer" in heldout.column_names else None, 0
-    for i in range(0, len(prompts), 64):
-        rollout = sample(
-            policy, prompts[i : i + 64], tokenizer.pad_token_id, stop_ids, cfg.max_new_tokens, greedy=True
-        )
-        found["reward"] += scorer(heldout["prompt"][i : i + 64])(rollout).sum().item()
-        logp, _ = response_logprobs(policy, rollout)
-        ref, _ = response_logprobs(reference, rollout)
-        found["kl"] += (logp - ref).sum().item()  # sum over tokens, then mean over samples below
-        if answers is not None:
-            replies = tokenizer.batch_decode(
-                rollout.responses * rollout.response_mask, skip_special_tokens=True
-            )
-            right += sum(
-                answers_in_first_sentence(r, a) for r, a in zip(replies, answers[i : i + 64], strict=True)
-            )
-    found = {k: v / len(prompts) for k, v in found.items()}
-    if answers is not None:
-        found["answer_accuracy"] = right / len(prompts)
-    return found
+def _save_checkpoint(out, step, models, tokenizer, optimizers, kl_ctl, generator, cfg, accelerator) -> None:
+    """Everything needed to continue bit for bit; ``trainer_state.json`` goes last and marks it complete.
 
-
-def _prompt_rows(ds, src):
-    """Prompts as message lists (a string prompt becomes one user message); keep ``answer`` when present."""
-    if "prompt" not in ds.column_names:
-        raise UserError(
-            f"{src.path}: no 'prompt' column (columns are {ds.column_names}); map yours with `columns:`"
-        )
-
-    def to_messages(row):
-        p = row["prompt"]
-        return {"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p}
-
-    keep = [c for c in ("prompt", "answer") if c in ds.column_names]
-    return ds.select_columns(keep).map(to_messages, desc="reading prompts")
-
-
-def _encode(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
-    return [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
-            "input_ids"
-        ]
-        for p in prompts
-    ]
-
-
-def _save_checkpoint(
-    out, step, policy, critic, tokenizer, policy_opt, critic_opt, kl_ctl, generator, limit
-) -> None:
-    """Everything needed to continue bit for bit; ``trainer_state.json`` goes last and marks it complete."""
+    The main process writes the models and optimizers (identical on every process under DDP); each
+    process writes its own RNG states.
+    """
     folder = out / f"checkpoint-{step}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    policy.save_pretrained(folder / "policy")
-    tokenizer.save_pretrained(folder / "policy")
-    critic.save_pretrained(folder / "critic")
-    torch.save(
-        {"policy": policy_opt.state_dict(), "critic": critic_opt.state_dict()}, folder / "optimizers.pt"
-    )
+    if accelerator.is_main_process:
+        if folder.exists():
+            shutil.rmtree(folder)
+        policy, critic = models
+        policy.save_pretrained(folder / "policy")
+        tokenizer.save_pretrained(folder / "policy")
+        critic.save_pretrained(folder / "critic")
+        torch.save(
+            {"policy": optimizers[0].state_dict(), "critic": optimizers[1].state_dict()},
+            folder / "optimizers.pt",
+        )
+    accelerator.wait_for_everyone()
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()}
-    torch.save(rng, folder / "rng_state.pth")
+    torch.save(rng, folder / f"rng_state_{accelerator.process_index}.pth")
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
     (folder / "trainer_state.json").write_text(
-        json.dumps({"global_step": step, "kl_controller": kl_ctl.state_dict()})
+        json.dumps(
+            {
+                "global_step": step,
+                "world_size": accelerator.num_processes,
+                "kl_controller": kl_ctl.state_dict(),
+            }
+        )
     )
-    if limit:
+    if cfg.save_total_limit:
         older = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p != folder)
-        for _, path in older[: max(0, len(older) - (limit - 1))]:
+        for _, path in older[: max(0, len(older) - (cfg.save_total_limit - 1))]:
             shutil.rmtree(path)
 
 
-def _load_checkpoint(folder: Path, policy_opt, critic_opt, kl_ctl, generator) -> int:
+def _load_checkpoint(folder: Path, rank: int, policy_opt, critic_opt, kl_ctl, generator) -> int:
     state = json.loads((folder / "trainer_state.json").read_text())
     optimizers = torch.load(folder / "optimizers.pt", weights_only=False)
     policy_opt.load_state_dict(optimizers["policy"])
     critic_opt.load_state_dict(optimizers["critic"])
     kl_ctl.load_state_dict(state["kl_controller"])
-    rng = torch.load(folder / "rng_state.pth", weights_only=False)
+    rng_file = folder / f"rng_state_{rank}.pth"
+    if not rng_file.is_file():  # resumed with more processes than saved: the extra ones start fresh streams
+        return state["global_step"]
+    rng = torch.load(rng_file, weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     generator.set_state(rng["generator"])

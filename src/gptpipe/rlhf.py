@@ -1,0 +1,124 @@
+"""What every RL algorithm shares: prompts, reward-model scoring and the before/after evidence.
+
+PPO (``gptpipe.stages.rl``) and GRPO/RLOO (``gptpipe.stages.rl_trl``) read the same prompt files, are
+judged by the same frozen reward model and report the same evidence, so their numbers compare directly:
+on held-out prompts, the reward model's mean score of greedy responses, their KL to the reference
+(summed over response tokens, averaged over prompts) and, when rows carry an ``answer``, answer accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gptpipe.data import chat_templates
+from gptpipe.errors import UserError
+from gptpipe.generation import answers_in_first_sentence
+from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
+from gptpipe.scoring import score_ids
+
+
+def prompt_rows(ds, src):
+    """Prompts as message lists (a string prompt becomes one user message); keep ``answer`` when present."""
+    if "prompt" not in ds.column_names:
+        raise UserError(
+            f"{src.path}: no 'prompt' column (columns are {ds.column_names}); map yours with `columns:`"
+        )
+
+    def to_messages(row):
+        p = row["prompt"]
+        return {"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p}
+
+    keep = [c for c in ("prompt", "answer") if c in ds.column_names]
+    return ds.select_columns(keep).map(to_messages, desc="reading prompts")
+
+
+def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    """Each prompt rendered with the chat template, ending with the assistant's turn opened."""
+    return [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+        for p in prompts
+    ]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Generation stops at the template's end of turn or at EOS."""
+    end = tokenizer.convert_tokens_to_ids(chat_templates.end_of_turn_token(tokenizer))
+    return sorted({end, tokenizer.eos_token_id})
+
+
+def reward_scorer(reward_model, reward_tokenizer, tokenizer):
+    """``scorer(messages)(rollout)``: the reward model's score of each prompt + response.
+
+    The response is decoded and the conversation re-rendered with the reward model's own chat
+    template, so a reward model with a different tokenizer or template scores what it was trained on.
+    """
+
+    def for_prompts(messages: list[list[dict]]):
+        def score(rollout: Rollout) -> torch.Tensor:
+            replies = tokenizer.batch_decode(
+                rollout.responses * rollout.response_mask, skip_special_tokens=True
+            )
+            convs = [
+                m + [{"role": "assistant", "content": r.strip()}]
+                for m, r in zip(messages, replies, strict=True)
+            ]
+            ids = [
+                reward_tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
+                for c in convs
+            ]
+            return torch.tensor(score_ids(reward_model, ids, reward_tokenizer.pad_token_id))
+
+        return score
+
+    return for_prompts
+
+
+@torch.no_grad()
+def evaluate(
+    policy, reference, tokenizer, heldout, scorer, max_new_tokens: int, batch_size: int = 64
+) -> dict:
+    """Greedy responses to held-out prompts: reward-model score, KL to the reference, answer accuracy.
+
+    ``reference=None`` means the policy is a LoRA model whose reference is the same weights, adapter off.
+    """
+    was_training = policy.training
+    policy.eval()
+    prompts = encode_prompts(tokenizer, heldout["prompt"])
+    stop_ids = stop_token_ids(tokenizer)
+    found: dict[str, float] = {"reward": 0.0, "kl": 0.0}
+    answers, right = heldout["answer"] if "answer" in heldout.column_names else None, 0
+    for i in range(0, len(prompts), batch_size):
+        rollout = sample(
+            policy, prompts[i : i + batch_size], tokenizer.pad_token_id, stop_ids, max_new_tokens, greedy=True
+        )
+        found["reward"] += scorer(heldout["prompt"][i : i + batch_size])(rollout).sum().item()
+        logp, _ = response_logprobs(policy, rollout)
+        with reference_context(policy, reference) as ref_model:
+            ref, _ = response_logprobs(ref_model, rollout)
+        found["kl"] += (logp - ref).sum().item()  # summed over tokens; averaged over prompts below
+        if answers is not None:
+            replies = tokenizer.batch_decode(
+                rollout.responses * rollout.response_mask, skip_special_tokens=True
+            )
+            right += sum(
+                answers_in_first_sentence(r, a)
+                for r, a in zip(replies, answers[i : i + batch_size], strict=True)
+            )
+    policy.train(was_training)
+    found = {k: v / len(prompts) for k, v in found.items()}
+    if answers is not None:
+        found["answer_accuracy"] = right / len(prompts)
+    return found
+
+
+def evidence_line(stage: str, evidence: dict) -> str:
+    """The one line a stage prints at the end: reward, KL and (when measured) accuracy before -> after."""
+    line = (
+        f"[{stage}] held-out reward {evidence['reward_before']:.3f} -> {evidence['reward_after']:.3f}, "
+        f"KL to reference {evidence['kl_before']:.3f} -> {evidence['kl_after']:.3f}"
+    )
+    if "answer_accuracy_before" in evidence:
+        line += f"; answer accuracy {evidence['answer_accuracy_before']:.2f} -> {evidence['answer_accuracy_after']:.2f}"
+    return line
