@@ -181,18 +181,26 @@ class RewardConfig(RunSettings, trl.RewardConfig):
 
 
 @dataclass
-class RLConfig(RunSettings, TrainingArguments):
+class RLSettings(RunSettings):
+    """What every RL algorithm's recipe adds: the frozen reward model, the template and the evidence size."""
+
+    algorithm: str = "ppo"  # ppo (gptpipe's own trainer) | grpo | rloo (TRL's trainers)
+    reward_model: str | None = None  # the reward stage's final/ (or any one-output sequence classifier)
+    chat_template: str | None = None
+    eval_prompts: int = 128  # held-out prompts scored before and after (greedy)
+
+
+@dataclass
+class RLConfig(RLSettings, TrainingArguments):
     """RLHF against a frozen reward model. ``algorithm: ppo`` is gptpipe's own trainer (``gptpipe.ppo``);
     it reads the familiar ``TrainingArguments`` keys (learning_rate, max_steps, per_device_train_batch_size as
-    prompts per iteration, logging_steps, save_steps, seed) plus the PPO settings below."""
+    prompts per iteration and process, gradient_accumulation_steps, logging_steps, save_steps, seed) plus
+    the PPO settings below."""
 
     stage: ClassVar[str] = "rl"
     module: ClassVar[str] = "gptpipe.stages.rl"
-    algorithm: str = "ppo"
-    reward_model: str | None = None  # the reward stage's final/ (or any one-output sequence classifier)
     value_init: str = "reward"  # critic from the reward model (InstructGPT) or from the policy (zero head)
     value_learning_rate: float | None = None  # None: learning_rate
-    chat_template: str | None = None
     max_new_tokens: int = 32
     temperature: float = 1.0  # sampling temperature; log-probs use the same one
     top_p: float = 1.0
@@ -207,7 +215,27 @@ class RLConfig(RunSettings, TrainingArguments):
     kl_target: float | None = None  # set: adaptive β (Ziegler et al.) steering the per-sample KL to this
     kl_horizon: int = 10000
     missing_eos_penalty: float | None = None  # score for responses that never stop (e.g. -1.0)
-    eval_prompts: int = 128  # held-out prompts scored before and after (greedy)
+
+
+@dataclass
+class GRPOConfig(RLSettings, trl.GRPOConfig):
+    """GRPO with ``trl.GRPOTrainer``: groups of ``num_generations`` samples per prompt, each scored by the
+    reward model and compared with its group's mean (no critic). Every ``trl.GRPOConfig`` key applies
+    (``beta`` is the KL coefficient, ``max_completion_length`` the response length)."""
+
+    stage: ClassVar[str] = "rl"
+    module: ClassVar[str] = "gptpipe.stages.rl_trl"
+    algorithm: str = "grpo"
+
+
+@dataclass
+class RLOOConfig(RLSettings, trl.RLOOConfig):
+    """RLOO with ``trl.RLOOTrainer``: REINFORCE with the other samples of the same prompt as the baseline.
+    Every ``trl.RLOOConfig`` key applies."""
+
+    stage: ClassVar[str] = "rl"
+    module: ClassVar[str] = "gptpipe.stages.rl_trl"
+    algorithm: str = "rloo"
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -217,6 +245,8 @@ STAGE_CONFIGS: dict[str, type] = {
     "reward": RewardConfig,
     "rl": RLConfig,
 }
+# `stage: rl` recipes pick their class by `algorithm:`.
+RL_CONFIGS: dict[str, type] = {"ppo": RLConfig, "grpo": GRPOConfig, "rloo": RLOOConfig}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,8 +279,11 @@ def validate_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     tree = read_yaml(path)
     for assignment in overrides:
         apply_override(tree, assignment)
-    cls = STAGE_CONFIGS.get(tree.get("stage"))
-    if cls is not None and issubclass(cls, TrainingArguments) and not torch.cuda.is_available():
+    try:
+        cls = config_class(tree)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    if issubclass(cls, TrainingArguments) and not torch.cuda.is_available():
         tree["use_cpu"] = True  # lets bf16 pass the hardware check; the recipe itself is unchanged
         tree.pop("tf32", None)
     try:
@@ -279,15 +312,26 @@ def read_yaml(path: Path) -> dict:
     return tree
 
 
-def build_stage_config(tree: dict) -> Any:
-    """Pick the stage's config class from ``stage:`` and build it from the rest of ``tree``."""
-    tree = dict(tree)
-    stage = tree.pop("stage", None)
+def config_class(tree: dict) -> type:
+    """The config class a recipe tree asks for: by ``stage:``, and for ``stage: rl`` by ``algorithm:``."""
+    stage = tree.get("stage")
     if stage not in STAGE_CONFIGS:
         choices = ", ".join(STAGE_CONFIGS)
         got = "no `stage:` key" if stage is None else f"stage {stage!r}"
         raise UserError(f"{got}; a recipe must name one of: {choices}")
-    cfg = build_dataclass(STAGE_CONFIGS[stage], tree)
+    if stage != "rl":
+        return STAGE_CONFIGS[stage]
+    algorithm = tree.get("algorithm", "ppo")
+    if algorithm not in RL_CONFIGS:
+        raise UserError(f"algorithm: expected one of {', '.join(RL_CONFIGS)}, got {algorithm!r}")
+    return RL_CONFIGS[algorithm]
+
+
+def build_stage_config(tree: dict) -> Any:
+    """Pick the stage's config class from ``stage:`` and build it from the rest of ``tree``."""
+    cls = config_class(tree)
+    tree = {k: v for k, v in tree.items() if k != "stage"}
+    cfg = build_dataclass(cls, tree)
     if not cfg.output_dir:
         raise UserError(
             "output_dir is required (where the run folder goes, e.g. output_dir: runs/tiny/pretrain)"

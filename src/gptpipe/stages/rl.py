@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers import AutoModelForSequenceClassification, TrainerControl, TrainerState, set_seed
 
 from gptpipe.config import RLConfig
@@ -54,6 +55,12 @@ def main(cfg: RLConfig) -> dict:
     if cfg.max_steps <= 0:
         raise UserError("max_steps: set the number of PPO iterations (e.g. max_steps: 60)")
     accelerator = Accelerator(cpu=cfg.use_cpu)
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise UserError(
+            f"PPO runs under DDP (accelerate launch --multi_gpu), not {accelerator.distributed_type.value}: "
+            "it trains two models at once. For memory, give the policy LoRA (model.lora) so the reference "
+            "needs no copy; GRPO/RLOO recipes (algorithm: grpo | rloo) run under DeepSpeed and FSDP."
+        )
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     say = print if is_main else (lambda *a, **k: None)

@@ -1,0 +1,133 @@
+"""RL stage with TRL's trainers: ``algorithm: grpo`` (``trl.GRPOTrainer``) or ``rloo`` (``trl.RLOOTrainer``).
+
+    gptpipe train recipes/tiny/grpo.yaml
+    accelerate launch --config_file accelerate_configs/zero2.yaml -m gptpipe train recipes/smollm2/grpo.yaml
+
+Both sample several responses per prompt, score each with the frozen reward model (TRL renders prompt +
+response with the reward model's own chat template) and push up the responses that beat the others of
+their group: no critic. The recipe is a ``trl.GRPOConfig`` / ``trl.RLOOConfig`` (``beta`` is the KL
+coefficient against the reference, the SFT model; ``num_generations`` the group size) plus gptpipe's
+``model:``, ``datasets:`` and ``reward_model``. With ``model.lora`` the reference is the policy with its
+adapter disabled. Interrupted runs resume from the newest checkpoint (TRL/Trainer checkpoints).
+
+Evidence (``eval.json``) is PPO's, from ``gptpipe.rlhf``, so the algorithms compare directly: on held-out
+prompts, the reward model's mean score of greedy responses, their KL to the reference and (with an
+``answer`` column) answer accuracy, before and after.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification, set_seed
+from trl import GRPOTrainer, RLOOTrainer
+
+from gptpipe.data import chat_templates
+from gptpipe.data.sources import load_train_eval
+from gptpipe.errors import UserError
+from gptpipe.modeling import (
+    apply_lora,
+    build_model,
+    count_parameters,
+    load_for_inference,
+    load_tokenizer,
+    merge_adapter,
+)
+from gptpipe.rlhf import evaluate, evidence_line, prompt_rows, reward_scorer, stop_token_ids
+from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
+from gptpipe.tracking import MetricsLogger, load_callbacks
+
+TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
+
+
+def main(cfg) -> dict:
+    start = time.time()
+    out = Path(cfg.output_dir)
+    name = cfg.algorithm
+    if not cfg.reward_model:
+        raise UserError(
+            "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final)"
+        )
+    is_main = cfg.process_index == 0
+    say = print if is_main else (lambda *a, **k: None)
+    resume_from = prepare_run_dir(cfg, is_main)
+
+    tokenizer = load_tokenizer(cfg.model)
+    chat_templates.install(tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path)
+    with cfg.main_process_first(desc="reading prompts"):
+        train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
+    if heldout is None:
+        raise UserError(
+            f"eval_datasets: {name} needs held-out prompts for its evidence (or set eval_split_size)"
+        )
+    heldout = heldout.select(range(min(cfg.eval_prompts, len(heldout))))
+
+    set_seed(cfg.seed)
+    policy = build_model(cfg.model, tokenizer)
+    policy.generation_config.eos_token_id = stop_token_ids(tokenizer)  # TRL stops at these
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy = apply_lora(policy, cfg.model)
+    reward_model, reward_tokenizer = load_for_inference(cfg.reward_model, AutoModelForSequenceClassification)
+    trainable, total = count_parameters(policy)
+    say(
+        f"[{name}] {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; {len(train)} prompts, "
+        f"{cfg.num_generations} samples each"
+    )
+    trainer = TRAINERS[name](
+        model=policy,
+        reward_funcs=reward_model,
+        args=cfg,
+        train_dataset=train,
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizer,
+        callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
+    )
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    reference = _reference(trainer, cfg, tokenizer)
+    scorer = reward_scorer(reward_model, reward_tokenizer, tokenizer)
+
+    def measure() -> dict:  # every process measures (ZeRO-3 forwards are collective); the main one writes
+        return evaluate(policy, reference, tokenizer, heldout, scorer, cfg.max_completion_length)
+
+    baseline = measured_once(out / "baseline.json", measure, is_main)
+    if resume_from:
+        say(f"[{name}] resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    after = measure()
+    evidence = {f"{k}_before": v for k, v in baseline.items()} | {f"{k}_after": v for k, v in after.items()}
+    evidence |= {
+        "algorithm": name,
+        "train_steps": trainer.state.global_step,
+        "world_size": cfg.world_size,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "seconds": round(time.time() - start, 1),
+    }
+    tmp = final_tmp_dir(out, is_main)
+    trainer.save_model(str(tmp))  # a full model, or the LoRA adapter; with the tokenizer
+    if is_main:
+        policy.generation_config.save_pretrained(tmp)
+        if cfg.model.lora is not None and cfg.model.merge_lora:
+            tmp = merge_adapter(tmp)
+        final = publish_final(tmp, out)
+        write_json_atomic(out / "eval.json", evidence)
+        say(
+            f"[{name}] saved {final}"
+            + (" (LoRA adapter)" if cfg.model.lora and not cfg.model.merge_lora else "")
+        )
+        say(evidence_line(name, evidence))
+    trainer.accelerator.wait_for_everyone()
+    return evidence
+
+
+def _reference(trainer, cfg, tokenizer):
+    """The frozen reference for the KL evidence: TRL's own copy when it made one (``beta > 0``), none with
+    LoRA (the adapter is disabled instead), else the starting model loaded once more."""
+    if cfg.model.lora is not None:
+        return None
+    if getattr(trainer, "ref_model", None) is not None:
+        return trainer.accelerator.unwrap_model(trainer.ref_model)
+    reference = build_model(cfg.model, tokenizer).requires_grad_(False).eval()
+    return reference.to(trainer.accelerator.device)

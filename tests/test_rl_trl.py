@@ -1,0 +1,46 @@
+"""GRPO and RLOO (TRL's trainers) on the tiny world: they raise the reward model's held-out score from the
+SFT model's, report the same evidence as PPO, and save a policy that loads with plain transformers."""
+
+import json
+
+import pytest
+from conftest import REPO, as_overrides
+from transformers import AutoModelForCausalLM
+
+from gptpipe.cli import run
+from gptpipe.config import GRPOConfig, RLOOConfig, load_recipe
+from gptpipe.errors import UserError
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trl_algorithms_raise_held_out_reward(algorithm, tiny_sft, tiny_reward, tmp_path):
+    out = tmp_path / algorithm
+    overrides = as_overrides(
+        {
+            "output_dir": out,
+            "model.name_or_path": tiny_sft,
+            "reward_model": tiny_reward,
+            "max_steps": 60,  # measured on this world: GRPO 2.03 -> 2.67, RLOO 2.03 -> 2.20
+            "save_steps": 100,
+        }
+    )
+    run(["train", str(REPO / f"recipes/tiny/{algorithm}.yaml"), *overrides])
+    e = json.loads((out / "eval.json").read_text())
+    assert e["algorithm"] == algorithm and e["train_steps"] == 60
+    assert e["kl_before"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert e["reward_after"] > e["reward_before"] + 0.05, e
+    assert 0.0 < e["kl_after"] < 2.0, e  # bounded by the KL penalty
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward" in r for r in records)
+    AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_algorithm_picks_the_config_class(tmp_path):
+    assert isinstance(load_recipe(REPO / "recipes/tiny/grpo.yaml"), GRPOConfig)
+    assert isinstance(load_recipe(REPO / "recipes/tiny/rloo.yaml"), RLOOConfig)
+    cfg = load_recipe(REPO / "recipes/tiny/grpo.yaml", ["num_generations=4", "beta=0.1"])
+    assert (cfg.num_generations, cfg.beta) == (4, 0.1)
+    with pytest.raises(UserError, match="algorithm: expected one of ppo, grpo, rloo, got 'dpo'"):
+        load_recipe(REPO / "recipes/tiny/grpo.yaml", ["algorithm=dpo"])
+    with pytest.raises(UserError, match="kl_coef"):  # a PPO key in a GRPO recipe: the close match is named
+        load_recipe(REPO / "recipes/tiny/grpo.yaml", ["kl_coef=0.1"])
