@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gptpipe.ppo.advantages import gae, token_rewards, whiten
+from gptpipe.ppo.iteration import PPOSettings, shape_scores
 from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController, kl_per_token
 from gptpipe.ppo.losses import entropy_from_logits, policy_loss, value_loss
 
@@ -162,3 +163,16 @@ def test_entropy_from_logits():
             assert ent[i, j].item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-5)
     uniform = entropy_from_logits(torch.zeros(1, 7))
     assert uniform.item() == pytest.approx(math.log(7), abs=1e-6)
+
+
+def test_score_shaping_matches_a_direct_computation():
+    scores = torch.tensor([3.0, -5.0, 0.5, 1.0])
+    ended = torch.tensor([True, True, False, True])
+    settings = PPOSettings(missing_eos_penalty=-2.0, reward_clip=2.0, whiten_rewards=True)
+    expected = [2.0, -2.0, -2.0, 1.0]  # unfinished one replaced, then clipped to [-2, 2]
+    mean = sum(expected) / 4
+    std = (sum((x - mean) ** 2 for x in expected) / 3) ** 0.5
+    torch.testing.assert_close(
+        shape_scores(scores, ended, settings), torch.tensor([(x - mean) / std for x in expected])
+    )
+    torch.testing.assert_close(shape_scores(scores, ended, PPOSettings()), scores)  # off by default

@@ -64,13 +64,18 @@ def test_missing_reward_model_is_a_clear_error(tiny_sft, tmp_path):
 def test_ppo_with_a_lora_policy_uses_the_disabled_adapter_as_reference(tiny_sft, tiny_reward, tmp_path):
     out = tmp_path / "rl-lora"
     overrides = rl_overrides(
-        tiny_sft, tiny_reward, out, max_steps=3, save_steps=0, learning_rate="1e-3", eval_prompts=8
+        tiny_sft, tiny_reward, out, max_steps=3, save_steps=2, learning_rate="1e-3", eval_prompts=8
     )
-    run(["train", RL, *overrides, "model.lora={r: 8, alpha: 16, dropout: 0.0}"])
+    lora = "{r: 8, alpha: 16, dropout: 0.0}"
+    # The memory switches together: LoRA policy, LoRA critic, 8-bit frozen reward model.
+    run(
+        ["train", RL, *overrides, f"model.lora={lora}", f"value_lora={lora}", "reward_quantization={bits: 8}"]
+    )
     e = json.loads((out / "eval.json").read_text())
     assert e["kl_before"] == pytest.approx(0.0, abs=1e-6)  # a fresh adapter is a no-op (B = 0)
     assert abs(e["kl_after"]) > 1e-4  # the adapter trained; the reference (adapter off) did not move
     assert (out / "final/adapter_config.json").is_file()
+    assert (out / "checkpoint-2/critic/adapter_config.json").is_file()
 
 
 @pytest.mark.distributed

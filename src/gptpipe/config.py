@@ -186,6 +186,7 @@ class RLSettings(RunSettings):
 
     algorithm: str = "ppo"  # ppo (gptpipe's own trainer) | grpo | rloo (TRL's trainers)
     reward_model: str | None = None  # the reward stage's final/ (or any one-output sequence classifier)
+    reward_quantization: QuantizationSettings | None = None  # frozen reward model in 8 or 4 bits: {bits: 8}
     chat_template: str | None = None
     eval_prompts: int = 128  # held-out prompts scored before and after (greedy)
 
@@ -201,6 +202,9 @@ class RLConfig(RLSettings, TrainingArguments):
     module: ClassVar[str] = "gptpipe.stages.rl"
     value_init: str = "reward"  # critic from the reward model (InstructGPT) or from the policy (zero head)
     value_learning_rate: float | None = None  # None: learning_rate
+    value_lora: LoraSettings | None = None  # train the critic as LoRA adapters (its score head in full)
+    reward_clip: float | None = None  # clip reward-model scores to [-c, c] before the KL penalty
+    whiten_rewards: bool = False  # standardize each batch's scores (mean 0, std 1): a stable reward scale
     max_new_tokens: int = 32
     temperature: float = 1.0  # sampling temperature; log-probs use the same one
     top_p: float = 1.0

@@ -204,14 +204,20 @@ def merge_adapter(adapter_dir: str | Path, auto_class=AutoModelForCausalLM) -> P
     return out
 
 
-def load_for_inference(path: str | Path, auto_class=AutoModelForCausalLM):
-    """(model, tokenizer) from a run's ``final/`` folder: a full model or a LoRA adapter."""
+def load_for_inference(path: str | Path, auto_class=AutoModelForCausalLM, quantization=None):
+    """(model, tokenizer) from a run's ``final/`` folder: a full model or a LoRA adapter.
+
+    ``quantization`` (a ``QuantizationSettings``) loads the weights in 4 or 8 bits, e.g. a frozen reward model.
+    """
     path = Path(path)
     if not path.is_dir():
         raise UserError(
             f"{path}: no such model folder (expected a run's final/ folder or a downloaded model)"
         )
     tokenizer = AutoTokenizer.from_pretrained(path)
+    load_kwargs = {}
+    if quantization is not None:
+        load_kwargs["quantization_config"] = quantization_config(ModelConfig(quantization=quantization))
     if is_adapter(path):
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
@@ -220,13 +226,13 @@ def load_for_inference(path: str | Path, auto_class=AutoModelForCausalLM):
             if auto_class is AutoModelForCausalLM
             else AutoPeftModelForSequenceClassification
         )
-        model = peft_class.from_pretrained(str(path), **_head_kwargs(auto_class))
+        model = peft_class.from_pretrained(str(path), **_head_kwargs(auto_class), **load_kwargs)
         if (path / "generation_config.json").is_file():  # the end-of-turn stop the SFT stage chose
             from transformers import GenerationConfig
 
             model.generation_config = GenerationConfig.from_pretrained(path)
     else:
-        model = auto_class.from_pretrained(path)
+        model = auto_class.from_pretrained(path, **load_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:  # classifiers find each sequence's last token by the pad id

@@ -40,6 +40,8 @@ class PPOSettings:
     lam: float = 0.95
     kl_estimator: str = "k1"
     missing_eos_penalty: float | None = None  # replace the score of a response that never stopped
+    reward_clip: float | None = None  # clip scores to [-c, c]
+    whiten_rewards: bool = False  # standardize the batch's scores
     whiten_advantages: bool = True
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch (same update, less memory)
@@ -81,10 +83,9 @@ def ppo_iteration(
             ref_logprobs, _ = response_logprobs(ref_model, rollout, s.temperature)
         old_values = response_values(critic, rollout)
         scores = score_fn(rollout).float()
-        if s.missing_eos_penalty is not None:
-            scores = torch.where(rollout.ended, scores, torch.full_like(scores, s.missing_eos_penalty))
+        shaped = shape_scores(scores, rollout.ended, s)
         kl = kl_per_token(old_logprobs, ref_logprobs, s.kl_estimator) * mask
-        rewards = token_rewards(scores, kl, mask, kl_controller.beta)
+        rewards = token_rewards(shaped, kl, mask, kl_controller.beta)
         advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
         if s.whiten_advantages:
             advantages = whiten(advantages, mask)
@@ -135,6 +136,18 @@ def ppo_iteration(
     kl_controller.update(out["kl"], batch * (accelerator.num_processes if accelerator else 1))
     out["beta"] = kl_controller.beta
     return out
+
+
+def shape_scores(scores: torch.Tensor, ended: torch.Tensor, s: PPOSettings) -> torch.Tensor:
+    """The reward model's scores as PPO optimizes them: the missing-EOS penalty replaces the score of a
+    response that never stopped, then optional clipping to [-c, c] and standardization over the batch."""
+    if s.missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, torch.full_like(scores, s.missing_eos_penalty))
+    if s.reward_clip is not None:
+        scores = scores.clamp(-s.reward_clip, s.reward_clip)
+    if s.whiten_rewards and len(scores) > 1:
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    return scores
 
 
 def _for_generation(policy, accelerator):

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import AutoModelForSequenceClassification, TrainerControl, TrainerState, set_seed
 
-from gptpipe.config import RLConfig
+from gptpipe.config import ModelConfig, RLConfig
 from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
@@ -79,14 +79,10 @@ def main(cfg: RLConfig) -> dict:
 
     set_seed(cfg.seed)
     policy, reference = _policy_and_reference(cfg, tokenizer, resume_from)
-    if resume_from:  # the critic continues from the checkpoint
-        critic = build_value_model(str(resume_from / "critic"), "checkpoint")
-    else:
-        source = cfg.reward_model if cfg.value_init == "reward" else cfg.model.name_or_path
-        critic = build_value_model(
-            str(Path(source).resolve()) if Path(source).exists() else source, cfg.value_init
-        )
-    reward_model, reward_tokenizer = load_for_inference(cfg.reward_model, AutoModelForSequenceClassification)
+    critic = _critic(cfg, resume_from)
+    reward_model, reward_tokenizer = load_for_inference(
+        cfg.reward_model, AutoModelForSequenceClassification, cfg.reward_quantization
+    )
     reward_model.requires_grad_(False)
     for model in (policy, reference, critic, reward_model):  # dropout off: the first PPO ratio must be 1
         if model is not None:
@@ -101,7 +97,9 @@ def main(cfg: RLConfig) -> dict:
         weight_decay=cfg.weight_decay,
     )
     critic_opt = torch.optim.AdamW(
-        critic.parameters(), lr=cfg.value_learning_rate or cfg.learning_rate, weight_decay=cfg.weight_decay
+        [p for p in critic.parameters() if p.requires_grad],
+        lr=cfg.value_learning_rate or cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
     )
     policy, policy_opt, critic, critic_opt = accelerator.prepare(policy, policy_opt, critic, critic_opt)
     bare_policy = accelerator.unwrap_model(policy)
@@ -124,6 +122,8 @@ def main(cfg: RLConfig) -> dict:
         lam=cfg.lam,
         kl_estimator=cfg.kl_estimator,
         missing_eos_penalty=cfg.missing_eos_penalty,
+        reward_clip=cfg.reward_clip,
+        whiten_rewards=cfg.whiten_rewards,
         max_grad_norm=cfg.max_grad_norm,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
@@ -203,6 +203,25 @@ def main(cfg: RLConfig) -> dict:
         print(evidence_line("rl", evidence))
     accelerator.wait_for_everyone()
     return evidence
+
+
+def _critic(cfg: RLConfig, resume_from: Path | None):
+    """The value model: from the reward model or the policy (``value_init``), optionally as LoRA adapters
+    with the score head trained in full; on resume, the checkpoint's weights (or adapters)."""
+    source = cfg.reward_model if cfg.value_init == "reward" else cfg.model.name_or_path
+    source = str(Path(source).resolve()) if Path(source).exists() else source
+    if resume_from and cfg.value_lora is None:
+        return build_value_model(str(resume_from / "critic"), "checkpoint")
+    critic = build_value_model(source, cfg.value_init)
+    if cfg.value_lora is None:
+        return critic
+    if resume_from:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(critic, resume_from / "critic", is_trainable=True)
+    head = "score" if hasattr(critic, "score") else "classifier"
+    lora = dataclasses.replace(cfg.value_lora, modules_to_save=[head])
+    return apply_lora(critic, ModelConfig(lora=lora), task_type="TOKEN_CLS")
 
 
 def _policy_and_reference(cfg: RLConfig, tokenizer, resume_from: Path | None):
