@@ -6,10 +6,12 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 RECIPE ?= recipes/tiny/pretrain.yaml
+PIPELINE ?= recipes/tiny/pipeline.yaml
+SWEEP ?= recipes/tiny/sweep.yaml
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-gpu test-distributed lint format train clean
+.PHONY: setup demo test test-gpu test-distributed lint format train clean pretrain sft reward rl tokenizer pipeline sweep
 
 setup: $(VENV)/.installed
 
@@ -25,15 +27,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[dev,quant]"
 	@touch $@
 
-# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model -> PPO (about 6 minutes). Re-running starts over.
+# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model -> PPO, then its report card
+# (about 6 minutes). Re-running skips finished stages; `rm -rf runs/tiny` (or DEMO_ARGS="--rerun tokenizer") starts over.
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/tokenizer.yaml overwrite=true
-	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/pretrain.yaml overwrite=true resume=false
-	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/sft.yaml overwrite=true resume=false
-	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/reward.yaml overwrite=true resume=false
-	HF_HUB_OFFLINE=1 $(BIN)/gptpipe train recipes/tiny/rl.yaml overwrite=true resume=false
-	@echo "demo: models in runs/tiny/{tokenizer,pretrain,sft,reward,rl}/final; evidence in runs/tiny/*/eval.json"
+	HF_HUB_OFFLINE=1 $(BIN)/gptpipe pipeline recipes/tiny/pipeline.yaml $(DEMO_ARGS)
+	@echo "demo: models in runs/tiny/{tokenizer,pretrain,sft,reward,rl}/final; evidence in runs/tiny/*/eval.json and runs/tiny/report.md"
 	@echo "demo: talk to the assistant with: $(BIN)/gptpipe chat runs/tiny/rl/final"
+
+# One stage, a pipeline or a sweep: make sft RECIPE=recipes/tiny/sft.yaml; make pipeline PIPELINE=...; make sweep SWEEP=...
+pretrain sft reward rl tokenizer: setup
+	$(BIN)/gptpipe train $(RECIPE) $(ARGS)
+
+pipeline: setup
+	$(BIN)/gptpipe pipeline $(PIPELINE) $(ARGS)
+
+sweep: setup
+	$(BIN)/gptpipe sweep $(SWEEP) $(ARGS)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
@@ -54,7 +63,7 @@ format: setup
 
 # Any stage: make train RECIPE=recipes/tiny/pretrain.yaml
 train: setup
-	$(BIN)/gptpipe train $(RECIPE)
+	$(BIN)/gptpipe train $(RECIPE) $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -1,7 +1,8 @@
 """The ``gptpipe`` command: argument parsing only; the work happens in config, data and the stages.
 
 gptpipe train RECIPE [key=value ...]     run the stage the recipe names
-gptpipe validate RECIPE [RECIPE ...]     parse and check recipes (no training, no network)
+gptpipe pipeline FILE [stage.key=value ...] [--rerun STAGE]   run stage recipes in order, wired together
+gptpipe validate RECIPE [RECIPE ...]     parse and check recipes and pipelines (no training, no network)
 gptpipe data tinyworld --out DIR         write the synthetic tiny-world data set
 gptpipe chat MODEL                       talk to a trained model (multi-turn, streamed)
 gptpipe generate MODEL --prompts FILE    sample replies for a file of prompts (jsonl out)
@@ -15,6 +16,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from gptpipe.errors import UserError
 
@@ -29,7 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="key=value overrides, e.g. max_steps=20 model.hidden_size=64"
     )
 
-    validate = sub.add_parser("validate", help="check recipes without training (no network)")
+    pipe = sub.add_parser("pipeline", help="run a pipeline of stage recipes in order")
+    pipe.add_argument("pipeline", help="pipeline YAML, e.g. recipes/tiny/pipeline.yaml")
+    pipe.add_argument("overrides", nargs="*", help="STAGE.key=value overrides, e.g. sft.learning_rate=1e-4")
+    pipe.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="train STAGE again (and the stages after it)",
+    )
+
+    validate = sub.add_parser("validate", help="check recipes and pipelines without training (no network)")
     validate.add_argument("recipes", nargs="+")
     validate.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
 
@@ -78,10 +91,25 @@ def run(argv: list[str] | None = None) -> None:
         cfg = load_recipe(args.recipe, args.overrides)
         stage = importlib.import_module(cfg.module)
         stage.main(cfg)
+        if getattr(cfg, "process_index", 0) == 0:
+            from gptpipe.report import write_run_report
+
+            report = write_run_report(cfg.output_dir)
+            if report:
+                print(f"[{cfg.stage}] report: {report}")
+    elif args.command == "pipeline":
+        from gptpipe.pipeline import run_pipeline
+
+        run_pipeline(args.pipeline, args.overrides, args.rerun)
     elif args.command == "validate":
-        from gptpipe.config import validate_recipe
+        from gptpipe.config import read_yaml, validate_recipe
+        from gptpipe.pipeline import load_pipeline
 
         for recipe in args.recipes:
+            if "stages" in read_yaml(Path(recipe)):
+                _, planned = load_pipeline(recipe, args.overrides, check=True)
+                print(f"ok: {recipe} (pipeline: {' -> '.join(p.name for p in planned)})")
+                continue
             cfg = validate_recipe(recipe, args.overrides)
             print(f"ok: {recipe} (stage {cfg.stage}, output_dir {cfg.output_dir})")
     elif args.command == "chat":
@@ -89,8 +117,6 @@ def run(argv: list[str] | None = None) -> None:
 
         chat_loop(args.model, args.max_new_tokens, args.temperature, args.system)
     elif args.command == "generate":
-        from pathlib import Path
-
         from gptpipe.generation import generate_file
 
         out = args.out or str(Path(args.prompts).with_suffix("")) + ".generated.jsonl"

@@ -270,7 +270,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def validate_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Check a recipe as ``train`` would, without training or network access.
+    """Check a recipe as ``train`` would, without training or network access (see ``check_tree``)."""
+    path = Path(path)
+    tree = read_yaml(path)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return check_tree(tree)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def check_tree(tree: dict) -> Any:
+    """Build a recipe tree's config and check it further, without training or network access.
 
     Data files must exist; model paths are not checked (an earlier stage may not have made them yet).
     On a machine without a GPU, GPU-only settings (bf16, tf32) are not held against a GPU recipe.
@@ -279,26 +291,17 @@ def validate_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
     from gptpipe.data.sources import check_sources_exist
 
-    path = Path(path)
-    tree = read_yaml(path)
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    try:
-        cls = config_class(tree)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+    cls = config_class(tree)
+    tree = dict(tree)
     if issubclass(cls, TrainingArguments) and not torch.cuda.is_available():
         tree["use_cpu"] = True  # lets bf16 pass the hardware check; the recipe itself is unchanged
         tree.pop("tf32", None)
-    try:
-        cfg = build_stage_config(tree)
-        check_sources_exist(cfg)
-        if getattr(cfg, "chat_template", None):
-            from gptpipe.data.chat_templates import resolve
+    cfg = build_stage_config(tree)
+    check_sources_exist(cfg)
+    if getattr(cfg, "chat_template", None):
+        from gptpipe.data.chat_templates import resolve
 
-            resolve(cfg.chat_template)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+        resolve(cfg.chat_template)
     return cfg
 
 

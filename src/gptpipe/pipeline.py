@@ -1,0 +1,193 @@
+"""Pipelines: run stage recipes in order, each one reading the previous stage's ``final/``.
+
+    gptpipe pipeline recipes/tiny/pipeline.yaml                      # tokenizer -> pretrain -> sft -> reward -> rl
+    gptpipe pipeline recipes/tiny/pipeline.yaml sft.learning_rate=1e-4 --rerun sft
+
+A pipeline file names an ``output_dir`` and its ``stages`` (recipes, relative to the pipeline file, with
+optional per-stage ``overrides``). Each stage writes to ``<output_dir>/<name>`` and is wired to the stages
+before it: pretraining reads the tokenizer stage's tokenizer, SFT the pretrained model, the reward model
+starts from the SFT model, RL from the SFT model with the reward model as judge. A key set explicitly
+(in the stage's ``overrides`` or on the command line) is never rewired.
+
+A stage that finished (``final/`` and ``eval.json``) with the same settings is skipped; an interrupted
+one resumes from its newest checkpoint; a finished stage whose settings changed is refused unless
+``--rerun NAME``, which reruns it and every stage after it (their inputs change with it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from gptpipe.config import (
+    apply_override,
+    build_dataclass,
+    build_stage_config,
+    check_tree,
+    config_to_dict,
+    read_yaml,
+)
+from gptpipe.errors import UserError
+from gptpipe.report import report_card, write_run_report
+from gptpipe.runs import is_finished
+
+# Settings that say how to run, not what to compute: changing them does not make a finished stage stale.
+RUN_ONLY_KEYS = {
+    "resume",
+    "overwrite",
+    "disable_tqdm",
+    "report_to",
+    "logging_steps",
+    "dataloader_num_workers",
+}
+
+
+@dataclass
+class PipelineStage:
+    recipe: str  # relative to the pipeline file
+    name: str | None = None  # the run folder's name; defaults to the recipe's stage (rl: its algorithm too)
+    overrides: dict = field(default_factory=dict)  # dotted keys, as on the command line
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str
+    stages: list[PipelineStage] = field(default_factory=list)
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    kind: str  # tokenizer | pretrain | sft | reward | rl
+    cfg: object
+    explicit: set[str]
+
+
+def load_pipeline(
+    path: str | Path, overrides: list[str] = (), check: bool = False
+) -> tuple[PipelineConfig, list[PlannedStage]]:
+    """Read a pipeline file and build every stage's config (wired, with overrides), before running any.
+    ``check``: validate as ``gptpipe validate`` does (data files exist; GPU-only flags pass on a CPU)."""
+    path = Path(path)
+    try:
+        pipe = build_dataclass(PipelineConfig, read_yaml(path))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    if not pipe.stages:
+        raise UserError(f"{path}: `stages:` is empty; list the stage recipes to run, e.g. - recipe: sft.yaml")
+    per_stage: dict[str, list[str]] = {}
+    planned: list[PlannedStage] = []
+    trees = []
+    for i, stage in enumerate(pipe.stages):
+        recipe = (path.parent / stage.recipe).resolve()
+        tree = read_yaml(recipe)
+        kind = tree.get("stage")
+        algorithm = tree.get("algorithm", "ppo")
+        name = stage.name or (kind if kind != "rl" or algorithm == "ppo" else algorithm)
+        if any(name == p.name for p in planned):
+            raise UserError(f"{path}: stages.{i}: two stages are named {name!r}; give one a `name:`")
+        trees.append((name, kind, recipe, tree, stage.overrides))
+        planned.append(PlannedStage(name, kind, None, set()))
+    names = [p.name for p in planned]
+    for assignment in overrides:
+        key = assignment.partition("=")[0]
+        stage_name, dot, rest = key.partition(".")
+        if not dot or stage_name not in names:
+            raise UserError(
+                f"override {assignment!r}: expected STAGE.key=value with STAGE one of {names} (e.g. sft.max_steps=20)"
+            )
+        per_stage.setdefault(stage_name, []).append(assignment.partition(".")[2])
+
+    finals: dict[str, Path] = {}
+    out = Path(pipe.output_dir)
+    for plan, (name, kind, recipe, tree, stage_overrides) in zip(planned, trees, strict=True):
+        assignments = [f"{k}={_yaml_value(v)}" for k, v in stage_overrides.items()] + per_stage.get(name, [])
+        explicit = {a.partition("=")[0] for a in assignments}
+        wiring = {"output_dir": str(out / name)} | _wiring(kind, finals)
+        for key, value in wiring.items():
+            if key not in explicit:
+                apply_override(tree, f"{key}={value}")
+        for assignment in assignments:
+            apply_override(tree, assignment)
+        try:
+            plan.cfg = check_tree(tree) if check else build_stage_config(tree)
+        except UserError as e:
+            raise UserError(f"{recipe} (pipeline stage {name}): {e}") from None
+        plan.explicit = explicit
+        finals[kind] = out / name / "final"
+    return pipe, planned
+
+
+def _wiring(kind: str, finals: dict[str, Path]) -> dict[str, str]:
+    """The keys that connect a stage to the stages before it."""
+    wired: dict[str, str] = {}
+    if kind == "pretrain" and "tokenizer" in finals:
+        wired["model.tokenizer"] = str(finals["tokenizer"])
+    if kind in ("sft", "reward", "rl"):
+        source = finals.get("sft") if kind != "sft" else None
+        source = source or finals.get("pretrain")
+        if source is not None:
+            wired["model.name_or_path"] = str(source)
+    if kind == "rl" and "reward" in finals:
+        wired["reward_model"] = str(finals["reward"])
+    return wired
+
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def changed_settings(cfg, run_dir: Path) -> list[str]:
+    """Keys whose value differs from the finished run's ``config.yaml`` (how-to-run keys ignored)."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return ["config.yaml (missing)"]
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    current = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    keys = sorted((set(saved) | set(current)) - RUN_ONLY_KEYS)
+    return [k for k in keys if saved.get(k) != current.get(k)]
+
+
+def run_pipeline(path: str | Path, overrides: list[str] = (), rerun: list[str] = ()) -> Path:
+    """Run (or skip, or resume) every stage in order; write and print the report card. Returns its path."""
+    start = time.time()
+    pipe, planned = load_pipeline(path, overrides)
+    names = [p.name for p in planned]
+    unknown = [r for r in rerun if r not in names]
+    if unknown:
+        raise UserError(f"--rerun {unknown[0]}: no such stage; the stages are {names}")
+    first_rerun = min((names.index(r) for r in rerun), default=len(names))
+    # Refuse before running anything: a stale finished stage would feed every later stage.
+    for i, plan in enumerate(planned):
+        run_dir = Path(plan.cfg.output_dir)
+        if i < first_rerun and is_finished(run_dir):
+            changed = changed_settings(plan.cfg, run_dir)
+            if changed:
+                shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+                raise UserError(
+                    f"stage {plan.name}: {run_dir} finished with different settings ({shown}). Pass "
+                    f"--rerun {plan.name} to train it again (and every stage after it), or restore the settings."
+                )
+    for i, plan in enumerate(planned):
+        run_dir = Path(plan.cfg.output_dir)
+        if i >= first_rerun:
+            plan.cfg.overwrite = True
+        elif is_finished(run_dir):
+            print(f"[pipeline] {plan.name}: finished with the same settings: skipped ({run_dir})")
+            continue
+        print(f"[pipeline] {plan.name}: {'rerun' if i >= first_rerun else 'run'} -> {run_dir}", flush=True)
+        importlib.import_module(plan.cfg.module).main(plan.cfg)
+        if getattr(plan.cfg, "process_index", 0) == 0:
+            write_run_report(run_dir)
+
+    out = Path(pipe.output_dir)
+    card = report_card([(p.name, p.kind, Path(p.cfg.output_dir)) for p in planned])
+    text = f"# Pipeline report card: {path}\n\n{card}\n\nEach stage's own report: `<stage>/report.md`.\n"
+    if getattr(planned[-1].cfg, "process_index", 0) == 0:
+        (out / "report.md").write_text(text)
+        print(f"\n{card}\n\n[pipeline] report card: {out / 'report.md'} ({time.time() - start:.0f} s)")
+    return out / "report.md"

@@ -1,0 +1,150 @@
+"""Reports: every run folder explains itself, and a pipeline gets one report card.
+
+``write_run_report(run_dir)`` reads what every stage already writes (``eval.json``, ``metrics.jsonl``,
+``config.yaml``) and adds ``report.md`` and ``plots/*.png``: the evidence table (each ``X_before`` /
+``X_after`` pair of eval.json as one row) and a curve for each metric logged over training steps. The
+CLI calls it once after any stage finishes, so no stage carries report code.
+
+``report_card(stages)`` is the pipeline's table: one row per stage with the metric that proves the
+stage did its job (``HEADLINES``), before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+# Per stage, the evidence that proves it did its job (eval.json keys without _before/_after), in order.
+HEADLINES = {
+    "tokenizer": ["bytes_per_token", "roundtrip_lossless", "vocab_size"],
+    "pretrain": ["perplexity", "probe_accuracy"],
+    "sft": ["answer_accuracy", "exact_match", "eval_loss"],
+    "reward": ["pairwise_accuracy"],
+    "rl": ["reward", "kl", "answer_accuracy"],
+}
+# Logged keys that are bookkeeping rather than learning curves.
+NOT_PLOTTED = ("step", "epoch", "runtime", "per_second", "model_preparation_time", "num_tokens", "total_flos")
+
+
+def evidence_rows(evidence: dict) -> list[tuple[str, object, object]]:
+    """(metric, before, after): a row per ``X_before``/``X_after`` pair, then one per other scalar (after only)."""
+    rows, seen = [], set()
+    for key in evidence:
+        if key.endswith("_before") and f"{key[:-7]}_after" in evidence:
+            name = key[:-7]
+            rows.append((name, evidence[key], evidence[f"{name}_after"]))
+            seen |= {key, f"{name}_after"}
+    for key, value in evidence.items():
+        if key not in seen and isinstance(value, (int, float, str, bool)):
+            rows.append((key, None, value))
+    return rows
+
+
+def fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Each numeric key logged at two or more steps: its (step, value) points."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if any(word in key for word in NOT_PLOTTED) or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)) and math.isfinite(value) and "step" in r:
+                found.setdefault(key, []).append((r["step"], value))
+    return {k: v for k, v in found.items() if len(v) >= 2}
+
+
+def plot_curves(series: dict[str, list[tuple[float, float]]], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, points in series.items():
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = folder / f"{key.replace('/', '_')}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_run_report(run_dir: str | Path) -> Path | None:
+    """``report.md`` and ``plots/`` for a finished run folder (None when it has no eval.json)."""
+    run_dir = Path(run_dir)
+    evidence_path = run_dir / "eval.json"
+    if not evidence_path.is_file():
+        return None
+    evidence = json.loads(evidence_path.read_text())
+    config = _read_config(run_dir)
+    stage = config.get("stage", "?")
+    lines = [f"# {stage} run: {run_dir}", "", "## Evidence (eval.json)", "", "| metric | before | after |"]
+    lines += ["| --- | --- | --- |"]
+    lines += [f"| {name} | {fmt(b)} | {fmt(a)} |" for name, b, a in evidence_rows(evidence)]
+    plots = plot_curves(curves(read_records(run_dir)), run_dir / "plots")
+    if plots:
+        lines += ["", "## Training curves (metrics.jsonl)", ""]
+        lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    lines += [
+        "",
+        "The resolved settings are in `config.yaml`; `gptpipe train config.yaml` repeats the run.",
+        "",
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def headline(stage: str, evidence: dict) -> list[tuple[str, object, object]]:
+    """The rows of the report card for one stage: its headline metrics, before and after."""
+    rows = {name: (name, b, a) for name, b, a in evidence_rows(evidence)}
+    return [rows[k] for k in HEADLINES.get(stage, []) if k in rows]
+
+
+def report_card(stages: list[tuple[str, str, Path]]) -> str:
+    """Markdown table for a pipeline: (name, stage kind, run folder) per stage, in order."""
+    lines = ["| stage | evidence | before | after | time (s) |", "| --- | --- | --- | --- | --- |"]
+    for name, kind, run_dir in stages:
+        path = run_dir / "eval.json"
+        if not path.is_file():
+            lines.append(f"| {name} | not run | | | |")
+            continue
+        evidence = json.loads(path.read_text())
+        seconds = fmt(evidence.get("seconds"))
+        for i, (metric, before, after) in enumerate(
+            headline(kind, evidence) or [("(see eval.json)", None, None)]
+        ):
+            lines.append(
+                f"| {name if i == 0 else ''} | {metric} | {fmt(before)} | {fmt(after)} | {seconds if i == 0 else ''} |"
+            )
+    return "\n".join(lines)
+
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}

@@ -1,0 +1,108 @@
+"""Pipelines: stages wired to the previous stage's final/, finished stages skipped, interrupted ones resumed,
+changed settings refused unless rerun; every run folder gets report.md and plots, the pipeline a report card."""
+
+import json
+
+import pytest
+import yaml
+from conftest import REPO
+
+from gptpipe.cli import run
+from gptpipe.errors import UserError
+from gptpipe.pipeline import load_pipeline
+
+TINY = REPO / "recipes/tiny"
+SMALL_PRETRAIN = {
+    "model.hidden_size": 64,
+    "model.intermediate_size": 128,
+    "model.num_attention_heads": 4,
+    "block_size": 64,
+    "max_steps": 30,
+    "eval_steps": 30,
+    "save_steps": 100,
+    "logging_steps": 5,
+    "probe_datasets": [],
+    "disable_tqdm": True,
+}
+SMALL_SFT = {
+    "max_steps": 10,
+    "save_steps": 5,
+    "eval_steps": 10,
+    "logging_steps": 5,
+    "answer_datasets": [],
+    "disable_tqdm": True,
+}
+
+
+def write_pipeline(tmp_path, stages):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "runs"), "stages": stages}))
+    return path
+
+
+def small_pipeline(tmp_path):
+    return write_pipeline(
+        tmp_path,
+        [
+            {"recipe": str(TINY / "tokenizer.yaml")},
+            {"recipe": str(TINY / "pretrain.yaml"), "overrides": SMALL_PRETRAIN},
+            {"recipe": str(TINY / "sft.yaml"), "overrides": SMALL_SFT},
+        ],
+    )
+
+
+def test_stages_are_wired_to_the_previous_final(tmp_path):
+    stages = [{"recipe": str(TINY / f"{s}.yaml")} for s in ("tokenizer", "pretrain", "sft", "reward", "rl")]
+    stages[3]["overrides"] = {"model.name_or_path": "my/reward-base"}  # set explicitly: never rewired
+    _, planned = load_pipeline(write_pipeline(tmp_path, stages), ["rl.kl_coef=0.2"])
+    cfg = {p.name: p.cfg for p in planned}
+    runs = tmp_path / "runs"
+    assert cfg["tokenizer"].output_dir == str(runs / "tokenizer")
+    assert cfg["pretrain"].model.tokenizer == str(runs / "tokenizer/final")
+    assert cfg["sft"].model.name_or_path == str(runs / "pretrain/final")
+    assert cfg["reward"].model.name_or_path == "my/reward-base"
+    assert cfg["rl"].model.name_or_path == str(runs / "sft/final")
+    assert cfg["rl"].reward_model == str(runs / "reward/final") and cfg["rl"].kl_coef == 0.2
+    with pytest.raises(UserError, match="expected STAGE.key=value with STAGE one of"):
+        load_pipeline(write_pipeline(tmp_path, stages), ["dpo.beta=0.1"])
+
+
+def test_pipeline_skips_resumes_refuses_and_reruns(tmp_path, capsys):
+    pipeline = small_pipeline(tmp_path)
+    runs = tmp_path / "runs"
+    run(["pipeline", str(pipeline)])
+    out = capsys.readouterr().out
+    card = (runs / "report.md").read_text()
+    for stage, metric in [("tokenizer", "bytes_per_token"), ("pretrain", "perplexity"), ("sft", "eval_loss")]:
+        assert f"| {stage} | {metric} |" in card, card
+        assert (runs / stage / "report.md").is_file()
+    assert "| perplexity |" in (runs / "pretrain/report.md").read_text()
+    assert (runs / "pretrain/plots/loss.png").stat().st_size > 1000
+    assert "report card" in out
+
+    finished = {s: (runs / s / "eval.json").stat().st_mtime_ns for s in ("tokenizer", "pretrain", "sft")}
+    run(["pipeline", str(pipeline)])  # everything finished with the same settings: nothing retrains
+    assert capsys.readouterr().out.count("skipped") == 3
+    assert finished == {s: (runs / s / "eval.json").stat().st_mtime_ns for s in finished}
+
+    with pytest.raises(UserError, match=r"stage sft: .* different settings \(learning_rate\).*--rerun sft"):
+        run(["pipeline", str(pipeline), "sft.learning_rate=1e-4"])
+
+    # An interrupted SFT (a checkpoint, no final/) resumes; the stages before it are skipped.
+    (runs / "sft/eval.json").unlink()
+    run(["pipeline", str(pipeline)])
+    out = capsys.readouterr().out
+    assert f"resuming from {runs / 'sft/checkpoint-10'}" in out and out.count("skipped") == 2
+
+    run(["pipeline", str(pipeline), "sft.learning_rate=1e-4", "--rerun", "sft"])
+    assert "[pipeline] sft: rerun" in capsys.readouterr().out
+    saved = yaml.safe_load((runs / "sft/config.yaml").read_text())
+    assert saved["learning_rate"] == 1e-4
+    assert (runs / "pretrain/eval.json").stat().st_mtime_ns == finished["pretrain"]
+    assert json.loads((runs / "sft/eval.json").read_text())["train_steps"] == 10
+
+
+def test_shipped_pipeline_validates(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    run(["validate", "recipes/tiny/pipeline.yaml"])
+    assert "tokenizer -> pretrain -> sft -> reward -> rl" in capsys.readouterr().out
