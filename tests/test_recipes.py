@@ -19,5 +19,8 @@ def test_recipe_validates(recipe, capsys, monkeypatch):
     assert "ok:" in capsys.readouterr().out
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# "), "a recipe starts with a comment giving the command that runs it"
-    command = "gptpipe pipeline" if "stages:" in recipe.read_text() else "gptpipe train"
+    text = recipe.read_text()
+    command = (
+        "gptpipe sweep" if "metric:" in text else "gptpipe pipeline" if "stages:" in text else "gptpipe train"
+    )
     assert command in recipe.read_text().split("stage:")[0]

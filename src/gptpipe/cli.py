@@ -2,6 +2,7 @@
 
 gptpipe train RECIPE [key=value ...]     run the stage the recipe names
 gptpipe pipeline FILE [stage.key=value ...] [--rerun STAGE]   run stage recipes in order, wired together
+gptpipe sweep FILE [--emit slurm|commands]   grid/random search over a recipe or pipeline
 gptpipe validate RECIPE [RECIPE ...]     parse and check recipes and pipelines (no training, no network)
 gptpipe data tinyworld --out DIR         write the synthetic tiny-world data set
 gptpipe chat MODEL                       talk to a trained model (multi-turn, streamed)
@@ -40,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="STAGE",
         help="train STAGE again (and the stages after it)",
+    )
+    pipe.add_argument("--output-dir", default=None, help="replace the pipeline's output_dir")
+
+    sweep = sub.add_parser("sweep", help="grid or random search over a recipe or pipeline (Optuna)")
+    sweep.add_argument("sweep", help="sweep YAML, e.g. recipes/tiny/sweep.yaml")
+    sweep.add_argument(
+        "--emit", choices=["slurm", "commands"], default=None, help="write cluster jobs instead"
+    )
+    sweep.add_argument(
+        "--max-trials", type=int, default=None, help="stop after this many trials in this call"
     )
 
     validate = sub.add_parser("validate", help="check recipes and pipelines without training (no network)")
@@ -87,8 +98,10 @@ def run(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         from gptpipe.config import load_recipe
+        from gptpipe.tracking import start_tracking
 
         cfg = load_recipe(args.recipe, args.overrides)
+        start_tracking(cfg)
         stage = importlib.import_module(cfg.module)
         stage.main(cfg)
         if getattr(cfg, "process_index", 0) == 0:
@@ -100,12 +113,21 @@ def run(argv: list[str] | None = None) -> None:
     elif args.command == "pipeline":
         from gptpipe.pipeline import run_pipeline
 
-        run_pipeline(args.pipeline, args.overrides, args.rerun)
+        run_pipeline(args.pipeline, args.overrides, args.rerun, args.output_dir)
+    elif args.command == "sweep":
+        from gptpipe.sweep import run_sweep
+
+        run_sweep(args.sweep, args.emit, args.max_trials)
     elif args.command == "validate":
         from gptpipe.config import read_yaml, validate_recipe
         from gptpipe.pipeline import load_pipeline
 
         for recipe in args.recipes:
+            if "metric" in read_yaml(Path(recipe)):
+                from gptpipe.sweep import validate_sweep
+
+                print(f"ok: {recipe} ({validate_sweep(recipe)})")
+                continue
             if "stages" in read_yaml(Path(recipe)):
                 _, planned = load_pipeline(recipe, args.overrides, check=True)
                 print(f"ok: {recipe} (pipeline: {' -> '.join(p.name for p in planned)})")

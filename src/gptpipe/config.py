@@ -480,7 +480,9 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    from gptpipe.tracking import redact
+
+    Path(path).write_text(redact(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
 
 
 def _plain(obj: Any) -> Any:

@@ -34,6 +34,7 @@ from gptpipe.config import (
 from gptpipe.errors import UserError
 from gptpipe.report import report_card, write_run_report
 from gptpipe.runs import is_finished
+from gptpipe.tracking import start_tracking
 
 # Settings that say how to run, not what to compute: changing them does not make a finished stage stale.
 RUN_ONLY_KEYS = {
@@ -68,7 +69,7 @@ class PlannedStage:
 
 
 def load_pipeline(
-    path: str | Path, overrides: list[str] = (), check: bool = False
+    path: str | Path, overrides: list[str] = (), check: bool = False, output_dir: str | None = None
 ) -> tuple[PipelineConfig, list[PlannedStage]]:
     """Read a pipeline file and build every stage's config (wired, with overrides), before running any.
     ``check``: validate as ``gptpipe validate`` does (data files exist; GPU-only flags pass on a CPU)."""
@@ -77,6 +78,8 @@ def load_pipeline(
         pipe = build_dataclass(PipelineConfig, read_yaml(path))
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+    if output_dir:
+        pipe.output_dir = output_dir
     if not pipe.stages:
         raise UserError(f"{path}: `stages:` is empty; list the stage recipes to run, e.g. - recipe: sft.yaml")
     per_stage: dict[str, list[str]] = {}
@@ -152,10 +155,12 @@ def changed_settings(cfg, run_dir: Path) -> list[str]:
     return [k for k in keys if saved.get(k) != current.get(k)]
 
 
-def run_pipeline(path: str | Path, overrides: list[str] = (), rerun: list[str] = ()) -> Path:
+def run_pipeline(
+    path: str | Path, overrides: list[str] = (), rerun: list[str] = (), output_dir: str | None = None
+) -> Path:
     """Run (or skip, or resume) every stage in order; write and print the report card. Returns its path."""
     start = time.time()
-    pipe, planned = load_pipeline(path, overrides)
+    pipe, planned = load_pipeline(path, overrides, output_dir=output_dir)
     names = [p.name for p in planned]
     unknown = [r for r in rerun if r not in names]
     if unknown:
@@ -180,6 +185,7 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), rerun: list[str] =
             print(f"[pipeline] {plan.name}: finished with the same settings: skipped ({run_dir})")
             continue
         print(f"[pipeline] {plan.name}: {'rerun' if i >= first_rerun else 'run'} -> {run_dir}", flush=True)
+        start_tracking(plan.cfg)
         importlib.import_module(plan.cfg.module).main(plan.cfg)
         if getattr(plan.cfg, "process_index", 0) == 0:
             write_run_report(run_dir)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from gptpipe.tracking import read_metrics, redact
+
 # Per stage, the evidence that proves it did its job (eval.json keys without _before/_after), in order.
 HEADLINES = {
     "tokenizer": ["bytes_per_token", "roundtrip_lossless", "vocab_size"],
@@ -53,13 +55,6 @@ def fmt(value) -> str:
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
 
 
-def read_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def curves(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
     """Each numeric key logged at two or more steps: its (step, value) points."""
     found: dict[str, list[tuple[float, float]]] = {}
@@ -73,6 +68,8 @@ def curves(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
 
 
 def plot_curves(series: dict[str, list[tuple[float, float]]], folder: Path) -> list[Path]:
+    if not series:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on clusters
@@ -106,7 +103,7 @@ def write_run_report(run_dir: str | Path) -> Path | None:
     lines = [f"# {stage} run: {run_dir}", "", "## Evidence (eval.json)", "", "| metric | before | after |"]
     lines += ["| --- | --- | --- |"]
     lines += [f"| {name} | {fmt(b)} | {fmt(a)} |" for name, b, a in evidence_rows(evidence)]
-    plots = plot_curves(curves(read_records(run_dir)), run_dir / "plots")
+    plots = plot_curves(curves(read_metrics(run_dir)), run_dir / "plots")
     if plots:
         lines += ["", "## Training curves (metrics.jsonl)", ""]
         lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
@@ -116,7 +113,7 @@ def write_run_report(run_dir: str | Path) -> Path | None:
         "",
     ]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    path.write_text(redact("\n".join(lines)))
     return path
 
 

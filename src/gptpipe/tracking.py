@@ -1,9 +1,14 @@
-"""Callbacks that make a run explain itself: metrics.jsonl (one JSON object per logging or eval step)."""
+"""Tracking: metrics.jsonl (one JSON object per logging or eval step), wandb/tensorboard through the HF
+``report_to`` setting, one wandb run id per run folder (a resumed run continues the same wandb run),
+and secrets from the environment kept out of everything a run writes.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -83,3 +88,74 @@ def load_callbacks(specs: list[str]) -> list[TrainerCallback]:
             raise UserError(f"callbacks.{i}: cannot import {spec!r}: {e}") from None
         callbacks.append(cls())
     return callbacks
+
+
+# Environment variables whose values are credentials (WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY...).
+SECRET_NAME = re.compile(r"TOKEN|API_KEY|SECRET|PASSWORD|ACCESS_KEY", re.IGNORECASE)
+_USER_WANDB_DIR = os.environ.get("WANDB_DIR")
+
+
+def redact(text: str) -> str:
+    """``text`` with the value of every credential-like environment variable replaced by ``***``."""
+    for name, value in os.environ.items():
+        if SECRET_NAME.search(name) and len(value) >= 8:
+            text = text.replace(value, "***")
+    return text
+
+
+def reports_to(cfg, integration: str) -> bool:
+    report_to = getattr(cfg, "report_to", None) or []
+    return integration in ([report_to] if isinstance(report_to, str) else report_to)
+
+
+def start_tracking(cfg) -> None:
+    """Before a stage runs: give its wandb run a stable id kept in ``<output_dir>/wandb_run_id``.
+
+    A run that resumes from a checkpoint continues the same wandb run (``WANDB_RESUME=allow``); a fresh
+    run gets a new id. Offline mode (``WANDB_MODE=offline``) works the same, with no network. wandb's
+    files go into the run folder unless ``WANDB_DIR`` was set by the user.
+    """
+    if not reports_to(cfg, "wandb"):
+        return
+    import wandb
+
+    from gptpipe.runs import is_finished, last_checkpoint
+
+    out = Path(cfg.output_dir)
+    id_file = out / "wandb_run_id"
+    resuming = getattr(cfg, "resume", True) and not is_finished(out) and last_checkpoint(out) is not None
+    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else wandb.util.generate_id()
+    if getattr(cfg, "process_index", 0) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    os.environ["WANDB_RUN_ID"] = run_id
+    os.environ["WANDB_RESUME"] = "allow"
+    os.environ.setdefault("WANDB_PROJECT", "gptpipe")
+    if _USER_WANDB_DIR is None:
+        os.environ["WANDB_DIR"] = str(out.resolve())
+
+
+class StepLogger:
+    """For stages without a HF Trainer (PPO): metrics.jsonl, plus wandb when ``report_to`` asks for it."""
+
+    def __init__(self, cfg, is_main: bool = True):
+        self.output_dir = Path(cfg.output_dir)
+        self.is_main = is_main
+        self.wandb = None
+        if is_main and reports_to(cfg, "wandb"):
+            import wandb
+
+            from gptpipe.config import config_to_dict
+
+            self.wandb = wandb.init(name=self.output_dir.name, config=config_to_dict(cfg))
+
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        append_metrics(self.output_dir, record)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

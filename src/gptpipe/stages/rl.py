@@ -42,7 +42,7 @@ from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController
 from gptpipe.ppo.value import build_value_model
 from gptpipe.rlhf import encode_prompts, evaluate, evidence_line, prompt_rows, reward_scorer, stop_token_ids
 from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
-from gptpipe.tracking import append_metrics, load_callbacks, truncate_metrics
+from gptpipe.tracking import StepLogger, load_callbacks, truncate_metrics
 
 
 def main(cfg: RLConfig) -> dict:
@@ -146,6 +146,7 @@ def main(cfg: RLConfig) -> dict:
     )
 
     callbacks = load_callbacks(cfg.callbacks)
+    logger = StepLogger(cfg, is_main)
     state, control = TrainerState(), TrainerControl()
     while step < cfg.max_steps:
         rows = batch_rows(len(train_prompts), batch_size * world, step, cfg.seed)
@@ -170,7 +171,7 @@ def main(cfg: RLConfig) -> dict:
         for cb in callbacks:
             cb.on_step_end(cfg, state, control)
         if (step % cfg.logging_steps == 0 or step == cfg.max_steps) and is_main:
-            append_metrics(out, {"step": step, **stats})
+            logger.log({"step": step, **stats})
             print(
                 f"[rl] step {step}: reward {stats['reward']:.3f}, kl {stats['kl']:.3f}, entropy {stats['entropy']:.3f}"
             )
@@ -201,6 +202,7 @@ def main(cfg: RLConfig) -> dict:
             f"[rl] saved {final}" + (" (LoRA adapter)" if cfg.model.lora and not cfg.model.merge_lora else "")
         )
         print(evidence_line("rl", evidence))
+    logger.finish()
     accelerator.wait_for_everyone()
     return evidence
 

@@ -1,0 +1,101 @@
+"""Sweeps: a 2x2 grid over a tiny pretraining run is ranked by its metric, and a sweep cut off mid-trial
+finishes on rerun without retraining finished trials (the interrupted trial resumes from its checkpoint)."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+
+from gptpipe.cli import run
+from gptpipe.errors import UserError
+from gptpipe.sweep import load_sweep, trial_name
+
+
+def write_sweep(tmp_path, tokenizer_dir, **extra):
+    sweep = {
+        "base": str(REPO / "recipes/tiny/pretrain.yaml"),
+        "output_dir": str(tmp_path / "sweep"),
+        "metric": "perplexity_after",
+        "direction": "minimize",
+        "grid": {"learning_rate": [1.0e-3, 3.0e-3], "model.hidden_size": [32, 64]},
+        "overrides": {
+            "model.tokenizer": str(tokenizer_dir),
+            "model.intermediate_size": 64,
+            "model.num_attention_heads": 4,
+            "block_size": 64,
+            "max_steps": 20,
+            "save_steps": 10,
+            "eval_steps": 20,
+            "logging_steps": 5,
+            "probe_datasets": [],
+            "disable_tqdm": True,
+            "callbacks": ["kill_callback:KillAtStep"],  # a no-op unless GPTPIPE_TEST_KILL_AT_STEP is set
+        },
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def sweep_cmd(path, *args, **env):
+    run_env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "helpers"), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "gptpipe", "sweep", str(path), *args],
+        capture_output=True,
+        text=True,
+        env=run_env,
+    )
+
+
+def test_interrupted_sweep_finishes_and_ranks(tokenizer_dir, tmp_path):
+    path = write_sweep(tmp_path, tokenizer_dir)
+    out = tmp_path / "sweep"
+    first = sweep_cmd(path, "--max-trials", "2")  # two trials, then the job ends
+    assert first.returncode == 0, first.stderr[-3000:]
+    finished = sorted(p for p in out.iterdir() if (p / "eval.json").is_file())
+    assert len(finished) == 2
+    stamps = {p: (p / "eval.json").stat().st_mtime_ns for p in finished}
+
+    killed = sweep_cmd(path, GPTPIPE_TEST_KILL_AT_STEP="15")  # the third trial dies after its checkpoint
+    assert killed.returncode == -9, killed.stderr[-3000:]
+
+    resumed = sweep_cmd(path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "was cut off: running it again" in resumed.stdout and "resuming from" in resumed.stdout
+    assert {p: (p / "eval.json").stat().st_mtime_ns for p in finished} == stamps  # not retrained
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
+    values = [float(r["perplexity_after"]) for r in rows]
+    assert values == sorted(values)  # best (lowest perplexity) first
+    assert "| best |" in (out / "results.md").read_text().splitlines()[4]
+    assert (out / "plots/learning_rate.png").is_file() and (out / "study.db").is_file()
+
+
+def test_emit_writes_one_command_per_trial(tokenizer_dir, tmp_path, capsys):
+    path = write_sweep(tmp_path, tokenizer_dir)
+    run(["sweep", str(path), "--emit", "slurm"])
+    commands = (tmp_path / "sweep/commands.sh").read_text().splitlines()
+    assert len(commands) == 4 and all(c.startswith("gptpipe train ") for c in commands)
+    script = (tmp_path / "sweep/sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-3" in script and "SLURM_ARRAY_TASK_ID" in script
+    assert {c.split("output_dir=")[1] for c in commands} == {
+        str(tmp_path / "sweep" / trial_name({"learning_rate": lr, "model.hidden_size": h}))
+        for lr in (1e-3, 3e-3)
+        for h in (32, 64)
+    }
+
+
+def test_sweep_errors_name_the_key(tokenizer_dir, tmp_path):
+    with pytest.raises(UserError, match="nothing to sweep"):
+        load_sweep(write_sweep(tmp_path, tokenizer_dir, grid={}))
+    with pytest.raises(UserError, match="random search needs the number of trials"):
+        load_sweep(
+            write_sweep(tmp_path, tokenizer_dir, random={"learning_rate": {"low": 1e-4, "high": 1e-2}})
+        )
