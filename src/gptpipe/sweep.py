@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import itertools
 import json
 import re
 import shlex
@@ -92,9 +93,14 @@ def _short(value) -> str:
 def _sampler(cfg: SweepConfig):
     import optuna
 
-    if cfg.random:
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    return optuna.samplers.GridSampler(cfg.grid, seed=cfg.seed)
+    # A grid is enqueued point by point (``grid_points``), so any sampler serves it; random keys need this one.
+    return optuna.samplers.RandomSampler(seed=cfg.seed)
+
+
+def grid_points(cfg: SweepConfig) -> list[dict]:
+    """Every combination of the grid's values, in a fixed order."""
+    keys = list(cfg.grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*cfg.grid.values())]
 
 
 def _suggest(trial, cfg: SweepConfig) -> dict:
@@ -191,27 +197,40 @@ def run_sweep(path: str | Path, emit: str | None = None, max_trials: int | None 
     study = open_study(cfg, Path(path).stem)
     if emit:
         return emit_jobs(cfg, study, Path(path), emit)
-    # Trials left "running" by a killed process: ask them again with the same values (their folder resumes).
+    # Trials left "running" by a killed process: run them again with the same values (their folder
+    # resumes from its checkpoint) and report to the same trial, so the sampler's bookkeeping holds.
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(stale.number, state=TrialState.FAIL)
-        study.enqueue_trial(stale.params, skip_if_exists=False)
         print(f"[sweep] trial {trial_name(stale.params)} was cut off: running it again (it resumes)")
+        _run_and_tell(cfg, study, stale.number, stale.params)
     remaining = budget(cfg) - _completed(study)
+    done = {trial_name(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    todo = [p for p in grid_points(cfg) if trial_name(p) not in done] if not cfg.random else []
     for _ in range(max(0, min(remaining, max_trials or remaining))):  # a failed trial uses its turn
+        if not cfg.random:
+            if not todo:
+                break
+            study.enqueue_trial(todo.pop(0))  # the grid's next point: fixed values, no sampling
         trial = study.ask()
         params = _suggest(trial, cfg)
-        folder = out / trial_name(params)
         print(f"[sweep] trial {_completed(study) + 1}/{budget(cfg)}: {trial_name(params)}", flush=True)
-        try:
-            value = run_trial(cfg, params, folder)
-        except UserError as e:
-            study.tell(trial, state=TrialState.FAIL)
-            print(f"[sweep] trial {folder.name} failed: {e}")
-            continue
-        study.tell(trial, value)
-        print(f"[sweep] {folder.name}: {cfg.metric} = {value:.4g}")
+        _run_and_tell(cfg, study, trial.number, params)
     write_results(cfg, study, out)
     return out
+
+
+def _run_and_tell(cfg: SweepConfig, study, number: int, params: dict) -> None:
+    """Run one trial and record its metric in the study (a user error marks it failed; the sweep goes on)."""
+    from optuna.trial import TrialState
+
+    folder = Path(cfg.output_dir) / trial_name(params)
+    try:
+        value = run_trial(cfg, params, folder)
+    except UserError as e:
+        study.tell(number, state=TrialState.FAIL)
+        print(f"[sweep] trial {folder.name} failed: {e}")
+        return
+    study.tell(number, value)
+    print(f"[sweep] {folder.name}: {cfg.metric} = {value:.4g}")
 
 
 def _completed(study) -> int:
@@ -285,13 +304,13 @@ def emit_jobs(cfg: SweepConfig, study, path: Path, emit: str) -> Path:
     if emit not in ("commands", "slurm"):
         raise UserError(f"--emit: expected commands or slurm, got {emit!r}")
     out = Path(cfg.output_dir)
-    commands = []
-    for trial in study.get_trials(deepcopy=False):  # already drawn (an earlier --emit): keep them
-        commands.append(trial_command(cfg, trial.params, out / trial_name(trial.params)))
-    while len(commands) < budget(cfg):
-        trial = study.ask()
-        params = _suggest(trial, cfg)
-        commands.append(trial_command(cfg, params, out / trial_name(params)))
+    if not cfg.random:
+        points = grid_points(cfg)[: budget(cfg)]
+    else:  # drawn now and kept in the study (so a later --emit or collection sees the same trials)
+        points = [t.params for t in study.get_trials(deepcopy=False)]
+        while len(points) < budget(cfg):
+            points.append(_suggest(study.ask(), cfg))
+    commands = [trial_command(cfg, params, out / trial_name(params)) for params in points]
     text = "".join(shlex.join(c) + "\n" for c in commands)
     (out / "commands.sh").write_text(text)
     if emit == "commands":

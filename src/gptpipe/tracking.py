@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import uuid
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -117,14 +118,12 @@ def start_tracking(cfg) -> None:
     """
     if not reports_to(cfg, "wandb"):
         return
-    import wandb
-
     from gptpipe.runs import is_finished, last_checkpoint
 
     out = Path(cfg.output_dir)
     id_file = out / "wandb_run_id"
     resuming = getattr(cfg, "resume", True) and not is_finished(out) and last_checkpoint(out) is not None
-    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else uuid.uuid4().hex[:8]
     if getattr(cfg, "process_index", 0) == 0:
         out.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")
