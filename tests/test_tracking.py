@@ -64,3 +64,17 @@ def test_redact_hides_credentials_from_the_environment(monkeypatch):
     monkeypatch.setenv("MY_SERVICE_API_KEY", "abcdef123456")
     monkeypatch.setenv("SOME_PATH", "abcdefgh")  # not a credential name: left alone
     assert redact("key abcdef123456 path abcdefgh") == "key *** path abcdefgh"
+
+
+def test_tensorboard_events_go_into_the_run_folder(tokenizer_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gptpipe.cli import run
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # restored after the test
+    monkeypatch.chdir(tmp_path)  # TensorBoard's own default would be ./runs here
+    out = tmp_path / "run"
+    run(["train", PRETRAIN, *small_pretrain(tokenizer_dir, out, max_steps=10, report_to="[tensorboard]")])
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    assert not (tmp_path / "runs").exists()

@@ -123,6 +123,11 @@ class RunSettings(DataSettings):
         default_factory=list
     )  # extra transformers.TrainerCallback classes, "module:Class"
 
+    def to_dict(self) -> dict:
+        """What HF integrations log (TensorBoard, wandb): the trainer's dict with our nested settings as plain
+        data, so ``to_json_string`` works."""
+        return {k: _plain(v) for k, v in super().to_dict().items()}
+
 
 @dataclass
 class TokenizerConfig(DataSettings):

@@ -94,6 +94,7 @@ def load_callbacks(specs: list[str]) -> list[TrainerCallback]:
 # Environment variables whose values are credentials (WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY...).
 SECRET_NAME = re.compile(r"TOKEN|API_KEY|SECRET|PASSWORD|ACCESS_KEY", re.IGNORECASE)
 _USER_WANDB_DIR = os.environ.get("WANDB_DIR")
+_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
 
 
 def redact(text: str) -> str:
@@ -110,12 +111,17 @@ def reports_to(cfg, integration: str) -> bool:
 
 
 def start_tracking(cfg) -> None:
-    """Before a stage runs: give its wandb run a stable id kept in ``<output_dir>/wandb_run_id``.
+    """Before a stage runs: TensorBoard events go to ``<output_dir>/tensorboard``; the wandb run gets a
+    stable id kept in ``<output_dir>/wandb_run_id``.
 
     A run that resumes from a checkpoint continues the same wandb run (``WANDB_RESUME=allow``); a fresh
     run gets a new id. Offline mode (``WANDB_MODE=offline``) works the same, with no network. wandb's
     files go into the run folder unless ``WANDB_DIR`` was set by the user.
     """
+    if reports_to(cfg, "tensorboard") and _USER_TENSORBOARD_DIR is None:
+        # Into the run folder: transformers' callback may open its writer before it picks a folder, and
+        # TensorBoard's default is ./runs/<date>_<host> in the current directory.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str((Path(cfg.output_dir) / "tensorboard").resolve())
     if not reports_to(cfg, "wandb"):
         return
     from gptpipe.runs import is_finished, last_checkpoint
