@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 		$(BIN)/pip install --retries 1 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(BIN)/pip install -e ".[dev,quant]"
+	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation "deepspeed>=0.19"  # ops compile on first use, not now
 	@touch $@
 
 # The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model -> PPO, then its report card

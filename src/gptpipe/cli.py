@@ -98,9 +98,11 @@ def run(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         from gptpipe.config import load_recipe
+        from gptpipe.distributed import start_distributed
         from gptpipe.tracking import start_tracking
 
         cfg = load_recipe(args.recipe, args.overrides)
+        start_distributed(cfg)
         start_tracking(cfg)
         stage = importlib.import_module(cfg.module)
         stage.main(cfg)

@@ -48,7 +48,8 @@ def prepare_run_dir(cfg: Any, is_main_process: bool = True) -> Path | None:
     writes; every process computes the same answer.
     """
     out = Path(cfg.output_dir)
-    if is_finished(out):
+    overwriting = is_finished(out)
+    if overwriting:
         if not getattr(cfg, "overwrite", False):
             raise UserError(
                 f"{out} holds a finished run (final/ and eval.json). Choose another output_dir, "
@@ -56,7 +57,8 @@ def prepare_run_dir(cfg: Any, is_main_process: bool = True) -> Path | None:
             )
         if is_main_process:
             clear_run_dir(out)
-    resume_from = last_checkpoint(out) if getattr(cfg, "resume", True) else None
+    # Every process must agree: a replaced run starts over even if another process still sees its checkpoints.
+    resume_from = last_checkpoint(out) if getattr(cfg, "resume", True) and not overwriting else None
     if resume_from is None and is_main_process and out.exists():
         clear_run_dir(out)  # resume=false, or only incomplete leftovers: start over cleanly
     if is_main_process:

@@ -1,0 +1,69 @@
+"""Distributed runs: say what is running, and do the set-up the launchers leave out.
+
+Every stage runs unchanged on one process or many: ``accelerate launch`` (DDP, DeepSpeed ZeRO) or
+``torchrun``. Before a stage starts, the main process prints the layout (processes, engine, ZeRO stage,
+backend) and records it in ``<output_dir>/distributed.json``. One gap is filled here: DeepSpeed on CPU
+(gloo, as in CI) given as the recipe key ``deepspeed:``, where neither transformers nor accelerate
+initializes DeepSpeed's communication layer (it would count one process and reject the batch size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def start_distributed(cfg) -> dict | None:
+    """Set up and describe the process layout of a Trainer-based stage (None for other stages)."""
+    if not hasattr(cfg, "distributed_state"):
+        return None
+    world = cfg.world_size  # sets up torch.distributed when launched with several processes
+    state = cfg.distributed_state
+    kind = getattr(state.distributed_type, "value", str(state.distributed_type))
+    on_cpu = cfg.use_cpu or str(cfg.device).startswith("cpu")
+    for engine in ("DEEPSPEED", "FSDP"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true" and on_cpu and kind != engine:
+            from gptpipe.errors import UserError
+
+            hint = (
+                "On CPU, launch with torchrun and the recipe key deepspeed=deepspeed_configs/zero2.json instead."
+                if engine == "DEEPSPEED"
+                else "FSDP needs GPUs; on CPU use DDP (accelerate_configs/cpu_ddp.yaml or torchrun)."
+            )
+            raise UserError(
+                f"the accelerate config asks for {engine}, but on CPU it would silently run {kind}. {hint}"
+            )
+    if getattr(cfg, "deepspeed", None):
+        kind = "DEEPSPEED"  # the Trainer builds the DeepSpeed engine from the recipe's deepspeed: config
+        if on_cpu and world > 1:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")  # wraps the gloo group the Trainer made
+    layout = {
+        "world_size": world,
+        "distributed_type": kind,
+        "backend": state.backend,
+        "device": str(cfg.device),
+    }
+    stage = zero_stage(cfg) if kind == "DEEPSPEED" else None
+    if stage is not None:
+        layout["zero_stage"] = stage
+    if cfg.process_index == 0:
+        engine = layout["distributed_type"] + (f" (ZeRO-{stage})" if stage is not None else "")
+        print(f"[gptpipe] {world} process{'es' if world > 1 else ''}, {engine}, backend {layout['backend']}")
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "distributed.json").write_text(json.dumps(layout, indent=2) + "\n")
+    return layout
+
+
+def zero_stage(cfg) -> int | None:
+    """The DeepSpeed ZeRO stage, from the recipe's ``deepspeed:`` or the accelerate launch config."""
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    source = getattr(cfg, "deepspeed", None) or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not source:
+        return None
+    config = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+    return config.get("zero_optimization", {}).get("stage")

@@ -1,0 +1,60 @@
+"""Several processes on CPU (gloo): SFT under DeepSpeed ZeRO-2 with 2 processes reaches the loss of one
+process with the same global batch, records its layout, and saves a loadable model; an accelerate
+DeepSpeed config that would silently run plain DDP on CPU is refused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, sft_overrides
+from transformers import AutoModelForCausalLM
+
+from gptpipe.cli import run
+
+SFT = str(REPO / "recipes/tiny/sft.yaml")
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.distributed
+def test_sft_zero2_two_processes_matches_one_process(tiny_base, tmp_path):
+    pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
+
+    def args(out, batch):
+        return sft_overrides(tiny_base, out, per_device_train_batch_size=batch, save_steps=100)
+
+    run(["train", SFT, *args(tmp_path / "one", 32)])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "gptpipe",
+        "train",
+        SFT,
+    ]
+    extra = ["use_cpu=true", f"deepspeed={REPO / 'deepspeed_configs/zero2.json'}"]
+    two = subprocess.run([*cmd, *args(tmp_path / "two", 16), *extra], capture_output=True, text=True, env=ENV)
+    assert two.returncode == 0, two.stderr[-3000:]
+    layout = json.loads((tmp_path / "two/distributed.json").read_text())
+    assert layout == {**layout, "world_size": 2, "distributed_type": "DEEPSPEED", "zero_stage": 2}
+    one = json.loads((tmp_path / "one/eval.json").read_text())["eval_loss_after"]
+    both = json.loads((tmp_path / "two/eval.json").read_text())["eval_loss_after"]
+    # Same global batch (32); the ranks draw different shards, so the order of examples differs a little.
+    assert abs(both - one) / one < 0.10, (one, both)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "two/final")
+
+
+@pytest.mark.distributed
+def test_accelerate_deepspeed_config_on_cpu_is_refused(tiny_base, tmp_path):
+    accelerate = str(Path(sys.executable).parent / "accelerate")  # the venv's, activated or not
+    cmd = [accelerate, "launch", "--config_file", str(REPO / "accelerate_configs/zero2.yaml")]
+    cmd += ["--num_processes", "2", "-m", "gptpipe", "train", SFT, *sft_overrides(tiny_base, tmp_path / "x")]
+    done = subprocess.run([*cmd, "use_cpu=true"], capture_output=True, text=True, env=ENV, cwd=REPO)
+    assert done.returncode != 0
+    assert "asks for DEEPSPEED, but on CPU it would silently run MULTI_CPU" in done.stderr
+    assert not (tmp_path / "x/final").exists()
