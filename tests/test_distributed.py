@@ -58,3 +58,16 @@ def test_accelerate_deepspeed_config_on_cpu_is_refused(tiny_base, tmp_path):
     assert done.returncode != 0
     assert "asks for DEEPSPEED, but on CPU it would silently run MULTI_CPU" in done.stderr
     assert not (tmp_path / "x/final").exists()
+
+
+@pytest.mark.distributed
+def test_launcher_that_starts_one_of_two_processes_is_an_error(tiny_base, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` quietly starts ONE process: say so instead of training."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "-m", "gptpipe", "train", SFT]
+    done = subprocess.run(
+        [*cmd, *sft_overrides(tiny_base, tmp_path / "x")], capture_output=True, text=True, env=ENV
+    )
+    assert done.returncode != 0
+    assert "asked for 2 processes but this run has world size 1" in done.stderr
+    assert not (tmp_path / "x/final").exists()

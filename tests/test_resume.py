@@ -82,7 +82,14 @@ def test_sft_kill_and_resume_is_bit_identical(tiny_base, tmp_path):
 def test_reward_kill_and_resume_is_bit_identical(tiny_sft, tmp_path):
     def args(out):
         return reward_overrides(
-            tiny_sft, out, max_steps=16, logging_steps=1, save_steps=8, eval_steps=8, check_reload="false"
+            tiny_sft,
+            out,
+            max_steps=16,
+            logging_steps=1,
+            save_steps=8,
+            eval_steps=8,
+            check_reload="false",
+            **{"eval_datasets.0.max_samples": 64},  # evaluation is most of this run's time
         )
 
     check_kill_and_resume(

@@ -27,10 +27,10 @@ def write_sweep(tmp_path, tokenizer_dir, **extra):
             "model.intermediate_size": 64,
             "model.num_attention_heads": 4,
             "block_size": 64,
-            "max_steps": 20,
-            "save_steps": 10,
-            "eval_steps": 20,
-            "logging_steps": 5,
+            "max_steps": 12,
+            "save_steps": 6,
+            "eval_steps": 12,
+            "logging_steps": 3,
             "probe_datasets": [],
             "disable_tqdm": True,
             "callbacks": ["kill_callback:KillAtStep"],  # a no-op unless GPTPIPE_TEST_KILL_AT_STEP is set
@@ -61,7 +61,7 @@ def test_interrupted_sweep_finishes_and_ranks(tokenizer_dir, tmp_path):
     assert len(finished) == 2
     stamps = {p: (p / "eval.json").stat().st_mtime_ns for p in finished}
 
-    killed = sweep_cmd(path, GPTPIPE_TEST_KILL_AT_STEP="15")  # the third trial dies after its checkpoint
+    killed = sweep_cmd(path, GPTPIPE_TEST_KILL_AT_STEP="9")  # the third trial dies after its checkpoint
     assert killed.returncode == -9, killed.stderr[-3000:]
 
     resumed = sweep_cmd(path)

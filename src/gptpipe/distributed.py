@@ -19,6 +19,17 @@ def start_distributed(cfg) -> dict | None:
     if not hasattr(cfg, "distributed_state"):
         return None
     world = cfg.world_size  # sets up torch.distributed when launched with several processes
+    requested = requested_processes()
+    if requested > 1 and world == 1:
+        from gptpipe.errors import UserError
+
+        raise UserError(
+            f"the launcher was asked for {requested} processes but this run has world size 1, so every "
+            "process would train alone (`accelerate launch --cpu` starts one process whatever --num_processes "
+            "says). On CPU: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
+            f"{requested} -m gptpipe train RECIPE use_cpu=true, or torchrun --nproc_per_node {requested} -m "
+            "gptpipe train RECIPE use_cpu=true."
+        )
     state = cfg.distributed_state
     kind = getattr(state.distributed_type, "value", str(state.distributed_type))
     on_cpu = cfg.use_cpu or str(cfg.device).startswith("cpu")
@@ -67,3 +78,29 @@ def zero_stage(cfg) -> int | None:
         return None
     config = source if isinstance(source, dict) else json.loads(Path(source).read_text())
     return config.get("zero_optimization", {}).get("stage")
+
+
+def requested_processes() -> int:
+    """How many processes the launcher that started us was asked for (1 when unknown).
+
+    Read from the parent's command line (``accelerate launch --num_processes N``, ``torchrun
+    --nproc_per_node N``): the only trace of the request when a launcher quietly starts one process.
+    """
+    try:
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return 1
+    if not any("accelerate" in a or "torchrun" in a or "torch.distributed.run" in a for a in args[:3]):
+        return 1
+    for i, arg in enumerate(args):
+        for flag in ("--num_processes", "--num-processes", "--nproc_per_node", "--nproc-per-node"):
+            value = (
+                arg.split("=", 1)[1]
+                if arg.startswith(flag + "=")
+                else args[i + 1]
+                if arg == flag and i + 1 < len(args)
+                else None
+            )
+            if value is not None and value.isdigit():
+                return int(value)
+    return 1
