@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, rl_overrides
@@ -79,29 +80,19 @@ def test_ppo_with_a_lora_policy_uses_the_disabled_adapter_as_reference(tiny_sft,
 
 
 @pytest.mark.distributed
-def test_ppo_under_torchrun_with_two_processes(tiny_sft, tiny_reward, tmp_path):
-    """DDP on CPU (gloo): two processes each roll out their share; the run reports world size 2."""
+def test_ppo_under_ddp_with_two_processes(tiny_sft, tiny_reward, tmp_path):
+    """DDP on CPU (gloo) through accelerate_configs/cpu_ddp.yaml: two processes each roll out their share."""
     out = tmp_path / "rl-ddp"
     overrides = rl_overrides(
         tiny_sft, tiny_reward, out, max_steps=2, per_device_train_batch_size=4, eval_prompts=8, save_steps=0
     )
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "gptpipe",
-        "train",
-        RL,
-    ]
-    done = subprocess.run(
-        [*cmd, *overrides, "use_cpu=true"], capture_output=True, text=True, env=env, cwd=REPO
-    )
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    cmd = [accelerate, "launch", "--config_file", str(REPO / "accelerate_configs/cpu_ddp.yaml")]
+    cmd += ["-m", "gptpipe", "train", RL, *overrides, "use_cpu=true"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     e = json.loads((out / "eval.json").read_text())
     assert e["world_size"] == 2 and e["train_steps"] == 2
     assert "8 per iteration (2 processes)" in done.stdout
+    assert json.loads((out / "distributed.json").read_text())["world_size"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # only the main process logs
