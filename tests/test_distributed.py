@@ -71,3 +71,29 @@ def test_launcher_that_starts_one_of_two_processes_is_an_error(tiny_base, tmp_pa
     assert done.returncode != 0
     assert "asked for 2 processes but this run has world size 1" in done.stderr
     assert not (tmp_path / "x/final").exists()
+
+
+def test_launch_shorthand_builds_the_accelerate_command(capsys):
+    run(["train", SFT, "max_steps=5", "--launch", "zero2", "--gpus", "8", "--nodes", "2", "--print-command"])
+    cmd = capsys.readouterr().out.split()
+    assert cmd[1:3] == ["launch", "--config_file"] and cmd[3].endswith("accelerate_configs/zero2.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "16" and cmd[cmd.index("--num_machines") + 1] == "2"
+    assert cmd[cmd.index("--deepspeed_config_file") + 1] == str(REPO / "deepspeed_configs/zero2.json")
+    assert cmd[-5:] == ["-m", "gptpipe", "train", SFT, "max_steps=5"]
+    run(["train", SFT, "--launch", "cpu_ddp", "--print-command"])
+    assert capsys.readouterr().out.split()[-1] == "use_cpu=true"  # accelerate does not pass use_cpu on
+
+
+@pytest.mark.distributed
+def test_slurm_node_script_launches_the_processes(tiny_base, tmp_path):
+    """scripts/slurm/node.sh is what each Slurm node runs; here as a one-node job with 2 CPU processes."""
+    venv = Path(sys.executable).parent.parent
+    env = {**ENV, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "GPUS_PER_NODE": "2", "MAIN_ADDR": "127.0.0.1"}
+    env |= {"MAIN_PORT": "29531", "GPTPIPE_CONFIG": "cpu_ddp", "VENV": str(venv)}
+    args = ["train", SFT, *sft_overrides(tiny_base, tmp_path / "slurm", max_steps=2), "use_cpu=true"]
+    done = subprocess.run(
+        ["bash", "scripts/slurm/node.sh", *args], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "slurm/distributed.json").read_text())["world_size"] == 2
+    assert (tmp_path / "slurm/final").is_dir()

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. max_steps=20 model.hidden_size=64"
     )
+    _launch_flags(train)
 
     pipe = sub.add_parser("pipeline", help="run a pipeline of stage recipes in order")
     pipe.add_argument("pipeline", help="pipeline YAML, e.g. recipes/tiny/pipeline.yaml")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train STAGE again (and the stages after it)",
     )
     pipe.add_argument("--output-dir", default=None, help="replace the pipeline's output_dir")
+    _launch_flags(pipe)
 
     sweep = sub.add_parser("sweep", help="grid or random search over a recipe or pipeline (Optuna)")
     sweep.add_argument("sweep", help="sweep YAML, e.g. recipes/tiny/sweep.yaml")
@@ -94,8 +96,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("launching several processes (builds the accelerate launch command)")
+    group.add_argument(
+        "--launch", metavar="CONFIG", help="accelerate config: multi_gpu, zero2, cpu_ddp... or a file"
+    )
+    group.add_argument("--gpus", type=int, default=None, help="processes per machine (default: the config's)")
+    group.add_argument(
+        "--nodes", type=int, default=1, help="machines (run the command on each; see scripts/slurm)"
+    )
+    group.add_argument("--print-command", action="store_true", help="print the command instead of running it")
+
+
+def _relaunch(args, argv: list[str]) -> None:
+    """Replace this process with ``accelerate launch ... -m gptpipe <the same command, minus --launch>``."""
+    import shlex
+
+    from gptpipe.distributed import launch_command
+
+    keep, skip = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip or name in ("--launch", "--gpus", "--nodes", "--print-command"):
+            skip = not skip and name != "--print-command" and "=" not in arg  # a flag's value follows it
+            continue
+        keep.append(arg)
+    gpus = args.gpus or _config_processes(args.launch)
+    cmd = launch_command(args.launch, gpus, args.nodes, keep)
+    if args.print_command:
+        print(shlex.join(cmd))
+        return
+    os.execv(cmd[0], cmd)
+
+
+def _config_processes(config: str) -> int:
+    import yaml
+
+    from gptpipe.distributed import _find_config
+
+    return int((yaml.safe_load(_find_config(config).read_text()) or {}).get("num_processes", 1))
+
+
 def run(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "launch", None):
+        return _relaunch(args, argv)
     if args.command == "train":
         from gptpipe.config import load_recipe
         from gptpipe.distributed import start_distributed

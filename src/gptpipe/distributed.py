@@ -104,3 +104,51 @@ def requested_processes() -> int:
             if value is not None and value.isdigit():
                 return int(value)
     return 1
+
+
+def launch_command(config: str, gpus: int, nodes: int, gptpipe_args: list[str]) -> list[str]:
+    """``gptpipe train RECIPE --launch zero2 --gpus 8`` -> the ``accelerate launch`` command it stands for.
+
+    ``config`` is a file or a name in ``accelerate_configs/`` (the current directory's, else the one
+    beside this package's source). A DeepSpeed config's JSON is passed as an absolute path, so the
+    command works from any directory. ``use_cpu=true`` is added to a ``train`` command when the config
+    runs on CPU (accelerate does not pass the config's ``use_cpu`` on to the processes).
+    """
+    import sys
+
+    import yaml
+
+    from gptpipe.errors import UserError
+
+    path = _find_config(config)
+    settings = yaml.safe_load(path.read_text()) or {}
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    cmd = [accelerate, "launch", "--config_file", str(path), "--num_processes", str(gpus * nodes)]
+    if nodes > 1:
+        cmd += ["--num_machines", str(nodes)]
+    ds_file = (settings.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    if ds_file and not Path(ds_file).is_absolute():
+        resolved = (path.parent.parent / ds_file).resolve()
+        if not resolved.is_file():
+            raise UserError(f"{path}: deepspeed_config_file {ds_file} not found (looked for {resolved})")
+        cmd += ["--deepspeed_config_file", str(resolved)]
+    args = list(gptpipe_args)
+    is_train = args[:1] == ["train"]  # pipelines take STAGE.use_cpu=true per stage
+    if is_train and settings.get("use_cpu") and not any(a.startswith("use_cpu=") for a in args):
+        args.append("use_cpu=true")
+    return [*cmd, "-m", "gptpipe", *args]
+
+
+def _find_config(config: str) -> Path:
+    from gptpipe.errors import UserError
+
+    candidates = [Path(config)]
+    if not config.endswith((".yaml", ".yml")):
+        for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+            candidates.append(root / "accelerate_configs" / f"{config}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    shipped = Path(__file__).resolve().parents[2] / "accelerate_configs"
+    names = sorted(p.stem for p in shipped.glob("*.yaml")) if shipped.is_dir() else []
+    raise UserError(f"--launch {config}: no such accelerate config; choose one of {names} or give a file")
