@@ -1,6 +1,7 @@
 """Several processes on CPU (gloo): SFT under DeepSpeed ZeRO-2 with 2 processes reaches the loss of one
-process with the same global batch, records its layout, and saves a loadable model; an accelerate
-DeepSpeed config that would silently run plain DDP on CPU is refused."""
+process with the same global batch, records its layout, and saves a loadable model; pretraining under
+ZeRO-3 saves the whole model; launcher mistakes (a DeepSpeed config that would silently run plain DDP
+on CPU, a launcher that starts one of two processes) are refused; --launch and the Slurm node script."""
 
 import json
 import os
@@ -9,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, sft_overrides
+from conftest import REPO, sft_overrides, small_pretrain
 from transformers import AutoModelForCausalLM
 
 from gptpipe.cli import run
 
 SFT = str(REPO / "recipes/tiny/sft.yaml")
+PRETRAIN = str(REPO / "recipes/tiny/pretrain.yaml")
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
@@ -97,3 +99,24 @@ def test_slurm_node_script_launches_the_processes(tiny_base, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "slurm/distributed.json").read_text())["world_size"] == 2
     assert (tmp_path / "slurm/final").is_dir()
+
+
+@pytest.mark.distributed
+def test_pretrain_zero3_two_processes_saves_a_full_model(tokenizer_dir, tmp_path):
+    """ZeRO-3 shards the weights themselves; the saved final/ must still be the whole model."""
+    pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
+    out = tmp_path / "zero3"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gptpipe", "train"]
+    args = small_pretrain(tokenizer_dir, out, max_steps=6, eval_steps=6, logging_steps=2)
+    extra = [
+        "use_cpu=true",
+        f"deepspeed={REPO / 'deepspeed_configs/zero3.json'}",
+        "per_device_train_batch_size=8",
+    ]
+    done = subprocess.run([*cmd, PRETRAIN, *args, *extra], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "distributed.json").read_text())["zero_stage"] == 3
+    evidence = json.loads((out / "eval.json").read_text())
+    assert evidence["eval_loss_after"] < evidence["eval_loss_before"]
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert sum(p.numel() for p in model.parameters()) == evidence["parameters"]  # not a shard

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, reward_overrides, sft_overrides, small_pretrain
 from safetensors.torch import load_file
@@ -97,24 +98,26 @@ def test_reward_kill_and_resume_is_bit_identical(tiny_sft, tmp_path):
     )
 
 
-def test_resume_false_starts_over(tokenizer_dir, tmp_path):
+def test_resume_false_starts_over(tokenizer_dir, tmp_path, monkeypatch, capsys):
+    from gptpipe.cli import run as train
+
     run = tmp_path / "run"
-    killed = gptpipe(
-        small_pretrain(
-            tokenizer_dir,
-            run,
-            max_steps=20,
-            save_steps=5,
-            eval_steps=10,
-            callbacks="[kill_callback:KillAtStep]",
-        ),
-        GPTPIPE_TEST_KILL_AT_STEP="7",
+    monkeypatch.setenv("GPTPIPE_TEST_CRASH_AT_STEP", "7")
+    crash = small_pretrain(
+        tokenizer_dir, run, max_steps=20, save_steps=5, eval_steps=10, callbacks="[kill_callback:CrashAtStep]"
     )
-    assert killed.returncode == -9
-    fresh = gptpipe(
-        small_pretrain(tokenizer_dir, run, max_steps=20, save_steps=50, eval_steps=10, resume="false")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(["train", PRETRAIN, *crash])
+    assert (run / "checkpoint-5").is_dir() and not (run / "final").exists()
+    monkeypatch.delenv("GPTPIPE_TEST_CRASH_AT_STEP")
+    capsys.readouterr()
+    train(
+        [
+            "train",
+            PRETRAIN,
+            *small_pretrain(tokenizer_dir, run, max_steps=20, save_steps=50, eval_steps=10, resume="false"),
+        ]
     )
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert "resuming" not in fresh.stdout
+    assert "resuming" not in capsys.readouterr().out
     assert not (run / "checkpoint-5").exists()  # the old run's checkpoints were cleared
     assert [s for s, _ in logged(run, "loss")] == [5, 10, 15, 20]
