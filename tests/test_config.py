@@ -101,3 +101,9 @@ def test_cli_user_error_exits_2_without_traceback():
     assert result.returncode == 2
     assert "did you mean 'max_steps'?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_yaml_no_means_the_strategy_no():
+    """`eval_strategy: no` is YAML false; for a strategy it can only mean "no"."""
+    cfg = load_recipe(REPO / "recipes/tiny/pretrain.yaml", ["eval_strategy=no", "save_strategy=no"])
+    assert (cfg.eval_strategy.value, cfg.save_strategy.value) == ("no", "no")

@@ -464,6 +464,8 @@ def convert_value(value: Any, hint: Any, where: str) -> Any:
             return value
     elif isinstance(hint, type) and issubclass(hint, enum.Enum):
         choices = [m.value for m in hint]
+        if isinstance(value, bool) and ("no" if not value else "yes") in choices:
+            return "no" if not value else "yes"  # YAML 1.1 reads `eval_strategy: no` as false
         if value in choices or isinstance(value, hint):
             return value
         raise UserError(f"{where}: expected one of {choices}, got {value!r}")
