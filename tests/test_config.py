@@ -7,8 +7,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from gptpipe.config import apply_override, build_stage_config, config_to_dict, load_recipe
 from gptpipe.errors import UserError
+from gptpipe.recipe import apply_override, build_stage_config, config_to_dict, load_recipe
 
 PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
 

@@ -8,9 +8,9 @@ from conftest import REPO, needs_shared_data, small_pretrain
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptpipe.cli import run
-from gptpipe.config import load_recipe
 from gptpipe.errors import UserError
 from gptpipe.modeling import build_model, load_tokenizer
+from gptpipe.recipe import load_recipe
 
 PRETRAIN = str(REPO / "recipes/tiny/pretrain.yaml")
 

@@ -8,8 +8,9 @@ from conftest import REPO, as_overrides
 from transformers import AutoModelForCausalLM
 
 from gptpipe.cli import run
-from gptpipe.config import GRPOConfig, RLOOConfig, load_recipe
+from gptpipe.config import GRPOConfig, RLOOConfig
 from gptpipe.errors import UserError
+from gptpipe.recipe import load_recipe
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])

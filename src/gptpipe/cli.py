@@ -143,8 +143,8 @@ def run(argv: list[str] | None = None) -> None:
     if getattr(args, "launch", None):
         return _relaunch(args, argv)
     if args.command == "train":
-        from gptpipe.config import load_recipe
         from gptpipe.distributed import start_distributed
+        from gptpipe.recipe import load_recipe
         from gptpipe.tracking import start_tracking
 
         cfg = load_recipe(args.recipe, args.overrides)
@@ -167,8 +167,8 @@ def run(argv: list[str] | None = None) -> None:
 
         run_sweep(args.sweep, args.emit, args.max_trials)
     elif args.command == "validate":
-        from gptpipe.config import read_yaml, validate_recipe
         from gptpipe.pipeline import load_pipeline
+        from gptpipe.recipe import read_yaml, validate_recipe
 
         for recipe in args.recipes:
             if "metric" in read_yaml(Path(recipe)):

@@ -1,33 +1,19 @@
-"""Recipes: YAML files that configure one stage, and the per-stage config classes.
+"""Recipe schema: the per-stage config classes and the settings groups they share.
 
 A recipe names its ``stage:``; its other keys are the fields of that stage's config dataclass. Stages
 that train with a Hugging Face trainer extend that trainer's config class (``PretrainConfig`` extends
 ``transformers.TrainingArguments``) instead of re-declaring its fields, and add grouped settings for
-the model (``model:``) and the data (``datasets:``, ``eval_datasets:``).
-
-Precedence: dataclass defaults < recipe YAML < command-line ``key=value`` overrides, where keys are
-dotted paths into nested settings (``model.hidden_size=64``, ``datasets.0.path=data.jsonl``) and
-values are read as YAML (``max_steps=20`` is an int, ``bf16=true`` a bool). Unknown keys and values
-of the wrong type are errors that name the key; the resolved config is saved as ``config.yaml`` in
-the run folder and runs unchanged when fed back.
+the model (``model:``) and the data (``datasets:``, ``eval_datasets:``). Reading, overriding, checking
+and saving recipes is ``gptpipe.recipe``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import enum
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import trl
-import yaml
 from transformers import TrainingArguments
-
-from gptpipe.errors import UserError
 
 # Config fields that may hold credentials: never written to config.yaml (tokens belong in the environment).
 SECRET_FIELDS = {"hub_token"}
@@ -126,7 +112,9 @@ class RunSettings(DataSettings):
     def to_dict(self) -> dict:
         """What HF integrations log (TensorBoard, wandb): the trainer's dict with our nested settings as plain
         data, so ``to_json_string`` works."""
-        return {k: _plain(v) for k, v in super().to_dict().items()}
+        from gptpipe.recipe import plain
+
+        return {k: plain(v) for k, v in super().to_dict().items()}
 
 
 @dataclass
@@ -256,290 +244,3 @@ STAGE_CONFIGS: dict[str, type] = {
 }
 # `stage: rl` recipes pick their class by `algorithm:`.
 RL_CONFIGS: dict[str, type] = {"ppo": RLConfig, "grpo": GRPOConfig, "rloo": RLOOConfig}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Read a recipe, apply ``key=value`` overrides and return the validated stage config."""
-    path = Path(path)
-    tree = read_yaml(path)
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    try:
-        return build_stage_config(tree)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-
-
-def validate_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Check a recipe as ``train`` would, without training or network access (see ``check_tree``)."""
-    path = Path(path)
-    tree = read_yaml(path)
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    try:
-        return check_tree(tree)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-
-
-def check_tree(tree: dict) -> Any:
-    """Build a recipe tree's config and check it further, without training or network access.
-
-    Data files must exist; model paths are not checked (an earlier stage may not have made them yet).
-    On a machine without a GPU, GPU-only settings (bf16, tf32) are not held against a GPU recipe.
-    """
-    import torch
-
-    from gptpipe.data.sources import check_sources_exist
-
-    cls = config_class(tree)
-    tree = dict(tree)
-    if issubclass(cls, TrainingArguments) and not torch.cuda.is_available():
-        tree["use_cpu"] = True  # lets bf16 pass the hardware check; the recipe itself is unchanged
-        tree.pop("tf32", None)
-    cfg = build_stage_config(tree)
-    check_sources_exist(cfg)
-    if getattr(cfg, "chat_template", None):
-        from gptpipe.data.chat_templates import resolve
-
-        resolve(cfg.chat_template)
-    return cfg
-
-
-def read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"recipe not found: {path} (expected a YAML file such as recipes/tiny/pretrain.yaml)")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise UserError(
-            f"{path}: expected a mapping of settings with a `stage:` key, got {type(tree).__name__}"
-        )
-    return tree
-
-
-def config_class(tree: dict) -> type:
-    """The config class a recipe tree asks for: by ``stage:``, and for ``stage: rl`` by ``algorithm:``."""
-    stage = tree.get("stage")
-    if stage not in STAGE_CONFIGS:
-        choices = ", ".join(STAGE_CONFIGS)
-        got = "no `stage:` key" if stage is None else f"stage {stage!r}"
-        raise UserError(f"{got}; a recipe must name one of: {choices}")
-    if stage != "rl":
-        return STAGE_CONFIGS[stage]
-    algorithm = tree.get("algorithm", "ppo")
-    if algorithm not in RL_CONFIGS:
-        raise UserError(f"algorithm: expected one of {', '.join(RL_CONFIGS)}, got {algorithm!r}")
-    return RL_CONFIGS[algorithm]
-
-
-def build_stage_config(tree: dict) -> Any:
-    """Pick the stage's config class from ``stage:`` and build it from the rest of ``tree``."""
-    cls = config_class(tree)
-    tree = {k: v for k, v in tree.items() if k != "stage"}
-    cfg = build_dataclass(cls, tree)
-    if not cfg.output_dir:
-        raise UserError(
-            "output_dir is required (where the run folder goes, e.g. output_dir: runs/tiny/pretrain)"
-        )
-    return cfg
-
-
-def apply_override(tree: dict, assignment: str) -> None:
-    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a recipe tree in place."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key:
-        raise UserError(
-            f"override {assignment!r}: expected key=value, e.g. max_steps=20 or model.hidden_size=64"
-        )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
-        value = raw  # not YAML: keep the text as a string
-    parts = key.split(".")
-    node: Any = tree
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) > len(node):
-                raise UserError(f"override {key}: {where!r} must be a list index from 0 to {len(node)}")
-            index = int(part)
-            if index == len(node):  # one past the end appends, e.g. datasets.1.path=... adds a source
-                node.append(value if last else {})
-            elif last:
-                node[index] = value
-            node = node[index]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = [] if parts[depth + 1].isdigit() else {}
-                node = node[part]
-        else:
-            parent = ".".join(parts[:depth])
-            raise UserError(f"override {key}: {parent!r} is a {type(node).__name__}, not a group of settings")
-
-
-def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
-    """Construct ``cls`` from a mapping, checking every key and the type of every value."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of settings, got {data!r}")
-    hints = _type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{prefix}{key}"
-        if key not in names:
-            raise UserError(_unknown_key_message(where, str(key), names))
-        kwargs[key] = convert_value(value, hints[key], where)
-    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs and _is_required(f)]
-    if missing:
-        raise UserError(f"{prefix}{missing[0]} is required (in {cls.__name__})")
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:  # the HF config classes check value combinations in __post_init__
-        raise UserError(f"{prefix.rstrip('.') or 'invalid settings'}: {e}") from None
-
-
-def convert_value(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a type hint, converting where YAML is ambiguous (``3e-4`` reads as a string)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return convert_value(value, option, where)
-            except UserError:
-                continue
-        raise UserError(f"{where}: expected {_describe(hint)}, got {value!r}")
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise UserError(f"{where}: expected one of {list(args)}, got {value!r}")
-    if origin in (list, tuple) or hint in (list, tuple):
-        if not isinstance(value, list):
-            raise UserError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        return [convert_value(v, item, f"{where}.{i}") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
-        if len(args) == 2:
-            return {k: convert_value(v, args[1], f"{where}.{k}") for k, v in value.items()}
-        return value
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, f"{where}.")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif isinstance(hint, type) and issubclass(hint, enum.Enum):
-        choices = [m.value for m in hint]
-        if isinstance(value, bool) and ("no" if not value else "yes") in choices:
-            return "no" if not value else "yes"  # YAML 1.1 reads `eval_strategy: no` as false
-        if value in choices or isinstance(value, hint):
-            return value
-        raise UserError(f"{where}: expected one of {choices}, got {value!r}")
-    elif isinstance(hint, type):
-        if isinstance(value, hint):
-            return value
-    else:
-        return value  # a hint we do not interpret: leave checking to the config class
-    raise UserError(f"{where}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Saving
-
-
-def config_to_dict(cfg: Any) -> dict:
-    """The resolved config as plain YAML-able data, ``stage`` first, secrets left out."""
-    return {"stage": cfg.stage, **_plain(cfg)}
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    from gptpipe.tracking import redact
-
-    Path(path).write_text(redact(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
-
-
-def _plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = [f for f in dataclasses.fields(obj) if f.init and f.name not in SECRET_FIELDS]
-        return {f.name: _plain(getattr(obj, f.name)) for f in fields}
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Helpers
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # a library annotation we cannot resolve: fall back to the raw field types
-        return {f.name: f.type for f in dataclasses.fields(cls)}
-
-
-def _is_required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def _unknown_key_message(where: str, key: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    group = where.rpartition(".")[0]
-    prefix = f"{group}." if group else ""
-    hint = (
-        f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(sorted(names))}"
-    )
-    return f"unknown key '{where}'{hint}"
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if isinstance(hint, type):
-        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(
-            hint.__name__, hint.__name__
-        )
-    return str(hint)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from gptpipe.config import (
+from gptpipe.errors import UserError
+from gptpipe.recipe import (
     apply_override,
     build_dataclass,
     build_stage_config,
@@ -31,7 +32,6 @@ from gptpipe.config import (
     config_to_dict,
     read_yaml,
 )
-from gptpipe.errors import UserError
 from gptpipe.report import report_card, write_run_report
 from gptpipe.runs import is_finished
 from gptpipe.tracking import start_tracking

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from gptpipe.config import save_config
 from gptpipe.errors import UserError
+from gptpipe.recipe import save_config
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Written by transformers.Trainer after everything else in a checkpoint: its presence marks a complete one.

@@ -23,8 +23,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptpipe.config import build_dataclass, load_recipe, read_yaml
 from gptpipe.errors import UserError
+from gptpipe.recipe import build_dataclass, load_recipe, read_yaml
 from gptpipe.runs import is_finished
 
 
@@ -65,7 +65,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
 
 def validate_sweep(path: str | Path) -> str:
     """Check a sweep file and its base with the fixed overrides and each swept key's first value."""
-    from gptpipe.config import validate_recipe
+    from gptpipe.recipe import validate_recipe
 
     cfg = load_sweep(path)
     first = {k: v[0] for k, v in cfg.grid.items()}

@@ -150,7 +150,7 @@ class StepLogger:
         if is_main and reports_to(cfg, "wandb"):
             import wandb
 
-            from gptpipe.config import config_to_dict
+            from gptpipe.recipe import config_to_dict
 
             self.wandb = wandb.init(name=self.output_dir.name, config=config_to_dict(cfg))
 

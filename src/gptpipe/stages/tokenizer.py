@@ -17,10 +17,11 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from gptpipe.config import TokenizerConfig, save_config
+from gptpipe.config import TokenizerConfig
 from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval, text_row_check
 from gptpipe.errors import UserError
+from gptpipe.recipe import save_config
 from gptpipe.runs import final_tmp_dir, is_finished, publish_final, write_json_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
