@@ -34,24 +34,22 @@ from gptpipe.errors import UserError
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Read a recipe, apply ``key=value`` overrides and return the validated stage config."""
-    path = Path(path)
-    tree = read_yaml(path)
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    try:
-        return build_stage_config(tree)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+    return _from_file(path, overrides, build_stage_config)
 
 
 def validate_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Check a recipe as ``train`` would, without training or network access (see ``check_tree``)."""
+    return _from_file(path, overrides, check_tree)
+
+
+def _from_file(path: str | Path, overrides, build) -> Any:
+    """Read ``path``, apply the overrides, ``build`` the config; errors name the file."""
     path = Path(path)
     tree = read_yaml(path)
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
-        return check_tree(tree)
+        return build(tree)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
 

@@ -8,12 +8,16 @@ on held-out prompts, the reward model's mean score of greedy responses, their KL
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from gptpipe.data import chat_templates
 from gptpipe.errors import UserError
 from gptpipe.generation import answers_in_first_sentence
+from gptpipe.modeling import merge_adapter
 from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
+from gptpipe.runs import publish_final, write_json_atomic
 from gptpipe.scoring import score_ids
 
 
@@ -111,6 +115,23 @@ def evaluate(
     if answers is not None:
         found["answer_accuracy"] = right / len(prompts)
     return found
+
+
+def before_after(before: dict, after: dict) -> dict:
+    """``{reward_before, ..., reward_after, ...}`` from the two measurements."""
+    return {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+
+
+def publish_policy(tmp: Path, out: Path, cfg, evidence: dict, stage: str) -> None:
+    """Main process, once the policy is written to ``tmp``: merge LoRA if asked, publish ``final/`` and
+    ``eval.json``, print where it went and the evidence line."""
+    if cfg.model.lora is not None and cfg.model.merge_lora:
+        tmp = merge_adapter(tmp)
+    final = publish_final(tmp, out)
+    write_json_atomic(out / "eval.json", evidence)
+    adapter = cfg.model.lora is not None and not cfg.model.merge_lora
+    print(f"[{stage}] saved {final}" + (" (LoRA adapter)" if adapter else ""))
+    print(evidence_line(stage, evidence))
 
 
 def evidence_line(stage: str, evidence: dict) -> str:

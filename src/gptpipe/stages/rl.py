@@ -36,12 +36,20 @@ from gptpipe.config import ModelConfig, RLConfig
 from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
-from gptpipe.modeling import apply_lora, build_model, load_for_inference, load_tokenizer, merge_adapter
+from gptpipe.modeling import apply_lora, build_model, load_for_inference, load_tokenizer
 from gptpipe.ppo.iteration import PPOSettings, ppo_iteration
 from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController
 from gptpipe.ppo.value import build_value_model
-from gptpipe.rlhf import encode_prompts, evaluate, evidence_line, prompt_rows, reward_scorer, stop_token_ids
-from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
+from gptpipe.rlhf import (
+    before_after,
+    encode_prompts,
+    evaluate,
+    prompt_rows,
+    publish_policy,
+    reward_scorer,
+    stop_token_ids,
+)
+from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir
 from gptpipe.tracking import StepLogger, load_callbacks, truncate_metrics
 
 
@@ -182,7 +190,7 @@ def main(cfg: RLConfig) -> dict:
             )
 
     after = measure()
-    evidence = {f"{k}_before": v for k, v in baseline.items()} | {f"{k}_after": v for k, v in after.items()}
+    evidence = before_after(baseline, after)
     evidence |= {
         "train_steps": step,
         "world_size": world,
@@ -194,14 +202,7 @@ def main(cfg: RLConfig) -> dict:
         bare_policy.save_pretrained(tmp)  # a full model, or the LoRA adapter
         tokenizer.save_pretrained(tmp)
         bare_policy.generation_config.save_pretrained(tmp)
-        if cfg.model.lora is not None and cfg.model.merge_lora:
-            tmp = merge_adapter(tmp)
-        final = publish_final(tmp, out)
-        write_json_atomic(out / "eval.json", evidence)
-        print(
-            f"[rl] saved {final}" + (" (LoRA adapter)" if cfg.model.lora and not cfg.model.merge_lora else "")
-        )
-        print(evidence_line("rl", evidence))
+        publish_policy(tmp, out, cfg, evidence, "rl")
     logger.finish()
     accelerator.wait_for_everyone()
     return evidence

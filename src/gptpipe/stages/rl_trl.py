@@ -32,10 +32,9 @@ from gptpipe.modeling import (
     count_parameters,
     load_for_inference,
     load_tokenizer,
-    merge_adapter,
 )
-from gptpipe.rlhf import evaluate, evidence_line, prompt_rows, reward_scorer, stop_token_ids
-from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
+from gptpipe.rlhf import before_after, evaluate, prompt_rows, publish_policy, reward_scorer, stop_token_ids
+from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir
 from gptpipe.tracking import MetricsLogger, load_callbacks
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
@@ -96,7 +95,7 @@ def main(cfg) -> dict:
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     after = measure()
-    evidence = {f"{k}_before": v for k, v in baseline.items()} | {f"{k}_after": v for k, v in after.items()}
+    evidence = before_after(baseline, after)
     evidence |= {
         "algorithm": name,
         "train_steps": trainer.state.global_step,
@@ -109,15 +108,7 @@ def main(cfg) -> dict:
     trainer.save_model(str(tmp))  # a full model, or the LoRA adapter; with the tokenizer
     if is_main:
         policy.generation_config.save_pretrained(tmp)
-        if cfg.model.lora is not None and cfg.model.merge_lora:
-            tmp = merge_adapter(tmp)
-        final = publish_final(tmp, out)
-        write_json_atomic(out / "eval.json", evidence)
-        say(
-            f"[{name}] saved {final}"
-            + (" (LoRA adapter)" if cfg.model.lora and not cfg.model.merge_lora else "")
-        )
-        say(evidence_line(name, evidence))
+        publish_policy(tmp, out, cfg, evidence, name)
     trainer.accelerator.wait_for_everyone()
     return evidence
 
