@@ -30,6 +30,7 @@ from gptpipe.recipe import (
     build_stage_config,
     check_tree,
     config_to_dict,
+    override_value,
     read_yaml,
 )
 from gptpipe.report import report_card, write_run_report
@@ -108,7 +109,9 @@ def load_pipeline(
     finals: dict[str, Path] = {}
     out = Path(pipe.output_dir)
     for plan, (name, kind, recipe, tree, stage_overrides) in zip(planned, trees, strict=True):
-        assignments = [f"{k}={_yaml_value(v)}" for k, v in stage_overrides.items()] + per_stage.get(name, [])
+        assignments = [f"{k}={override_value(v)}" for k, v in stage_overrides.items()] + per_stage.get(
+            name, []
+        )
         explicit = {a.partition("=")[0] for a in assignments}
         wiring = {"output_dir": str(out / name)} | _wiring(kind, finals)
         for key, value in wiring.items():
@@ -138,10 +141,6 @@ def _wiring(kind: str, finals: dict[str, Path]) -> dict[str, str]:
     if kind == "rl" and "reward" in finals:
         wired["reward_model"] = str(finals["reward"])
     return wired
-
-
-def _yaml_value(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def changed_settings(cfg, run_dir: Path) -> list[str]:

@@ -119,6 +119,11 @@ def build_stage_config(tree: dict) -> Any:
     return cfg
 
 
+def override_value(value: Any) -> str:
+    """A value written as the ``key=value`` override that reads back as the same value."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def apply_override(tree: dict, assignment: str) -> None:
     """Apply one ``dotted.key=value`` override (value parsed as YAML) to a recipe tree in place."""
     key, sep, raw = assignment.partition("=")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptpipe.errors import UserError
-from gptpipe.recipe import build_dataclass, load_recipe, read_yaml
+from gptpipe.recipe import build_dataclass, load_recipe, override_value, read_yaml
 from gptpipe.runs import is_finished
 
 
@@ -70,7 +70,7 @@ def validate_sweep(path: str | Path) -> str:
     cfg = load_sweep(path)
     first = {k: v[0] for k, v in cfg.grid.items()}
     first |= {k: (v[0] if isinstance(v, list) else v.get("low")) for k, v in cfg.random.items()}
-    assignments = [f"{k}={_yaml_value(v)}" for k, v in {**cfg.overrides, **first}.items()]
+    assignments = [f"{k}={override_value(v)}" for k, v in {**cfg.overrides, **first}.items()]
     if is_pipeline(cfg.base):
         from gptpipe.pipeline import load_pipeline
 
@@ -146,16 +146,10 @@ def is_pipeline(path: str) -> bool:
 def trial_command(cfg: SweepConfig, params: dict, folder: Path) -> list[str]:
     """The command that runs one trial (what ``--emit`` writes and what the sweep runs in-process)."""
     values = {**cfg.overrides, **params}
-    assignments = [f"{k}={_yaml_value(v)}" for k, v in values.items()]
+    assignments = [f"{k}={override_value(v)}" for k, v in values.items()]
     if is_pipeline(cfg.base):
         return ["gptpipe", "pipeline", cfg.base, *assignments, f"--output-dir={folder}"]
     return ["gptpipe", "train", cfg.base, *assignments, f"output_dir={folder}"]
-
-
-def _yaml_value(value) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def read_metric(cfg: SweepConfig, folder: Path) -> float:
@@ -172,7 +166,7 @@ def run_trial(cfg: SweepConfig, params: dict, folder: Path) -> float:
     finished = folder / (cfg.metric.rpartition(".")[0] if is_pipeline(cfg.base) else "")
     if not is_finished(finished):
         values = {**cfg.overrides, **params}
-        assignments = [f"{k}={_yaml_value(v)}" for k, v in values.items()]
+        assignments = [f"{k}={override_value(v)}" for k, v in values.items()]
         if is_pipeline(cfg.base):
             from gptpipe.pipeline import run_pipeline
 
