@@ -26,6 +26,8 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(BIN)/pip install -e ".[dev,quant]"
 	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation "deepspeed>=0.19"  # ops compile on first use, not now
+	@# DeepSpeed on CPU (the distributed tests) compiles its shared-memory op on first use: once, here.
+	-@command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1
 	@touch $@
 
 # The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model -> PPO, then its report card

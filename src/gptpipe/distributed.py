@@ -2,13 +2,20 @@
 
 Every stage runs unchanged on one process or many: ``accelerate launch`` (DDP, DeepSpeed ZeRO) or
 ``torchrun``. Before a stage starts, the main process prints the layout (processes, engine, ZeRO stage,
-backend) and records it in ``<output_dir>/distributed.json``. One gap is filled here: DeepSpeed on CPU
-(gloo, as in CI) given as the recipe key ``deepspeed:``, where neither transformers nor accelerate
-initializes DeepSpeed's communication layer (it would count one process and reject the batch size).
+backend) and records it in ``<output_dir>/distributed.json``.
+
+One gap is filled here: DeepSpeed on CPU (gloo, as in CI). accelerate never selects DeepSpeed for a CPU
+process (``cpu=True`` makes it plain DDP, silently), and without ``cpu=True`` it finds no backend and runs
+one process. So when DeepSpeed is asked for (the recipe key ``deepspeed:`` or an accelerate DeepSpeed
+config) on a multi-process launch without CUDA, the process state is made here, before the stage's
+config builds its own: DeepSpeed's communication over gloo, the state marked DeepSpeed, and the
+config told to use it (``accelerator_config.use_configured_state``). The Trainer then builds a real
+DeepSpeed engine, as on GPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,6 +25,8 @@ def start_distributed(cfg) -> dict | None:
     """Set up and describe the process layout of a Trainer-based stage (None for other stages)."""
     if not hasattr(cfg, "distributed_state"):
         return None
+    if wants_deepspeed(cfg) and _launched_processes() > 1 and not _has_gpu():
+        _deepspeed_on_cpu(cfg)
     world = cfg.world_size  # sets up torch.distributed when launched with several processes
     requested = requested_processes()
     if requested > 1 and world == 1:
@@ -33,24 +42,18 @@ def start_distributed(cfg) -> dict | None:
     state = cfg.distributed_state
     kind = getattr(state.distributed_type, "value", str(state.distributed_type))
     on_cpu = cfg.use_cpu or str(cfg.device).startswith("cpu")
-    for engine in ("DEEPSPEED", "FSDP"):
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true" and on_cpu and kind != engine:
-            from gptpipe.errors import UserError
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and on_cpu and kind != "FSDP":
+        from gptpipe.errors import UserError
 
-            hint = (
-                "On CPU, launch with torchrun and the recipe key deepspeed=deepspeed_configs/zero2.json instead."
-                if engine == "DEEPSPEED"
-                else "FSDP needs GPUs; on CPU use DDP (accelerate_configs/cpu_ddp.yaml or torchrun)."
-            )
-            raise UserError(
-                f"the accelerate config asks for {engine}, but on CPU it would silently run {kind}. {hint}"
-            )
-    if getattr(cfg, "deepspeed", None):
-        kind = "DEEPSPEED"  # the Trainer builds the DeepSpeed engine from the recipe's deepspeed: config
-        if on_cpu and world > 1:
-            import deepspeed
+        raise UserError(
+            f"the accelerate config asks for FSDP, but on CPU it would silently run {kind}. FSDP needs GPUs; "
+            "on CPU use DDP (accelerate_configs/cpu_ddp.yaml or torchrun) or DeepSpeed ZeRO-3 "
+            "(torchrun ... deepspeed=deepspeed_configs/zero3.json)."
+        )
+    if wants_deepspeed(cfg) and world > 1 and kind != "DEEPSPEED":
+        from gptpipe.errors import UserError
 
-            deepspeed.init_distributed(dist_backend="gloo")  # wraps the gloo group the Trainer made
+        raise UserError(f"DeepSpeed was asked for, but this run would silently run {kind}")
     layout = {
         "world_size": world,
         "distributed_type": kind,
@@ -67,6 +70,38 @@ def start_distributed(cfg) -> dict | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "distributed.json").write_text(json.dumps(layout, indent=2) + "\n")
     return layout
+
+
+def wants_deepspeed(cfg) -> bool:
+    """The recipe's ``deepspeed:`` key or an accelerate DeepSpeed launch config."""
+    return bool(getattr(cfg, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+
+
+def _deepspeed_on_cpu(cfg) -> None:
+    """Make the process state a DeepSpeed one over gloo on CPU (see the module docstring)."""
+    from datetime import timedelta
+
+    from accelerate.state import AcceleratorState, PartialState
+
+    # TrainingArguments set up a plain CPU state when it was built: start again from there (the gloo
+    # process group it opened stays, and DeepSpeed's communication wraps it).
+    vars(cfg).pop("_setup_devices", None)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read again when the Trainer makes its Accelerator
+    os.environ.pop("ACCELERATE_USE_CPU", None)  # would make that Accelerator a plain CPU one
+    cfg.use_cpu = False  # the same, through TrainingArguments
+    PartialState(backend="gloo", timeout=timedelta(seconds=cfg.ddp_timeout))
+    cfg.accelerator_config.use_configured_state = True
+
+
+def _launched_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def zero_stage(cfg) -> int | None:
@@ -152,3 +187,30 @@ def _find_config(config: str) -> Path:
     shipped = Path(__file__).resolve().parents[2] / "accelerate_configs"
     names = sorted(p.stem for p in shipped.glob("*.yaml")) if shipped.is_dir() else []
     raise UserError(f"--launch {config}: no such accelerate config; choose one of {names} or give a file")
+
+
+@contextlib.contextmanager
+def evaluation_before_training(trainer):
+    """Around the "before" measurements of a Trainer stage, so they work under DeepSpeed.
+
+    transformers evaluates an untrained DeepSpeed model through a ZeRO-3 inference engine, which
+    ``train()`` then keeps (it has no optimizer, so the first backward fails), and refuses ZeRO-1/2
+    outright ("ZeRO inference only makes sense with ZeRO Stage 3"). ZeRO-1/2 hold whole weights on every
+    process, so they evaluate the plain model; ZeRO-3's inference engine is taken apart afterwards (its
+    hooks removed), so ``train()`` builds the training engine.
+    """
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        yield
+        return
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
+    trainer.is_deepspeed_enabled = zero3
+    try:
+        yield
+    finally:
+        trainer.is_deepspeed_enabled = True
+        if trainer.model_wrapped is not trainer.model:
+            trainer.accelerator.free_memory()  # destroys the inference engine
+            trainer.model_wrapped = trainer.model
+            trainer.deepspeed = None

@@ -18,6 +18,7 @@ from transformers import Trainer, default_data_collator, set_seed
 from gptpipe.config import PretrainConfig
 from gptpipe.data.packing import pack_documents
 from gptpipe.data.sources import load_mixture, load_train_eval, text_row_check
+from gptpipe.distributed import evaluation_before_training
 from gptpipe.generation import complete
 from gptpipe.modeling import build_model, count_parameters, load_tokenizer
 from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
@@ -60,7 +61,8 @@ def main(cfg: PretrainConfig) -> dict:
         callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
     )
 
-    baseline = measured_once(out / "baseline.json", lambda: measure(trainer, heldout, probes), is_main)
+    with evaluation_before_training(trainer):  # DeepSpeed needs help evaluating before train()
+        baseline = measured_once(out / "baseline.json", lambda: measure(trainer, heldout, probes), is_main)
     if resume_from:
         say(f"[pretrain] resuming from {resume_from}")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from transformers import set_seed
+from transformers import Trainer, set_seed
 from trl import SFTTrainer
 
 from gptpipe.config import SFTConfig
 from gptpipe.data import chat_templates, formats
 from gptpipe.data.sources import describe, load_mixture, load_train_eval
+from gptpipe.distributed import evaluation_before_training
 from gptpipe.errors import UserError
 from gptpipe.generation import answer_accuracy
 from gptpipe.modeling import (
@@ -88,7 +89,10 @@ def main(cfg: SFTConfig) -> dict:
         processing_class=tokenizer,
         callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
     )
-    baseline = measured_once(out / "baseline.json", lambda: _measure(trainer, heldout, answers, cfg), is_main)
+    with evaluation_before_training(trainer):  # DeepSpeed needs help evaluating before train()
+        baseline = measured_once(
+            out / "baseline.json", lambda: _measure(trainer, heldout, answers, cfg), is_main
+        )
     if resume_from:
         say(f"[sft] resuming from {resume_from}")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -184,6 +188,21 @@ def _evidence(before: dict, after: dict) -> dict:
     return evidence
 
 
+def uses_fused_lm_head(cfg: SFTConfig) -> bool:
+    """TRL's fused LM head unless the recipe turns it off or DeepSpeed ZeRO-3 shards the LM head (the fused
+    head reads ``lm_head.weight`` directly, which ZeRO-3 leaves empty outside the module's own forward)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # a recipe's deepspeed: or an accelerate ZeRO-3 launch config
+        if cfg.fused_lm_head:
+            raise UserError(
+                "fused_lm_head: true does not work under DeepSpeed ZeRO-3 (the LM head is sharded); "
+                "leave it unset or set it to false"
+            )
+        return False
+    return cfg.fused_lm_head is not False
+
+
 class PadCounter:
     """Wraps a collator and counts real (non-pad) tokens against all tokens in the batches it builds."""
 
@@ -207,7 +226,20 @@ class PadCounter:
 
 class PadStatsSFTTrainer(SFTTrainer):
     """``SFTTrainer`` that also logs ``nonpad_fraction``: the share of real tokens in the training batches
-    since the last log (1.0 with packing or padding-free batches)."""
+    since the last log (1.0 with packing or padding-free batches), and can take the loss from the model
+    itself (``fused_lm_head: false``; forced under ZeRO-3, see ``uses_fused_lm_head``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_lm_head = uses_fused_lm_head(self.args)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.fused_lm_head:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # transformers.Trainer's loss: the model's own cross-entropy over the collator's labels (-100 off the
+        # loss mask), token-weighted across micro-batches and processes through num_items_in_batch.
+        inputs["use_cache"] = False
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     def get_train_dataloader(self):
         collate = self.data_collator
