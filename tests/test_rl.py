@@ -3,6 +3,7 @@ policy that loads with plain transformers, and a killed run resumes bit for bit.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from gptpipe.cli import run
 from gptpipe.errors import UserError
 from gptpipe.stages.rl import batch_rows
+from gptpipe.tracking import read_metrics
 
 RL = str(REPO / "recipes/tiny/rl.yaml")
 
@@ -80,19 +82,59 @@ def test_ppo_with_a_lora_policy_uses_the_disabled_adapter_as_reference(tiny_sft,
 
 
 @pytest.mark.distributed
-def test_ppo_under_ddp_with_two_processes(tiny_sft, tiny_reward, tmp_path):
-    """DDP on CPU (gloo) through accelerate_configs/cpu_ddp.yaml: two processes each roll out their share."""
-    out = tmp_path / "rl-ddp"
-    overrides = rl_overrides(
-        tiny_sft, tiny_reward, out, max_steps=2, per_device_train_batch_size=4, eval_prompts=8, save_steps=0
-    )
+def test_ppo_under_ddp_and_deepspeed_zero3_with_two_processes(tiny_sft, tiny_reward, tmp_path):
+    """DDP through accelerate_configs/cpu_ddp.yaml, then a real ZeRO-3 engine (policy and critic as one
+    module; reference and reward model as inference engines) on the same seeds: the same first rollout and
+    losses, a whole policy saved, and a resume from a ZeRO-3 checkpoint that repeats the last iteration."""
+    pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+
+    def args(out, **extra):
+        settings = {"max_steps": 3, "per_device_train_batch_size": 4, "eval_prompts": 8, "save_steps": 2}
+        return [*rl_overrides(tiny_sft, tiny_reward, out, **settings, **extra), "use_cpu=true"]
+
+    ddp = tmp_path / "ddp"
     accelerate = str(Path(sys.executable).parent / "accelerate")
     cmd = [accelerate, "launch", "--config_file", str(REPO / "accelerate_configs/cpu_ddp.yaml")]
-    cmd += ["-m", "gptpipe", "train", RL, *overrides, "use_cpu=true"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [*cmd, "-m", "gptpipe", "train", RL, *args(ddp)], capture_output=True, text=True, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    e = json.loads((out / "eval.json").read_text())
-    assert e["world_size"] == 2 and e["train_steps"] == 2
+    e = json.loads((ddp / "eval.json").read_text())
+    assert e["world_size"] == 2 and e["train_steps"] == 3
     assert "8 per iteration (2 processes)" in done.stdout
-    assert json.loads((out / "distributed.json").read_text())["world_size"] == 2
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # only the main process logs
+    assert len((ddp / "metrics.jsonl").read_text().splitlines()) == 3  # only the main process logs
+
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "gptpipe",
+        "train",
+    ]
+    zero3 = tmp_path / "zero3"
+    deepspeed = f"deepspeed={REPO / 'deepspeed_configs/zero3.json'}"
+    done = subprocess.run([*torchrun, RL, *args(zero3), deepspeed], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    layout = json.loads((zero3 / "distributed.json").read_text())
+    assert layout == {**layout, "world_size": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
+    first_ddp, first_zero3 = (read_metrics(d)[0] for d in (ddp, zero3))
+    assert first_zero3["reward"] == pytest.approx(first_ddp["reward"], abs=1e-5)  # same seeds, same samples
+    for key in ("policy_loss", "value_loss"):  # DeepSpeed clips both models' norm together
+        assert first_zero3[key] == pytest.approx(first_ddp[key], rel=0.05, abs=1e-3), key
+    policy = AutoModelForCausalLM.from_pretrained(zero3 / "final")
+    assert sum(p.numel() for p in policy.parameters()) == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_sft).parameters()
+    )
+    assert (zero3 / "checkpoint-2/engine").is_dir()  # DeepSpeed's sharded optimizer states
+
+    resumed = tmp_path / "resumed"  # the ZeRO-3 run as if stopped after its checkpoint at step 2
+    shutil.copytree(zero3 / "checkpoint-2", resumed / "checkpoint-2")
+    done = subprocess.run([*torchrun, RL, *args(resumed), deepspeed], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    last, again = read_metrics(zero3)[-1], read_metrics(resumed)[-1]
+    assert again["step"] == 3 and again == pytest.approx(last, rel=1e-5)

@@ -16,6 +16,7 @@ DeepSpeed engine, as on GPUs.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -63,6 +64,7 @@ def start_distributed(cfg) -> dict | None:
     stage = zero_stage(cfg) if kind == "DEEPSPEED" else None
     if stage is not None:
         layout["zero_stage"] = stage
+    _refuse_incompatible(cfg, kind, stage)
     if cfg.process_index == 0:
         engine = layout["distributed_type"] + (f" (ZeRO-{stage})" if stage is not None else "")
         print(f"[gptpipe] {world} process{'es' if world > 1 else ''}, {engine}, backend {layout['backend']}")
@@ -70,6 +72,48 @@ def start_distributed(cfg) -> dict | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "distributed.json").write_text(json.dumps(layout, indent=2) + "\n")
     return layout
+
+
+def _refuse_incompatible(cfg, kind: str, stage: int | None) -> None:
+    """Memory switches that cannot work together, stopped before any model is loaded."""
+    from gptpipe.errors import UserError
+
+    quantized = [
+        key
+        for key, value in (
+            ("model.quantization", getattr(getattr(cfg, "model", None), "quantization", None)),
+            ("reward_quantization", getattr(cfg, "reward_quantization", None)),
+        )
+        if value is not None
+    ]
+    if quantized and stage == 3:
+        raise UserError(
+            f"{quantized[0]}: bitsandbytes-quantized weights cannot be sharded by DeepSpeed ZeRO-3. Drop the "
+            "quantization (ZeRO-3 already splits the weights over the GPUs), or keep it and use ZeRO-2 or "
+            "DDP; 4-bit QLoRA sharded over GPUs is FSDP (accelerate_configs/fsdp2_qlora.yaml)."
+        )
+    optional = [
+        (getattr(cfg, "use_liger_kernel", False), "liger_kernel", "use_liger_kernel: true", "liger"),
+        (
+            getattr(getattr(cfg, "model", None), "attn_implementation", None) == "flash_attention_2",
+            "flash_attn",
+            "model.attn_implementation: flash_attention_2",
+            "flash",
+        ),
+    ]
+    for wanted, module, key, extra in optional:
+        if wanted and importlib.util.find_spec(module) is None:
+            raise UserError(
+                f"{key} needs the {module} package: pip install 'gptpipe[{extra}]' (GPU machines), or drop the key"
+            )
+    quantization = getattr(getattr(cfg, "model", None), "quantization", None)
+    if kind == "FSDP" and quantization is not None:
+        if quantization.bits != 4 or not quantization.quant_storage:
+            raise UserError(
+                "model.quantization with FSDP: FSDP shards only 4-bit weights stored in the model's dtype. "
+                "Set model.quantization: {bits: 4, quant_storage: bfloat16} (with model.dtype: bfloat16), as "
+                "accelerate_configs/fsdp2_qlora.yaml says."
+            )
 
 
 def wants_deepspeed(cfg) -> bool:

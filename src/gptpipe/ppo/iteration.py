@@ -7,6 +7,11 @@ share a backbone), as in InstructGPT.
 Under several processes (``accelerator`` given; DDP), each process rolls out its own share of the prompts
 and gradients are averaged by DDP; advantages are whitened per process; the KL controller sees the KL
 averaged over all processes, so every process keeps the same β.
+
+Under DeepSpeed, which trains one model per engine, policy and critic are one ``PolicyAndCritic`` module
+with one optimizer (a parameter group each): ``critic_optimizer=None`` says so. Each micro-batch then
+takes one backward of the summed losses (the two models share no parameter, so each gets exactly its
+own gradient), and DeepSpeed clips the gradient norm of both models together.
 """
 
 from __future__ import annotations
@@ -61,15 +66,19 @@ def ppo_iteration(
     settings: PPOSettings,
     generator: torch.Generator | None = None,
     accelerator=None,
+    engine=None,
 ) -> dict:
     """Run one iteration on a batch of prompts; returns the statistics to log.
 
     ``reference=None``: the policy is a peft (LoRA) model and the reference is the same weights with the
-    adapter disabled, so no second copy of the model is held in memory.
+    adapter disabled, so no second copy of the model is held in memory. ``engine``: the DeepSpeed engine
+    of a ``PolicyAndCritic`` whose submodules ``policy`` and ``critic`` are (one optimizer, see above).
     """
     s = settings
+    joint = critic_optimizer is None
     policy.eval()  # no dropout: the ratio must be exactly 1 before the first update
-    with _for_generation(policy, accelerator) as generating:
+    with for_generation(engine or policy, accelerator) as generating:
+        generating = generating.policy if engine is not None else generating
         rollout = sample(
             generating, prompts, pad_token_id, eos_token_ids, s.max_new_tokens, s.temperature, s.top_p
         )
@@ -96,7 +105,8 @@ def ppo_iteration(
         order = torch.randperm(batch, generator=generator)
         for minibatch in order.chunk(s.minibatches):
             policy_optimizer.zero_grad()
-            critic_optimizer.zero_grad()
+            if not joint:
+                critic_optimizer.zero_grad()
             tokens = mask[minibatch].sum().clamp(min=1)
             # Gradient accumulation: each micro-batch's token-mean loss weighted by its share of the
             # minibatch's tokens, so the accumulated gradient is that of the minibatch's token mean.
@@ -106,10 +116,14 @@ def ppo_iteration(
                 share = m.sum() / tokens
                 logprobs, logits = response_logprobs(policy, part, s.temperature)
                 p_loss, p_stats = policy_loss(logprobs, old_logprobs[chunk], advantages[chunk], m, s.clip)
-                backward(p_loss * share)
+                if not joint:
+                    backward(p_loss * share)
                 values = response_values(critic, part)
                 v_loss, v_stats = value_loss(values, old_values[chunk], returns[chunk], m, s.value_clip)
-                backward(v_loss * share)
+                if joint:  # DeepSpeed divides each micro-batch's loss by its accumulation steps itself
+                    backward((p_loss + v_loss) * share * s.gradient_accumulation_steps)
+                else:
+                    backward(v_loss * share)
                 with torch.no_grad():
                     p_stats["entropy"] = masked_mean(entropy_from_logits(logits), m).item()
                 for key, value in {
@@ -119,6 +133,8 @@ def ppo_iteration(
                     "value_loss": v_loss.item(),
                 }.items():
                     stats.setdefault(key, []).append(value)
+            if joint:  # the engine clipped and stepped at the last micro-batch
+                continue
             clip_grad_norm(policy.parameters(), s.max_grad_norm)
             policy_optimizer.step()
             clip_grad_norm(critic.parameters(), s.max_grad_norm)
@@ -150,13 +166,34 @@ def shape_scores(scores: torch.Tensor, ended: torch.Tensor, s: PPOSettings) -> t
     return scores
 
 
-def _for_generation(policy, accelerator):
-    """The bare model for ``generate`` (DDP wraps it; ZeRO-3 needs its parameters gathered)."""
+def for_generation(model, accelerator):
+    """The bare model for ``generate`` (DDP wraps it; ZeRO-3 needs its parameters gathered and its hooks
+    off, as TRL's trainers do)."""
     if accelerator is None:
-        return contextlib.nullcontext(policy)
+        return contextlib.nullcontext(model)
     from trl.models.utils import unwrap_model_for_generation
 
-    return unwrap_model_for_generation(policy, accelerator)
+    return unwrap_model_for_generation(model, accelerator)
+
+
+class PolicyAndCritic(torch.nn.Module):
+    """The policy and the critic as one module, for DeepSpeed (one engine, one optimizer; see the module
+    docstring). Forward passes call ``.policy`` and ``.critic`` directly."""
+
+    is_gradient_checkpointing = False
+
+    def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+        self.config = policy.config  # accelerate sizes DeepSpeed's communication buckets from it
+
+    def split_state_dict(self, state: dict) -> tuple[dict, dict]:
+        """A state dict of this module -> (the policy's, the critic's)."""
+        parts: tuple[dict, dict] = ({}, {})
+        for key, value in state.items():
+            name, rest = key.split(".", 1)
+            parts[name == "critic"][rest] = value
+        return parts
 
 
 def _mean_over_processes(stats: dict, accelerator) -> dict:

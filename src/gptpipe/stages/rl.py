@@ -10,7 +10,9 @@ the policy's own weights with the adapter disabled: no second copy); the critic 
 model (``value_init: reward``). Each iteration samples responses for a batch of prompts, scores
 prompt + response with the reward model (re-rendered with the reward model's own chat template), and runs
 PPO epochs. Under several processes each one rolls out ``per_device_train_batch_size`` prompts and DDP
-averages the gradients. Checkpoints hold everything a run needs to continue bit for bit: both models,
+averages the gradients. Under DeepSpeed (ZeRO-2/3) the policy and the critic train as one engine
+(``gptpipe.ppo.iteration.PolicyAndCritic``); the frozen reference and reward model stay whole on every
+process (no gradients or optimizer states: 2 bytes/parameter in bf16). Checkpoints hold everything a run needs to continue bit for bit: both models,
 both optimizers, the KL controller, every process's RNG states and the step (the data order is a
 function of seed and step).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import time
@@ -37,7 +40,7 @@ from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
 from gptpipe.modeling import apply_lora, build_model, load_for_inference, load_tokenizer
-from gptpipe.ppo.iteration import PPOSettings, ppo_iteration
+from gptpipe.ppo.iteration import PolicyAndCritic, PPOSettings, for_generation, ppo_iteration
 from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController
 from gptpipe.ppo.value import build_value_model
 from gptpipe.rlhf import (
@@ -62,13 +65,11 @@ def main(cfg: RLConfig) -> dict:
         )
     if cfg.max_steps <= 0:
         raise UserError("max_steps: set the number of PPO iterations (e.g. max_steps: 60)")
-    accelerator = Accelerator(cpu=cfg.use_cpu)
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise UserError(
-            f"PPO runs under DDP (accelerate launch --multi_gpu), not {accelerator.distributed_type.value}: "
-            "it trains two models at once. For memory, give the policy LoRA (model.lora) so the reference "
-            "needs no copy; GRPO/RLOO recipes (algorithm: grpo | rloo) run under DeepSpeed and FSDP."
-        )
+    accelerator = _accelerator(cfg)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
+    if deepspeed:
+        _fill_deepspeed_config(accelerator, cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     say = print if is_main else (lambda *a, **k: None)
@@ -95,21 +96,31 @@ def main(cfg: RLConfig) -> dict:
     for model in (policy, reference, critic, reward_model):  # dropout off: the first PPO ratio must be 1
         if model is not None:
             model.eval()
+    if zero3:  # ZeRO-3 loaded the frozen models sharded: they run as DeepSpeed inference engines
+        from trl.models.utils import prepare_deepspeed
+
+        reward_model = prepare_deepspeed(reward_model, accelerator)
+        reference = prepare_deepspeed(reference, accelerator) if reference is not None else None
     scorer = reward_scorer(reward_model.to(accelerator.device), reward_tokenizer, tokenizer)
     if reference is not None:
         reference.to(accelerator.device)
 
-    policy_opt = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-    )
-    critic_opt = torch.optim.AdamW(
-        [p for p in critic.parameters() if p.requires_grad],
-        lr=cfg.value_learning_rate or cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-    )
-    policy, policy_opt, critic, critic_opt = accelerator.prepare(policy, policy_opt, critic, critic_opt)
+    trainable = {
+        "policy": [p for p in policy.parameters() if p.requires_grad],
+        "critic": [p for p in critic.parameters() if p.requires_grad],
+    }
+    lrs = {"policy": cfg.learning_rate, "critic": cfg.value_learning_rate or cfg.learning_rate}
+    engine = None
+    if deepspeed:  # one engine: one module, one optimizer with a parameter group per model
+        groups = [{"params": trainable[k], "lr": lrs[k]} for k in ("policy", "critic")]
+        optimizer = _adamw(cfg)(groups, **_adam_settings(cfg))
+        engine, policy_opt = accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
+        policy, critic, critic_opt = engine.module.policy, engine.module.critic, None
+    else:
+        policy_opt, critic_opt = (
+            _adamw(cfg)(trainable[k], lr=lrs[k], **_adam_settings(cfg)) for k in ("policy", "critic")
+        )
+        policy, policy_opt, critic, critic_opt = accelerator.prepare(policy, policy_opt, critic, critic_opt)
     bare_policy = accelerator.unwrap_model(policy)
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -136,13 +147,16 @@ def main(cfg: RLConfig) -> dict:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
 
-    def measure() -> dict:  # every process measures (ZeRO-3 forwards are collective); the main one writes
-        return evaluate(bare_policy, reference, tokenizer, heldout, scorer, cfg.max_new_tokens)
+    def measure() -> dict:  # every process measures; the main one writes
+        if engine is None:
+            return evaluate(bare_policy, reference, tokenizer, heldout, scorer, cfg.max_new_tokens)
+        with for_generation(engine, accelerator) as whole:  # ZeRO-3: the weights gathered, hooks off
+            return evaluate(whole.policy, reference, tokenizer, heldout, scorer, cfg.max_new_tokens)
 
     baseline = measured_once(out / "baseline.json", measure, is_main)
     step = 0
     if resume_from:
-        step = _load_checkpoint(resume_from, rank, policy_opt, critic_opt, kl_ctl, generator)
+        step = _load_checkpoint(resume_from, rank, policy_opt, critic_opt, kl_ctl, generator, engine)
         if is_main:
             truncate_metrics(out, step)
         say(f"[rl] resuming from {resume_from}")
@@ -172,7 +186,8 @@ def main(cfg: RLConfig) -> dict:
             kl_ctl,
             settings,
             generator,
-            accelerator=accelerator if world > 1 else None,
+            accelerator=accelerator if world > 1 or engine is not None else None,
+            engine=engine,
         )
         step += 1
         state.global_step = step
@@ -186,7 +201,16 @@ def main(cfg: RLConfig) -> dict:
         if cfg.save_steps and step % int(cfg.save_steps) == 0 and step < cfg.max_steps:
             models = (bare_policy, accelerator.unwrap_model(critic))
             _save_checkpoint(
-                out, step, models, tokenizer, (policy_opt, critic_opt), kl_ctl, generator, cfg, accelerator
+                out,
+                step,
+                models,
+                tokenizer,
+                (policy_opt, critic_opt),
+                kl_ctl,
+                generator,
+                cfg,
+                accelerator,
+                engine,
             )
 
     after = measure()
@@ -198,14 +222,83 @@ def main(cfg: RLConfig) -> dict:
         "seconds": round(time.time() - start, 1),
     }
     tmp = final_tmp_dir(out, is_main)
+    policy_state, _ = _state_dicts(accelerator, engine)  # collective under ZeRO-3
     if is_main:
-        bare_policy.save_pretrained(tmp)  # a full model, or the LoRA adapter
+        bare_policy.save_pretrained(tmp, state_dict=policy_state)  # a full model, or the LoRA adapter
         tokenizer.save_pretrained(tmp)
         bare_policy.generation_config.save_pretrained(tmp)
         publish_policy(tmp, out, cfg, evidence, "rl")
     logger.finish()
     accelerator.wait_for_everyone()
     return evidence
+
+
+def _accelerator(cfg: RLConfig) -> Accelerator:
+    """DDP, or DeepSpeed from the recipe's ``deepspeed:`` or an accelerate DeepSpeed config; FSDP is refused."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise UserError(
+            "PPO runs under DDP or DeepSpeed ZeRO-2/3 (it trains a policy and a critic as one engine), not "
+            "FSDP: launch with accelerate_configs/zero3.yaml instead; GRPO/RLOO recipes (algorithm: grpo | "
+            "rloo) run under FSDP."
+        )
+    if not cfg.deepspeed:
+        return Accelerator(cpu=cfg.use_cpu)
+    from accelerate.utils import DeepSpeedPlugin
+
+    return Accelerator(
+        cpu=cfg.use_cpu, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg.hf_deepspeed_config)
+    )
+
+
+def _adamw(cfg: RLConfig):
+    """The recipe's ``optim``: torch's AdamW, or bitsandbytes' 8-bit AdamW (2 bytes/parameter of optimizer
+    state instead of 8) for ``adamw_bnb_8bit`` / ``adamw_8bit`` / ``paged_adamw_8bit``."""
+    name = str(getattr(cfg.optim, "value", cfg.optim))
+    if name.startswith("adamw_torch"):
+        return torch.optim.AdamW
+    if name in ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
+    raise UserError(f"optim: {name} is not available for PPO; use adamw_torch or adamw_bnb_8bit")
+
+
+def _adam_settings(cfg: RLConfig) -> dict:
+    return {
+        "weight_decay": cfg.weight_decay,
+        "betas": (cfg.adam_beta1, cfg.adam_beta2),
+        "eps": cfg.adam_epsilon,
+    }
+
+
+def _fill_deepspeed_config(accelerator: Accelerator, cfg: RLConfig) -> None:
+    """DeepSpeed's batch keys as PPO counts them: a micro-batch is one slice of a minibatch."""
+    rows, parts = cfg.per_device_train_batch_size, cfg.num_minibatches * cfg.gradient_accumulation_steps
+    if rows % parts:
+        raise UserError(
+            f"per_device_train_batch_size ({rows}) must split evenly into num_minibatches x "
+            f"gradient_accumulation_steps ({parts}) micro-batches under DeepSpeed"
+        )
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = rows // parts
+    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    ds["train_batch_size"] = rows // cfg.num_minibatches * accelerator.num_processes
+    ds["gradient_clipping"] = cfg.max_grad_norm
+    for key, on in (("bf16", cfg.bf16), ("fp16", cfg.fp16)):
+        if ds.get(key, {}).get("enabled") == "auto":
+            ds[key]["enabled"] = bool(on)
+    ds.get("zero_optimization", {}).setdefault("stage", 2)
+    ds.pop("optimizer", None)  # PPO brings its own (one AdamW, a parameter group per model)
+    ds["zero_force_ds_cpu_optimizer"] = False  # ...also when the config offloads it
+
+
+def _state_dicts(accelerator: Accelerator, engine) -> tuple[dict | None, dict | None]:
+    """(policy, critic) state dicts to save: None (each model's own) without DeepSpeed; gathered from the
+    engine under DeepSpeed (collective: every process calls it)."""
+    if engine is None:
+        return None, None
+    state = accelerator.get_state_dict(engine)  # ZeRO-3: the main process's copy only
+    return engine.module.split_state_dict(state) if state is not None else (None, None)
 
 
 def _critic(cfg: RLConfig, resume_from: Path | None):
@@ -256,24 +349,32 @@ def batch_rows(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return rows
 
 
-def _save_checkpoint(out, step, models, tokenizer, optimizers, kl_ctl, generator, cfg, accelerator) -> None:
+def _save_checkpoint(
+    out, step, models, tokenizer, optimizers, kl_ctl, generator, cfg, accelerator, engine=None
+) -> None:
     """Everything needed to continue bit for bit; ``trainer_state.json`` goes last and marks it complete.
 
     The main process writes the models and optimizers (identical on every process under DDP); each
-    process writes its own RNG states.
+    process writes its own RNG states. Under DeepSpeed every process writes its shard of the optimizer
+    states (DeepSpeed's own checkpoint, in ``engine/``).
     """
     folder = out / f"checkpoint-{step}"
+    if accelerator.is_main_process and folder.exists():
+        shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
+    states = _state_dicts(accelerator, engine)
     if accelerator.is_main_process:
-        if folder.exists():
-            shutil.rmtree(folder)
         policy, critic = models
-        policy.save_pretrained(folder / "policy")
+        policy.save_pretrained(folder / "policy", state_dict=states[0])
         tokenizer.save_pretrained(folder / "policy")
-        critic.save_pretrained(folder / "critic")
-        torch.save(
-            {"policy": optimizers[0].state_dict(), "critic": optimizers[1].state_dict()},
-            folder / "optimizers.pt",
-        )
+        critic.save_pretrained(folder / "critic", state_dict=states[1])
+        if engine is None:
+            torch.save(
+                {"policy": optimizers[0].state_dict(), "critic": optimizers[1].state_dict()},
+                folder / "optimizers.pt",
+            )
+    if engine is not None:
+        engine.save_checkpoint(str(folder / "engine"), tag="state", exclude_frozen_parameters=True)
     accelerator.wait_for_everyone()
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()}
     torch.save(rng, folder / f"rng_state_{accelerator.process_index}.pth")
@@ -295,11 +396,18 @@ def _save_checkpoint(out, step, models, tokenizer, optimizers, kl_ctl, generator
             shutil.rmtree(path)
 
 
-def _load_checkpoint(folder: Path, rank: int, policy_opt, critic_opt, kl_ctl, generator) -> int:
+def _load_checkpoint(folder: Path, rank: int, policy_opt, critic_opt, kl_ctl, generator, engine=None) -> int:
     state = json.loads((folder / "trainer_state.json").read_text())
-    optimizers = torch.load(folder / "optimizers.pt", weights_only=False)
-    policy_opt.load_state_dict(optimizers["policy"])
-    critic_opt.load_state_dict(optimizers["critic"])
+    if engine is not None:
+        if not (folder / "engine").is_dir():
+            raise UserError(f"{folder}: written without DeepSpeed; resume it the way it was launched")
+        engine.load_checkpoint(str(folder / "engine"), tag="state", load_module_strict=False)
+    else:
+        if not (folder / "optimizers.pt").is_file():
+            raise UserError(f"{folder}: written under DeepSpeed; resume it the way it was launched")
+        optimizers = torch.load(folder / "optimizers.pt", weights_only=False)
+        policy_opt.load_state_dict(optimizers["policy"])
+        critic_opt.load_state_dict(optimizers["critic"])
     kl_ctl.load_state_dict(state["kl_controller"])
     rng_file = folder / f"rng_state_{rank}.pth"
     if not rng_file.is_file():  # resumed with more processes than saved: the extra ones start fresh streams
