@@ -3,6 +3,7 @@ ZeRO-2 through the accelerate config) train exactly what one process does with t
 record their layout and save loadable models; a launcher that starts one of two processes is refused;
 --launch and the Slurm node script."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, sft_overrides, small_pretrain
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -137,3 +139,53 @@ def test_pretrain_zero3_two_processes_matches_one_process(tokenizer_dir, tmp_pat
     evidence = json.loads((tmp_path / "two/eval.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "two/final")
     assert sum(p.numel() for p in model.parameters()) == evidence["parameters"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "accelerate_configs").glob("*.yaml")))
+def test_every_shipped_accelerate_config_loads_and_launches(name, capsys):
+    """accelerate reads each shipped config (unknown keys or values fail here), its DeepSpeed JSON exists,
+    and --launch builds the command; the runs themselves are the CPU tests above and tests/test_gpu.py."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = REPO / "accelerate_configs" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type in {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"}
+    run(["train", SFT, "--launch", name, "--gpus", "2", "--print-command"])
+    cmd = capsys.readouterr().out.split()
+    if config.distributed_type == "DEEPSPEED":
+        ds_file = Path(cmd[cmd.index("--deepspeed_config_file") + 1])
+        ds = json.loads(ds_file.read_text())
+        assert ds["zero_optimization"]["stage"] in (2, 3)
+        if ds["zero_optimization"]["stage"] == 3:  # saves gather whole weights (ZeRO-3 + LoRA adapters)
+            assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    if name.startswith("fsdp"):
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_every_deepspeed_config_is_shipped_with_a_launch_config():
+    used = {
+        (yaml.safe_load(p.read_text()).get("deepspeed_config") or {}).get("deepspeed_config_file")
+        for p in (REPO / "accelerate_configs").glob("*.yaml")
+    }
+    shipped = {f"deepspeed_configs/{p.name}" for p in (REPO / "deepspeed_configs").glob("*.json")}
+    assert shipped <= used, shipped - used
+
+
+def test_memory_switches_that_cannot_work_together_are_refused(tmp_path):
+    from gptpipe.distributed import refuse_incompatible
+    from gptpipe.errors import UserError
+    from gptpipe.recipe import load_recipe
+
+    def cfg(*extra):
+        return load_recipe(SFT, [*sft_overrides(tmp_path / "base", tmp_path / "x"), *extra])
+
+    qlora = cfg("model.quantization={bits: 4}", "model.lora={r: 8}")
+    with pytest.raises(UserError, match="cannot be sharded by DeepSpeed ZeRO-3"):
+        refuse_incompatible(qlora, "DEEPSPEED", 3)
+    refuse_incompatible(qlora, "DEEPSPEED", 2)  # ZeRO-2 keeps whole (quantized) weights: allowed
+    with pytest.raises(UserError, match="quant_storage: bfloat16"):
+        refuse_incompatible(qlora, "FSDP", None)
+    refuse_incompatible(cfg("model.quantization={bits: 4, quant_storage: bfloat16}"), "FSDP", None)
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(UserError, match=r"pip install 'gptpipe\[flash\]'"):
+            refuse_incompatible(cfg("model.attn_implementation=flash_attention_2"), "NO", None)

@@ -64,7 +64,7 @@ def start_distributed(cfg) -> dict | None:
     stage = zero_stage(cfg) if kind == "DEEPSPEED" else None
     if stage is not None:
         layout["zero_stage"] = stage
-    _refuse_incompatible(cfg, kind, stage)
+    refuse_incompatible(cfg, kind, zero_stage(cfg) if wants_deepspeed(cfg) else None)
     if cfg.process_index == 0:
         engine = layout["distributed_type"] + (f" (ZeRO-{stage})" if stage is not None else "")
         print(f"[gptpipe] {world} process{'es' if world > 1 else ''}, {engine}, backend {layout['backend']}")
@@ -74,7 +74,7 @@ def start_distributed(cfg) -> dict | None:
     return layout
 
 
-def _refuse_incompatible(cfg, kind: str, stage: int | None) -> None:
+def refuse_incompatible(cfg, kind: str, stage: int | None) -> None:
     """Memory switches that cannot work together, stopped before any model is loaded."""
     from gptpipe.errors import UserError
 
@@ -107,7 +107,8 @@ def _refuse_incompatible(cfg, kind: str, stage: int | None) -> None:
                 f"{key} needs the {module} package: pip install 'gptpipe[{extra}]' (GPU machines), or drop the key"
             )
     quantization = getattr(getattr(cfg, "model", None), "quantization", None)
-    if kind == "FSDP" and quantization is not None:
+    fsdp = kind == "FSDP" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp and quantization is not None:
         if quantization.bits != 4 or not quantization.quant_storage:
             raise UserError(
                 "model.quantization with FSDP: FSDP shards only 4-bit weights stored in the model's dtype. "
