@@ -61,12 +61,14 @@ def start_distributed(cfg) -> dict | None:
         "backend": state.backend,
         "device": str(cfg.device),
     }
-    stage = zero_stage(cfg) if kind == "DEEPSPEED" else None
-    if stage is not None:
+    stage = zero_stage(cfg) if wants_deepspeed(cfg) else None  # DeepSpeed runs when asked (checked above)
+    if stage is not None and kind == "DEEPSPEED":
         layout["zero_stage"] = stage
-    refuse_incompatible(cfg, kind, zero_stage(cfg) if wants_deepspeed(cfg) else None)
+    refuse_incompatible(cfg, kind, stage)
     if cfg.process_index == 0:
-        engine = layout["distributed_type"] + (f" (ZeRO-{stage})" if stage is not None else "")
+        engine = layout["distributed_type"] + (
+            f" (ZeRO-{layout['zero_stage']})" if "zero_stage" in layout else ""
+        )
         print(f"[gptpipe] {world} process{'es' if world > 1 else ''}, {engine}, backend {layout['backend']}")
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
