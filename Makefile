@@ -11,7 +11,7 @@ SWEEP ?= recipes/tiny/sweep.yaml
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-gpu test-distributed lint format train clean pretrain sft reward rl tokenizer pipeline sweep
+.PHONY: setup demo test test-gpu test-distributed lint format train clean pretrain sft reward rl tokenizer pipeline sweep bench bench-peers bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -56,13 +56,45 @@ test-gpu: setup
 test-distributed: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m distributed
 
+# Benchmarks (bench/, docs/benchmarks.md): gptpipe against plain TRL / HF Trainer scripts run side by side,
+# ratios of medians. About 9 minutes on 2 CPU cores; needs ../shared/data. Results in runs/bench/*/summary.json.
+BENCH_ENV := HF_HUB_OFFLINE=1 PYTHONPATH=$(CURDIR)
+bench: setup
+	$(BENCH_ENV) $(BIN)/python -m bench.sft
+	$(BENCH_ENV) $(BIN)/python -m bench.pretrain
+	$(BENCH_ENV) $(BIN)/python -m bench.data
+	$(BENCH_ENV) $(BIN)/python -m bench.rl
+	$(BENCH_ENV) $(BIN)/python -m bench.resume
+
+# + LLaMA-Factory in its own virtualenv (it pins older transformers/TRL). PyPI's torchvision/torchaudio wheels
+# are built for other torch versions and break imports; LLaMA-Factory's text SFT needs neither.
+LF_VENV := bench/.venv-llamafactory
+bench-peers: setup $(LF_VENV)/.installed
+	$(BENCH_ENV) $(BIN)/python -m bench.sft --peers
+
+$(LF_VENV)/.installed:
+	$(PYTHON) -m venv $(LF_VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(LF_VENV)/bin/pip install "torch>=2.6"; \
+	else \
+		$(LF_VENV)/bin/pip install --retries 1 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(LF_VENV)/bin/pip install "llamafactory==0.9.5" "torch==$$($(LF_VENV)/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(LF_VENV)/bin/pip uninstall -y torchvision torchaudio
+	@touch $@
+
+# On a CUDA machine: pretraining MFU (~125M and ~350M Llama, bf16; sdpa / flash-attention / torch.compile /
+# Liger) and SFT tokens/s against the peers. Skipped with a message without CUDA.
+bench-gpu: setup
+	$(BENCH_ENV) $(BIN)/python -m bench.gpu
+
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 format: setup
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
 
 # Any stage: make train RECIPE=recipes/tiny/pretrain.yaml
 train: setup

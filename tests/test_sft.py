@@ -217,3 +217,17 @@ def test_packing_fills_batches(tiny_base, tmp_path):
         1.0,
     ]  # padding-free: no pad at all
     assert evidence(tmp_path / "p")["eval_loss_after"] < evidence(tmp_path / "p")["eval_loss_before"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "vocab", "fused"),
+    [(None, 4096, False), (None, 49152, True), (True, 4096, True), (False, 151_000, False)],
+)
+def test_fused_lm_head_is_chosen_by_vocabulary_size_unless_set(tmp_path, setting, vocab, fused):
+    """TRL's chunked LM head saves memory only with large vocabularies and made tiny-vocabulary SFT ~2x slower
+    (bench/sft.py): unset, it is used from 32k tokens up; a recipe's true/false always wins."""
+    from gptpipe.config import SFTConfig
+    from gptpipe.stages.sft import uses_fused_lm_head
+
+    cfg = SFTConfig(output_dir=str(tmp_path), fused_lm_head=setting, bf16=False)
+    assert uses_fused_lm_head(cfg, vocab) is fused

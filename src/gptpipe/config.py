@@ -157,8 +157,9 @@ class SFTConfig(RunSettings, trl.SFTConfig):
     chat_template: str | None = None  # None: the tokenizer's own; or chatml | gptpipe | a .jinja file
     answer_datasets: list[DataSource] = field(default_factory=list)  # held-out chats with an `answer` field
     answer_max_new_tokens: int = 48
-    # None: TRL's fused LM head (per-token log-probs in chunks, never the full logits), except under
-    # DeepSpeed ZeRO-3, whose sharded LM head it cannot read; false: the model's own loss on full logits.
+    # true: TRL's fused LM head (per-token log-probs in chunks, never the full logits: saves memory with large
+    # vocabularies, costs time with small ones); false: the model's own loss on full logits; None: fused for
+    # vocabularies of 32k tokens or more, except under DeepSpeed ZeRO-3, whose sharded LM head it cannot read.
     fused_lm_head: bool | None = None
 
 

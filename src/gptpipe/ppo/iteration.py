@@ -17,6 +17,7 @@ own gradient), and DeepSpeed clips the gradient norm of both models together.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,12 +77,14 @@ def ppo_iteration(
     """
     s = settings
     joint = critic_optimizer is None
+    clock = [time.perf_counter()]  # phase timings (seconds), logged as time_generation/scoring/training
     policy.eval()  # no dropout: the ratio must be exactly 1 before the first update
     with for_generation(engine or policy, accelerator) as generating:
         generating = generating.policy if engine is not None else generating
         rollout = sample(
             generating, prompts, pad_token_id, eos_token_ids, s.max_new_tokens, s.temperature, s.top_p
         )
+    clock.append(time.perf_counter())
     mask = rollout.response_mask.float()
     backward = accelerator.backward if accelerator else torch.Tensor.backward
     clip_grad_norm = accelerator.clip_grad_norm_ if accelerator else torch.nn.utils.clip_grad_norm_
@@ -98,6 +101,7 @@ def ppo_iteration(
         advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
         if s.whiten_advantages:
             advantages = whiten(advantages, mask)
+    clock.append(time.perf_counter())
 
     batch = len(prompts)
     stats: dict[str, list[float]] = {}
@@ -140,7 +144,10 @@ def ppo_iteration(
             clip_grad_norm(critic.parameters(), s.max_grad_norm)
             critic_optimizer.step()
 
+    clock.append(time.perf_counter())
     out = {key: sum(values) / len(values) for key, values in stats.items()}
+    phases = ("time_generation", "time_scoring", "time_training")
+    out |= {name: clock[i + 1] - clock[i] for i, name in enumerate(phases)}
     out |= {
         "reward": scores.mean().item(),
         "kl": kl.sum(dim=1).mean().item(),

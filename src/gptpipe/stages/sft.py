@@ -51,15 +51,7 @@ def main(cfg: SFTConfig) -> dict:
         tokenizer, cfg.chat_template, cfg.assistant_only_loss, _tokenizer_name(cfg)
     )
     with cfg.main_process_first(desc="preparing data"):
-        train, heldout = load_train_eval(
-            cfg, [], seed=cfg.seed, prepare=lambda ds, src: _convert(ds, src, cfg)
-        )
-        train, heldout = (_shape_for_loss(ds, cfg) if ds is not None else None for ds in (train, heldout))
-        answers = (
-            load_mixture(cfg.answer_datasets, ["messages", "answer"], seed=cfg.seed)
-            if cfg.answer_datasets
-            else None
-        )
+        train, heldout, answers = load_data(cfg)
     end_of_turn = (
         chat_templates.end_of_turn_token(tokenizer)
         if "text" not in train.column_names
@@ -136,6 +128,19 @@ def main(cfg: SFTConfig) -> dict:
     return evidence
 
 
+def load_data(cfg: SFTConfig):
+    """Training, held-out and answer data as conversations (or text) in the shape the loss needs; TRL's
+    ``SFTTrainer`` then tokenizes them with the chat template (and packs them)."""
+    train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=lambda ds, src: _convert(ds, src, cfg))
+    train, heldout = (_shape_for_loss(ds, cfg) if ds is not None else None for ds in (train, heldout))
+    answers = (
+        load_mixture(cfg.answer_datasets, ["messages", "answer"], seed=cfg.seed)
+        if cfg.answer_datasets
+        else None
+    )
+    return train, heldout, answers
+
+
 def _tokenizer_name(cfg: SFTConfig) -> str:
     return cfg.model.tokenizer or cfg.model.name_or_path or "(none)"
 
@@ -188,9 +193,17 @@ def _evidence(before: dict, after: dict) -> dict:
     return evidence
 
 
-def uses_fused_lm_head(cfg: SFTConfig) -> bool:
-    """TRL's fused LM head unless the recipe turns it off or DeepSpeed ZeRO-3 shards the LM head (the fused
-    head reads ``lm_head.weight`` directly, which ZeRO-3 leaves empty outside the module's own forward)."""
+# Vocabulary size from which TRL's fused (chunked) LM head is the default. It never materializes the
+# [tokens x vocab] logits, which is what fits long sequences of 32k-256k-token vocabularies (Llama 3, Qwen,
+# SmolLM2) in GPU memory; below this the logits are small and the chunked backward only costs time
+# (bench/sft.py, docs/benchmarks.md: TRL's head made tiny-vocabulary SFT 0.55x a plain HF Trainer).
+FUSED_HEAD_MIN_VOCAB = 32_000
+
+
+def uses_fused_lm_head(cfg: SFTConfig, vocab_size: int) -> bool:
+    """Whether to take the loss from TRL's fused LM head: ``fused_lm_head`` when the recipe sets it, else
+    for vocabularies of ``FUSED_HEAD_MIN_VOCAB`` tokens or more. Never under DeepSpeed ZeRO-3: the fused head
+    reads ``lm_head.weight`` directly, which ZeRO-3 leaves empty outside the module's own forward."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():  # a recipe's deepspeed: or an accelerate ZeRO-3 launch config
@@ -200,7 +213,9 @@ def uses_fused_lm_head(cfg: SFTConfig) -> bool:
                 "leave it unset or set it to false"
             )
         return False
-    return cfg.fused_lm_head is not False
+    if cfg.fused_lm_head is not None:
+        return cfg.fused_lm_head
+    return vocab_size >= FUSED_HEAD_MIN_VOCAB
 
 
 class PadCounter:
@@ -231,7 +246,7 @@ class PadStatsSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fused_lm_head = uses_fused_lm_head(self.args)
+        self.fused_lm_head = uses_fused_lm_head(self.args, self.model.get_output_embeddings().weight.shape[0])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.fused_lm_head:
