@@ -125,8 +125,10 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
         if not good:
             summary[name] = {"error": runs[-1]["error"] if runs else "not run"}
             continue
+        per_round = [r["tokens"] / r["seconds"] for r in good]
         summary[name] = {
-            "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in good),
+            "tokens_per_s": statistics.median(per_round),
+            "tokens_per_s_rounds": per_round,  # the spread: how far to trust a ratio of medians
             "steps_per_s": statistics.median(r["steps"] / r["seconds"] for r in good),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in good),
             "rounds": len(good),
@@ -150,11 +152,29 @@ def _cell(v) -> str:
     return str(v)
 
 
-def save(work: Path, name: str, payload: dict) -> Path:
-    """Write a benchmark's summary next to its runs (runs/bench/<name>.json) and return the path."""
-    path = work / f"{name}.json"
-    path.write_text(json.dumps({**payload, "machine": machine()}, indent=2))
+def save(work: Path, args, summary: dict, ratios: dict, **extra) -> Path:
+    """Write a benchmark's settings, medians and ratios next to its runs (``<work>/summary.json``)."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    payload = {"settings": settings, "summary": summary, "ratios": ratios, **extra, "machine": machine()}
+    path = work / "summary.json"
+    path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def print_throughput(summary: dict) -> None:
+    """The table of ``summarize``'s medians, one row per contender, with each round's tokens/s."""
+    rows = [
+        [
+            n,
+            r.get("tokens_per_s", "-"),
+            " ".join(f"{v:,.0f}" for v in r.get("tokens_per_s_rounds", [])) or "-",
+            r.get("steps_per_s", "-"),
+            r.get("peak_rss_mb", "-"),
+            r.get("error", "")[:60],
+        ]
+        for n, r in summary.items()
+    ]
+    print(table(["contender", "tokens/s", "rounds", "steps/s", "peak RSS MiB", "error"], rows))
 
 
 def machine() -> str:

@@ -197,9 +197,7 @@ def report(results: dict, a, work: Path) -> None:
         )
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
-    common.save(
-        work, "summary", {"settings": vars(a) | {"work": str(a.work)}, "summary": summary, "ratios": ratios}
-    )
+    common.save(work, a, summary, ratios)
 
 
 if __name__ == "__main__":

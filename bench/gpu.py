@@ -113,17 +113,7 @@ def main() -> None:
             [label, r["tokens_per_s"], f"{r['mfu']:.1%}" if peak else "?", r.get("peak_gpu_mb", "-"), ""]
         )
     print(common.table(["model / attention", "tokens/s", "MFU", "peak GPU MiB", "error"], rows))
-    common.save(
-        work,
-        "summary",
-        {
-            "settings": vars(a) | {"work": str(a.work)},
-            "device": name,
-            "peak_tflops": peak,
-            "flops_per_token": flops,
-            "summary": summary,
-        },
-    )
+    common.save(work, a, summary, {}, device=name, peak_tflops=peak, flops_per_token=flops)
     for module in ("bench.sft", "bench.rl"):  # SFT against the peers; PPO's generation share, on the GPU
         subprocess.run([common.python(), "-m", module, "--work", str(a.work)], check=False)
 

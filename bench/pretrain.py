@@ -71,26 +71,14 @@ def main() -> None:
         f"pretraining throughput, vocab {a.vocab}, batch {a.batch} x {a.block_size} tokens, {a.rounds} rounds"
     )
     summary = common.summarize(common.interleave(contenders, a.rounds, work, env=pythonpath()))
-    rows = [
-        [
-            n,
-            r.get("tokens_per_s", "-"),
-            r.get("steps_per_s", "-"),
-            r.get("peak_rss_mb", "-"),
-            r.get("error", "")[:60],
-        ]
-        for n, r in summary.items()
-    ]
-    print(common.table(["contender", "tokens/s", "steps/s", "peak RSS MiB", "error"], rows))
+    common.print_throughput(summary)
     ratios = {}
     if all("tokens_per_s" in summary[n] for n in contenders):
         ratios["gptpipe / HF Trainer"] = (
             summary["gptpipe"]["tokens_per_s"] / summary["HF Trainer"]["tokens_per_s"]
         )
         print(f"gptpipe / HF Trainer (tokens/s): {ratios['gptpipe / HF Trainer']:.3f}")
-    common.save(
-        work, "summary", {"settings": vars(a) | {"work": str(a.work)}, "summary": summary, "ratios": ratios}
-    )
+    common.save(work, a, summary, ratios)
 
 
 if __name__ == "__main__":

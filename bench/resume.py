@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -93,7 +94,7 @@ def main() -> None:
     rows, summary = [], {}
     for name, runs in results.items():
         good = [r["seconds"] for r in runs if "error" not in r]
-        summary[name] = {"seconds": sorted(good)[len(good) // 2]} if good else {"error": runs[-1]["error"]}
+        summary[name] = {"seconds": statistics.median(good)} if good else {"error": runs[-1]["error"]}
         rows.append([name, summary[name].get("seconds", "-"), summary[name].get("error", "")[:60]])
     print(common.table(["run", "launch to first step, s", "error"], rows))
     ratios = {}
@@ -101,9 +102,7 @@ def main() -> None:
     if early and late:
         ratios["late / early"] = late / early
         print(f"resume late / resume early: {late / early:.3f}")
-    common.save(
-        work, "summary", {"settings": vars(a) | {"work": str(a.work)}, "summary": summary, "ratios": ratios}
-    )
+    common.save(work, a, summary, ratios)
 
 
 def prepare(work: Path, recipe: dict) -> dict[int, Path]:

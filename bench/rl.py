@@ -178,9 +178,7 @@ def report(results: dict, work: Path, a) -> None:
             summary["gptpipe PPO"]["samples_per_s"] / summary["TRL GRPOTrainer"]["samples_per_s"]
         )
         print(f"PPO samples/s / GRPO samples/s: {ratios['PPO samples/s / GRPO samples/s']:.3f}")
-    common.save(
-        work, "summary", {"settings": vars(a) | {"work": str(a.work)}, "summary": summary, "ratios": ratios}
-    )
+    common.save(work, a, summary, ratios)
 
 
 if __name__ == "__main__":

@@ -111,17 +111,7 @@ def pythonpath() -> dict:
 
 def report(summary: dict, a, work: Path) -> None:
     peers = [n for n in summary if not n.startswith("gptpipe") and "error" not in summary[n]]
-    rows = [
-        [
-            n,
-            r.get("tokens_per_s", "-"),
-            r.get("steps_per_s", "-"),
-            r.get("peak_rss_mb", "-"),
-            r.get("error", "")[:60],
-        ]
-        for n, r in summary.items()
-    ]
-    print(common.table(["contender", "tokens/s", "steps/s", "peak RSS MiB", "error"], rows))
+    common.print_throughput(summary)
     ratios = {}
     ours = summary.get("gptpipe", {}).get("tokens_per_s")
     if ours and peers:
@@ -134,9 +124,7 @@ def report(summary: dict, a, work: Path) -> None:
             ratios[f"cost of {ours_name} / {wrapped}"] = (cost, wrapped)
     for name, (value, against) in ratios.items():
         print(f"{name}: {value:.3f}" + (f" ({against})" if name.endswith("peer") else ""))
-    common.save(
-        work, "summary", {"settings": vars(a) | {"work": str(a.work)}, "summary": summary, "ratios": ratios}
-    )
+    common.save(work, a, summary, ratios)
 
 
 if __name__ == "__main__":
