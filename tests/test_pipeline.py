@@ -34,9 +34,9 @@ SMALL_SFT = {
 }
 
 
-def write_pipeline(tmp_path, stages):
+def write_pipeline(tmp_path, stages, **extra):
     path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "runs"), "stages": stages}))
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "runs"), "stages": stages, **extra}))
     return path
 
 
@@ -48,6 +48,13 @@ def small_pipeline(tmp_path):
             {"recipe": str(TINY / "pretrain.yaml"), "overrides": SMALL_PRETRAIN},
             {"recipe": str(TINY / "sft.yaml"), "overrides": SMALL_SFT},
         ],
+        compare={
+            "prompts": {"path": "tinyworld:rl_prompts", "split": "eval"},
+            "num_prompts": 2,
+            "diversity_prompts": 2,
+            "samples": 2,
+            "max_new_tokens": 8,
+        },
     )
 
 
@@ -67,6 +74,19 @@ def test_stages_are_wired_to_the_previous_final(tmp_path):
         load_pipeline(write_pipeline(tmp_path, stages), ["dpo.beta=0.1"])
 
 
+def test_rank_stage_feeds_the_reward_stage_its_comparisons(tmp_path):
+    stages = [{"recipe": str(TINY / f"{s}.yaml")} for s in ("sft", "rank", "reward")]
+    _, planned = load_pipeline(write_pipeline(tmp_path, stages))
+    cfg = {p.name: p.cfg for p in planned}
+    runs = tmp_path / "runs"
+    assert cfg["rank"].model.name_or_path == str(runs / "sft/final")
+    [source] = cfg["reward"].datasets
+    assert (source.path, source.format) == (str(runs / "rank/final/comparisons.jsonl"), "ranked")
+    assert cfg["reward"].model.name_or_path == str(runs / "sft/final")
+    # `gptpipe validate` accepts the comparisons file that the rank stage has not written yet
+    load_pipeline(write_pipeline(tmp_path, stages), check=True)
+
+
 def test_pipeline_skips_resumes_refuses_and_reruns(tmp_path, capsys):
     pipeline = small_pipeline(tmp_path)
     runs = tmp_path / "runs"
@@ -78,6 +98,9 @@ def test_pipeline_skips_resumes_refuses_and_reruns(tmp_path, capsys):
         assert (runs / stage / "report.md").is_file()
     assert "| perplexity |" in (runs / "pretrain/report.md").read_text()
     assert (runs / "pretrain/plots/loss.png").stat().st_size > 1000
+    # The same prompts to the base and the SFT model, side by side, with their diversity figures.
+    assert "| prompt | pretrain | sft |" in card and "\n| sft |" in card
+    assert (runs / "compare.json").is_file() and (runs / "plots/diversity.png").stat().st_size > 1000
     assert "report card" in out
 
     finished = {s: (runs / s / "eval.json").stat().st_mtime_ns for s in ("tokenizer", "pretrain", "sft")}

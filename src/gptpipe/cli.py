@@ -7,6 +7,7 @@ gptpipe validate RECIPE [RECIPE ...]     parse and check recipes and pipelines (
 gptpipe data tinyworld --out DIR         write the synthetic tiny-world data set
 gptpipe chat MODEL                       talk to a trained model (multi-turn, streamed)
 gptpipe generate MODEL --prompts FILE    sample replies for a file of prompts (jsonl out)
+gptpipe rank SAMPLES --labeler MOD:FN    rank generated samples into comparisons (or --rankings FILE)
 gptpipe score MODEL --pairs FILE         a reward model's pairwise accuracy on a preference file
 gptpipe score MODEL --texts FILE         a reward model's score of each conversation or text
 """
@@ -83,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=32)
+
+    rank = sub.add_parser("rank", help="rank generated samples into comparisons for the reward stage")
+    rank.add_argument("samples", help="jsonl from gptpipe generate (several samples per prompt id)")
+    by = rank.add_mutually_exclusive_group(required=True)
+    by.add_argument(
+        "--labeler", help="module:function scoring one prompt's samples, e.g. gptpipe.data.tinyworld:label"
+    )
+    by.add_argument("--rankings", help="jsonl of human rankings: {id, ranking: [sample numbers, best first]}")
+    rank.add_argument(
+        "--out", default=None, help="output jsonl, ranked format (default: <samples>.ranked.jsonl)"
+    )
 
     score = sub.add_parser("score", help="score with a reward model (a reward run's final/)")
     score.add_argument("model")
@@ -202,6 +214,18 @@ def run(argv: list[str] | None = None) -> None:
             args.batch_size,
         )
         print(f"wrote {n} completions to {out}")
+    elif args.command == "rank":
+        from gptpipe.data import ranking
+
+        labeler = ranking.load_labeler(args.labeler, "--labeler") if args.labeler else None
+        human = ranking.read_rankings(args.rankings) if args.rankings else None
+        ranked, stats = ranking.rank_samples(ranking.read_jsonl(args.samples, "samples"), labeler, human)
+        out = args.out or str(Path(args.samples).with_suffix("")) + ".ranked.jsonl"
+        ranking.write_jsonl(ranked, out)
+        print(
+            f"{stats['kept']} of {stats['prompts']} prompts ranked ({stats['dropped_fewer_than_two']} all tied, "
+            f"{stats['unranked']} unranked), {stats['pairs']} pairs -> {out} (format: ranked)"
+        )
     elif args.command == "score":
         import json
 

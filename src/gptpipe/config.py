@@ -239,10 +239,34 @@ class RLOOConfig(RLSettings, trl.RLOOConfig):
     algorithm: str = "rloo"
 
 
+@dataclass
+class RankConfig(DataSettings):
+    """On-policy comparisons: the model's own samples for each prompt (``datasets``), ranked by a labeler or
+    by human rankings into ``final/comparisons.jsonl`` (``ranked`` format) for the reward stage."""
+
+    stage: ClassVar[str] = "rank"
+    module: ClassVar[str] = "gptpipe.stages.rank"
+    output_dir: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)  # the SFT model whose samples are compared
+    num_samples: int = 4  # samples per prompt
+    max_prompts: int | None = None  # the first N prompts (None: all)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 32
+    labeler: str | None = None  # "module:function", e.g. gptpipe.data.tinyworld:label
+    rankings: str | None = (
+        None  # or a jsonl file of human rankings: {id, ranking: [sample numbers, best first]}
+    )
+    seed: int = 42
+    overwrite: bool = False
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "tokenizer": TokenizerConfig,
     "pretrain": PretrainConfig,
     "sft": SFTConfig,
+    "rank": RankConfig,
     "reward": RewardConfig,
     "rl": RLConfig,
 }

@@ -144,7 +144,8 @@ def generate_file(
     seed: int = 0,
     batch_size: int = 32,
 ) -> int:
-    """Write ``num_samples`` replies per prompt as jsonl ({id, prompt, sample, completion}); returns rows written."""
+    """Write ``num_samples`` replies per prompt as jsonl ({id, prompt, sample, completion}, plus the prompt row's
+    other fields, e.g. an ``answer`` a labeler can check); returns rows written."""
     from transformers import set_seed
 
     from gptpipe.modeling import load_for_inference
@@ -177,18 +178,15 @@ def generate_file(
     tmp = out_file.with_name(f".{out_file.name}.tmp")
     with tmp.open("w") as fh:
         for row, completions in zip(rows, samples, strict=True):
+            extra = {k: v for k, v in row.items() if k not in ("id", "prompt", "messages")}
             for k, completion in enumerate(completions):
-                fh.write(
-                    json.dumps(
-                        {
-                            "id": row["id"],
-                            "prompt": row["messages"],
-                            "sample": k,
-                            "completion": completion.strip(),
-                        }
-                    )
-                    + "\n"
-                )
+                record = {
+                    "id": row["id"],
+                    "prompt": row["messages"],
+                    "sample": k,
+                    "completion": completion.strip(),
+                }
+                fh.write(json.dumps({**record, **extra}) + "\n")
     tmp.replace(out_file)
     return len(rows) * num_samples
 

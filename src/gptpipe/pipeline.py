@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from gptpipe.compare import MODEL_STAGES, CompareSettings
 from gptpipe.errors import UserError
 from gptpipe.recipe import (
     apply_override,
@@ -59,6 +60,7 @@ class PipelineStage:
 class PipelineConfig:
     output_dir: str
     stages: list[PipelineStage] = field(default_factory=list)
+    compare: CompareSettings | None = None  # the same prompts to every trained model (gptpipe.compare)
 
 
 @dataclass
@@ -107,6 +109,7 @@ def load_pipeline(
         per_stage.setdefault(stage_name, []).append(assignment.partition(".")[2])
 
     finals: dict[str, Path] = {}
+    produced: set[str] = set()  # data files that earlier stages write (not checked for existence)
     out = Path(pipe.output_dir)
     for plan, (name, kind, recipe, tree, stage_overrides) in zip(planned, trees, strict=True):
         assignments = [f"{k}={override_value(v)}" for k, v in stage_overrides.items()] + per_stage.get(
@@ -120,11 +123,13 @@ def load_pipeline(
         for assignment in assignments:
             apply_override(tree, assignment)
         try:
-            plan.cfg = check_tree(tree) if check else build_stage_config(tree)
+            plan.cfg = check_tree(tree, produced) if check else build_stage_config(tree)
         except UserError as e:
             raise UserError(f"{recipe} (pipeline stage {name}): {e}") from None
         plan.explicit = explicit
         finals[kind] = out / name / "final"
+        if kind == "rank":
+            produced.add(str(finals[kind] / "comparisons.jsonl"))
     return pipe, planned
 
 
@@ -133,6 +138,12 @@ def _wiring(kind: str, finals: dict[str, Path]) -> dict[str, str]:
     wired: dict[str, str] = {}
     if kind == "pretrain" and "tokenizer" in finals:
         wired["model.tokenizer"] = str(finals["tokenizer"])
+    if kind == "rank" and "sft" in finals:
+        wired["model.name_or_path"] = str(finals["sft"])
+    if kind == "reward" and "rank" in finals:  # on-policy comparisons instead of the recipe's own data
+        wired["datasets"] = override_value(
+            [{"path": str(finals["rank"] / "comparisons.jsonl"), "format": "ranked"}]
+        )
     if kind in ("sft", "reward", "rl"):
         source = finals.get("sft") if kind != "sft" else None
         source = source or finals.get("pretrain")
@@ -141,6 +152,19 @@ def _wiring(kind: str, finals: dict[str, Path]) -> dict[str, str]:
     if kind == "rl" and "reward" in finals:
         wired["reward_model"] = str(finals["reward"])
     return wired
+
+
+def _compare_stages(settings: CompareSettings, planned: list[PlannedStage], out: Path) -> str:
+    """Ask every finished model stage the same prompts; the report card's section (see gptpipe.compare)."""
+    from gptpipe import compare
+
+    models = [
+        (p.name, p.kind, Path(p.cfg.output_dir) / "final")
+        for p in planned
+        if p.kind in MODEL_STAGES and is_finished(p.cfg.output_dir)
+    ]
+    print(f"[pipeline] comparing {', '.join(m[0] for m in models)} on the same prompts", flush=True)
+    return compare.write(compare.compare_models(models, settings), out)
 
 
 def changed_settings(cfg, run_dir: Path) -> list[str]:
@@ -193,6 +217,8 @@ def run_pipeline(
     card = report_card([(p.name, p.kind, Path(p.cfg.output_dir)) for p in planned])
     text = f"# Pipeline report card: {path}\n\n{card}\n\nEach stage's own report: `<stage>/report.md`.\n"
     if getattr(planned[-1].cfg, "process_index", 0) == 0:
+        if pipe.compare is not None:
+            text += "\n" + _compare_stages(pipe.compare, planned, out) + "\n"
         (out / "report.md").write_text(text)
         print(f"\n{card}\n\n[pipeline] report card: {out / 'report.md'} ({time.time() - start:.0f} s)")
     return out / "report.md"

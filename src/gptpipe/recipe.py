@@ -54,10 +54,11 @@ def _from_file(path: str | Path, overrides, build) -> Any:
         raise UserError(f"{path}: {e}") from None
 
 
-def check_tree(tree: dict) -> Any:
+def check_tree(tree: dict, produced: set[str] = frozenset()) -> Any:
     """Build a recipe tree's config and check it further, without training or network access.
 
-    Data files must exist; model paths are not checked (an earlier stage may not have made them yet).
+    Data files must exist, except ``produced`` ones (an earlier pipeline stage writes them); model paths are
+    not checked (an earlier stage may not have made them yet).
     On a machine without a GPU, GPU-only settings (bf16, tf32) are not held against a GPU recipe.
     """
     import torch
@@ -70,7 +71,7 @@ def check_tree(tree: dict) -> Any:
         tree["use_cpu"] = True  # lets bf16 pass the hardware check; the recipe itself is unchanged
         tree.pop("tf32", None)
     cfg = build_stage_config(tree)
-    check_sources_exist(cfg)
+    check_sources_exist(cfg, produced)
     if getattr(cfg, "chat_template", None):
         from gptpipe.data.chat_templates import resolve
 

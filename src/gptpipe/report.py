@@ -24,6 +24,7 @@ HEADLINES = {
     "tokenizer": ["bytes_per_token", "roundtrip_lossless", "vocab_size"],
     "pretrain": ["perplexity", "probe_accuracy"],
     "sft": ["answer_accuracy", "exact_match", "eval_loss"],
+    "rank": ["pairs", "kept", "top_score_share"],
     "reward": ["pairwise_accuracy"],
     "rl": ["reward", "kl", "answer_accuracy"],
 }

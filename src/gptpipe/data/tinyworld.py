@@ -322,3 +322,23 @@ def ensure_tinyworld(seed: int = 0) -> Path:
             if not (folder / "README.md").exists():  # another process may have won the rename
                 raise
     return folder
+
+
+def label(rows: list[dict]) -> list[float]:
+    """The tiny world's labeler for ``gptpipe rank`` (``gptpipe.data.tinyworld:label``), one prompt's samples at a
+    time: 2 = the right answer in the house style (the reference reply word for word), 1 = the right answer in
+    the first sentence but off style, 0 = a wrong answer or none. Needs the ``answer`` and ``reference`` fields
+    that ``tinyworld:rl_prompts`` rows carry (``gptpipe generate`` copies them onto each sample)."""
+    from gptpipe.errors import UserError
+    from gptpipe.generation import answers_in_first_sentence
+
+    scores = []
+    for row in rows:
+        if "answer" not in row or "reference" not in row:
+            raise UserError(
+                "tinyworld:label needs samples of tinyworld:rl_prompts prompts (fields answer and reference)"
+            )
+        reply = row["completion"].strip()
+        right = answers_in_first_sentence(reply, row["answer"])
+        scores.append(2.0 if reply == row["reference"] else 1.0 if right else 0.0)
+    return scores

@@ -1,0 +1,157 @@
+"""On-policy comparisons: a model's own samples (``gptpipe generate``) ranked into reward-model data.
+
+InstructGPT's reward data are comparisons among the SFT model's own samples: judging which of a few answers is
+better is easier than writing the best one. ``rank_samples`` groups sampled rows by prompt ``id`` and orders
+each group by a labeler or by human rankings, writing the ``ranked`` preference format (``prompt``,
+``responses`` best to worst) that the reward stage reads and expands into pairs.
+
+- A labeler is a Python callable named ``module:function``. It is called once per prompt with that prompt's
+  sample rows (``prompt``, ``completion``, ``sample`` and the prompt file's other fields, e.g. ``answer``) and
+  returns a score per sample (higher is better) or ``{"ranking": [sample numbers, best first]}``.
+- Human rankings: a jsonl file of ``{"id": ..., "ranking": [sample numbers, best first]}``; prompts without a
+  row are left out.
+
+Samples that tie (equal scores, or identical text) are not compared: only the first of each is kept, so every
+pair the reward model sees has a real winner. A prompt left with fewer than two responses is dropped (counted).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from gptpipe.errors import UserError
+
+Labeler = Callable[[list[dict]], list[float] | dict]
+
+
+def load_labeler(spec: str, where: str = "labeler") -> Labeler:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"{where}: expected 'module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{where}: cannot import {spec!r}: {e}") from None
+    if not callable(fn):
+        raise UserError(f"{where}: {spec!r} is not callable")
+    return fn
+
+
+def read_jsonl(path: str | Path, what: str) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: file not found: {path}")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {i + 1}: not valid JSON ({e})") from None
+    return rows
+
+
+def read_rankings(path: str | Path) -> dict:
+    """{prompt id: [sample numbers, best first]} from a jsonl file of human rankings."""
+    out = {}
+    for i, row in enumerate(read_jsonl(path, "rankings")):
+        if "id" not in row or not isinstance(row.get("ranking"), list):
+            raise UserError(
+                f"{path}: row {i}: expected {{'id': ..., 'ranking': [sample numbers, best first]}}"
+            )
+        out[row["id"]] = row["ranking"]
+    return out
+
+
+def group_by_prompt(samples: list[dict]) -> dict:
+    groups: dict = {}
+    for i, row in enumerate(samples):
+        missing = [k for k in ("id", "prompt", "completion") if k not in row]
+        if missing:
+            raise UserError(
+                f"samples: row {i}: no {missing[0]!r} field (rows as `gptpipe generate` writes them)"
+            )
+        groups.setdefault(_key(row["id"]), []).append(row)
+    return groups
+
+
+def _key(value):
+    return json.dumps(value) if isinstance(value, list | dict) else value
+
+
+def order_group(rows: list[dict], labeler: Labeler | None, ranking: list | None, where: str) -> list[dict]:
+    """The group's samples best first, one per distinct score (ties and repeated texts dropped)."""
+    if labeler is not None:
+        result = labeler(rows)
+        if isinstance(result, dict):
+            ranking = result.get("ranking")
+        else:
+            scores = list(result)
+            if len(scores) != len(rows):
+                raise UserError(f"{where}: the labeler returned {len(scores)} scores for {len(rows)} samples")
+            best_first = sorted(
+                range(len(rows)), key=lambda i: -float(scores[i])
+            )  # stable: first sample wins a tie
+            kept, seen_scores = [], set()
+            for i in best_first:
+                if float(scores[i]) not in seen_scores:
+                    seen_scores.add(float(scores[i]))
+                    kept.append(rows[i])
+            return _distinct_texts(kept)
+    by_sample = {row.get("sample", i): row for i, row in enumerate(rows)}
+    unknown = [s for s in ranking or [] if s not in by_sample]
+    if unknown:
+        raise UserError(f"{where}: ranking names sample {unknown[0]!r}, which the samples do not have")
+    return _distinct_texts([by_sample[s] for s in ranking or []])
+
+
+def _distinct_texts(rows: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for row in rows:
+        text = row["completion"].strip()
+        if text and text not in seen:
+            seen.add(text)
+            out.append(row)
+    return out
+
+
+def rank_samples(
+    samples: list[dict], labeler: Labeler | None = None, rankings: dict | None = None
+) -> tuple[list, dict]:
+    """``ranked`` rows ({id, prompt, responses}) and counts: prompts, kept, dropped, pairs."""
+    if (labeler is None) == (rankings is None):
+        raise UserError(
+            "rank: give either a labeler (module:function) or a rankings file, not both or neither"
+        )
+    ranked, stats = [], {"prompts": 0, "kept": 0, "dropped_fewer_than_two": 0, "unranked": 0, "pairs": 0}
+    for key, rows in group_by_prompt(samples).items():
+        stats["prompts"] += 1
+        if rankings is not None and rows[0]["id"] not in rankings:
+            stats["unranked"] += 1
+            continue
+        ordered = order_group(rows, labeler, rankings and rankings[rows[0]["id"]], f"prompt {key}")
+        if len(ordered) < 2:
+            stats["dropped_fewer_than_two"] += 1
+            continue
+        stats["kept"] += 1
+        stats["pairs"] += len(ordered) * (len(ordered) - 1) // 2
+        ranked.append(
+            {
+                "id": rows[0]["id"],
+                "prompt": rows[0]["prompt"],
+                "responses": [r["completion"].strip() for r in ordered],
+            }
+        )
+    return ranked, stats
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,111 @@
+"""Rank stage: on-policy comparisons for the reward model, from the SFT model's own samples.
+
+    gptpipe train recipes/tiny/rank.yaml
+    gptpipe pipeline recipes/tiny/pipeline-onpolicy.yaml   # sft -> rank -> reward -> rl
+
+For each prompt of ``datasets`` the model samples ``num_samples`` answers (``gptpipe generate``), which a
+labeler (``labeler: module:function``) or a file of human rankings (``rankings:``) orders best to worst
+(``gptpipe.data.ranking``). ``final/comparisons.jsonl`` holds them in the ``ranked`` format; ``final/samples.jsonl``
+every sample. In a pipeline the reward stage after this one trains on them.
+
+Evidence (``eval.json``): prompts kept and dropped (all samples tied), pairs, the share of samples the labeler
+put at the top score, and the mean number of distinct responses per kept prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from gptpipe.config import RankConfig
+from gptpipe.data import ranking
+from gptpipe.data.sources import load_train_eval
+from gptpipe.errors import UserError
+from gptpipe.generation import generate_file
+from gptpipe.recipe import save_config
+from gptpipe.rlhf import prompt_rows
+from gptpipe.runs import final_tmp_dir, is_finished, publish_final, write_json_atomic
+
+
+def main(cfg: RankConfig) -> dict:
+    out = Path(cfg.output_dir)
+    if is_finished(out) and not cfg.overwrite:
+        raise UserError(
+            f"{out} holds a finished rank run. Choose another output_dir, or pass overwrite=true."
+        )
+    if not cfg.model.name_or_path:
+        raise UserError(
+            "model.name_or_path is required: the model whose samples are compared (the sft stage's final/)"
+        )
+    if (cfg.labeler is None) == (cfg.rankings is None):
+        raise UserError("set exactly one of labeler: (module:function) and rankings: (a jsonl file)")
+    labeler = ranking.load_labeler(cfg.labeler, "labeler") if cfg.labeler else None  # fail before sampling
+    human = ranking.read_rankings(cfg.rankings) if cfg.rankings else None
+    start = time.time()
+    prompts, _ = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows_with_fields)
+    if cfg.max_prompts:
+        prompts = prompts.select(range(min(cfg.max_prompts, len(prompts))))
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    tmp = final_tmp_dir(out)
+    prompt_file = tmp / "prompts.jsonl"
+    ranking.write_jsonl([{"id": i, **row} for i, row in enumerate(prompts)], prompt_file)
+    print(
+        f"[rank] sampling {cfg.num_samples} answers to each of {len(prompts)} prompts from {cfg.model.name_or_path}"
+    )
+    generate_file(
+        cfg.model.name_or_path,
+        prompt_file,
+        tmp / "samples.jsonl",
+        num_samples=cfg.num_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+    )
+    samples = ranking.read_jsonl(tmp / "samples.jsonl", "samples")
+    ranked, stats = ranking.rank_samples(samples, labeler, human)
+    if not ranked:
+        raise UserError(
+            f"no comparisons: all {stats['prompts']} prompts' samples tied or were unranked; sample more "
+            "(num_samples), at a higher temperature, or check the labeler"
+        )
+    ranking.write_jsonl(ranked, tmp / "comparisons.jsonl")
+    final = publish_final(tmp, out)
+    evidence = {
+        **stats,
+        "samples": len(samples),
+        "responses_per_prompt": sum(len(r["responses"]) for r in ranked) / len(ranked),
+        "seconds": round(time.time() - start, 1),
+    }
+    if labeler is not None:
+        evidence["top_score_share"] = _top_score_share(samples, labeler)
+    write_json_atomic(out / "eval.json", evidence)
+    print(
+        f"[rank] {stats['kept']} of {stats['prompts']} prompts ranked ({stats['dropped_fewer_than_two']} all tied, "
+        f"{stats['unranked']} unranked): {stats['pairs']} pairs -> {final / 'comparisons.jsonl'}"
+    )
+    return evidence
+
+
+def prompt_rows_with_fields(ds, src):
+    """Prompts as messages (``gptpipe.rlhf.prompt_rows``) with every other column kept for the labeler."""
+    extra = ds.remove_columns([c for c in ("prompt", "answer") if c in ds.column_names])
+    prompts = prompt_rows(ds, src)
+    for column in extra.column_names:
+        prompts = prompts.add_column(column, extra[column])
+    return prompts
+
+
+def _top_score_share(samples: list[dict], labeler) -> float:
+    """The share of samples that got the best score any sample of the same prompt could get (its group's max
+    over all groups' maximum): how often the policy already writes the best answer."""
+    groups = ranking.group_by_prompt(samples)
+    scores = [float(s) for rows in groups.values() for s in _scores(labeler(rows))]
+    best = max(scores)
+    return sum(s == best for s in scores) / len(scores)
+
+
+def _scores(result) -> list:
+    return [] if isinstance(result, dict) else list(result)

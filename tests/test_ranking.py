@@ -1,0 +1,96 @@
+"""On-policy comparisons: samples ranked by a labeler or by people into the reward stage's `ranked` format."""
+
+import json
+
+import pytest
+from conftest import REPO
+
+from gptpipe.cli import run
+from gptpipe.data import ranking
+from gptpipe.data.preferences import from_ranked
+from gptpipe.data.tinyworld import label
+from gptpipe.errors import UserError
+
+PROMPT = [{"role": "user", "content": "How old is Anna?"}]
+
+
+def samples(*completions, id=0, **extra):
+    return [
+        {"id": id, "prompt": PROMPT, "sample": i, "completion": c, **extra} for i, c in enumerate(completions)
+    ]
+
+
+def by_length(rows):  # a known labeler: longer is better
+    return [len(r["completion"]) for r in rows]
+
+
+def test_a_labeler_orders_each_prompt_and_ties_are_not_compared():
+    rows = samples("bb", "a", "cccc", "dd") + samples("x", "y", id=1)  # prompt 1: a tie only
+    ranked, stats = ranking.rank_samples(rows, by_length)
+    assert ranked == [
+        {"id": 0, "prompt": PROMPT, "responses": ["cccc", "bb", "a"]}
+    ]  # "dd" ties "bb": dropped
+    assert stats == {"prompts": 2, "kept": 1, "dropped_fewer_than_two": 1, "unranked": 0, "pairs": 3}
+    pairs = from_ranked(ranked[0])  # what the reward stage makes of it: every better/worse pair
+    assert [(c[-1]["content"], r[-1]["content"]) for c, r in pairs] == [
+        ("cccc", "bb"),
+        ("cccc", "a"),
+        ("bb", "a"),
+    ]
+
+
+def test_human_rankings_by_sample_number(tmp_path):
+    path = tmp_path / "rankings.jsonl"
+    path.write_text(json.dumps({"id": 0, "ranking": [2, 0]}) + "\n")
+    ranked, stats = ranking.rank_samples(
+        samples("a", "b", "c") + samples("x", "y", id=1), rankings=ranking.read_rankings(path)
+    )
+    assert ranked[0]["responses"] == ["c", "a"] and stats["unranked"] == 1
+    path.write_text(json.dumps({"id": 0, "ranking": [7, 0]}) + "\n")
+    with pytest.raises(UserError, match="ranking names sample 7"):
+        ranking.rank_samples(samples("a", "b"), rankings=ranking.read_rankings(path))
+
+
+def test_tinyworld_labeler_prefers_the_house_style_right_answer():
+    rows = samples(
+        "Anna is 34 years old.",
+        "34, I think.",
+        "Anna is 35 years old.",
+        answer="34",
+        reference="Anna is 34 years old.",
+    )
+    assert label(rows) == [2.0, 1.0, 0.0]
+    with pytest.raises(UserError, match="answer and reference"):
+        label(samples("34"))
+
+
+def test_rank_command_writes_the_ranked_format(tmp_path, capsys):
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in samples("bb", "a")))
+    run(["rank", str(path), "--labeler", "test_ranking:by_length"])
+    assert "1 of 1 prompts ranked" in capsys.readouterr().out
+    assert json.loads((tmp_path / "samples.ranked.jsonl").read_text())["responses"] == ["bb", "a"]
+    with pytest.raises(UserError, match="cannot import 'nowhere:fn'"):
+        run(["rank", str(path), "--labeler", "nowhere:fn"])
+
+
+def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tmp_path):
+    out = tmp_path / "rank"
+    run(
+        [
+            "train",
+            str(REPO / "recipes/tiny/rank.yaml"),
+            f"output_dir={out}",
+            f"model.name_or_path={tiny_sft}",
+            "max_prompts=24",
+        ]
+    )
+    evidence = json.loads((out / "eval.json").read_text())
+    assert evidence["prompts"] == 24 and evidence["samples"] == 96 and evidence["pairs"] >= 1
+    rows = [json.loads(line) for line in (out / "final/comparisons.jsonl").read_text().splitlines()]
+    assert len(rows) == evidence["kept"] and all(len(r["responses"]) >= 2 for r in rows)
+    samples_file = [json.loads(line) for line in (out / "final/samples.jsonl").read_text().splitlines()]
+    by_text = {(s["id"], s["completion"]): s for s in samples_file}
+    for row in rows:  # best first by the tiny world's labeler, with the real answers
+        scored = label([by_text[(row["id"], c)] for c in row["responses"]])
+        assert scored == sorted(scored, reverse=True) and len(set(scored)) == len(scored)
