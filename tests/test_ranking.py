@@ -6,6 +6,7 @@ import pytest
 from conftest import REPO
 
 from gptpipe.cli import run
+from gptpipe.compare import reward_models_on_own_samples
 from gptpipe.data import ranking
 from gptpipe.data.preferences import from_ranked
 from gptpipe.data.tinyworld import label
@@ -74,7 +75,7 @@ def test_rank_command_writes_the_ranked_format(tmp_path, capsys):
         run(["rank", str(path), "--labeler", "nowhere:fn"])
 
 
-def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tmp_path):
+def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tiny_reward, tmp_path):
     out = tmp_path / "rank"
     run(
         [
@@ -83,10 +84,12 @@ def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tmp_path):
             f"output_dir={out}",
             f"model.name_or_path={tiny_sft}",
             "max_prompts=24",
+            "eval_datasets=[{path: 'tinyworld:rl_prompts', split: eval, max_samples: 16}]",
         ]
     )
     evidence = json.loads((out / "eval.json").read_text())
     assert evidence["prompts"] == 24 and evidence["samples"] == 96 and evidence["pairs"] >= 1
+    assert evidence["heldout_prompts"] == 16
     rows = [json.loads(line) for line in (out / "final/comparisons.jsonl").read_text().splitlines()]
     assert len(rows) == evidence["kept"] and all(len(r["responses"]) >= 2 for r in rows)
     samples_file = [json.loads(line) for line in (out / "final/samples.jsonl").read_text().splitlines()]
@@ -94,3 +97,14 @@ def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tmp_path):
     for row in rows:  # best first by the tiny world's labeler, with the real answers
         scored = label([by_text[(row["id"], c)] for c in row["responses"]])
         assert scored == sorted(scored, reverse=True) and len(set(scored)) == len(scored)
+
+    # The report card's section: every finished reward run of the folder scored on the held-out comparisons.
+    heldout = out / "final/heldout_comparisons.jsonl"
+    assert evidence["heldout_kept"] > 0 and heldout.is_file()  # a fixed seed: the same samples every run
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "reward").symlink_to(tiny_reward.parent)
+    section = reward_models_on_own_samples(runs, heldout)
+    [line] = [x for x in section.splitlines() if x.startswith("| reward |")]
+    accuracy = float(line.rstrip(" |").rsplit("|", 1)[1])
+    assert 0.0 <= accuracy <= 1.0

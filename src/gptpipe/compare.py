@@ -219,3 +219,35 @@ def write(found: dict, out: Path) -> str:
     path = plot(found, out / "plots")
     section = markdown(found)
     return section + (f"\n\n![diversity per stage](plots/{path.name})" if path else "")
+
+
+def reward_models_on_own_samples(out: Path, heldout: Path) -> str:
+    """The report card's section for on-policy comparisons: every finished reward run in ``out`` scored on
+    ``heldout`` (held-out prompts' samples of the policy, ranked like the training comparisons), next to
+    the held-out accuracy of its own evaluation set."""
+    import yaml
+
+    from gptpipe.runs import is_finished
+    from gptpipe.scoring import score_pairs_file
+
+    lines = [
+        "## Reward models on the SFT model's own samples",
+        "",
+        f"Held-out comparisons among the policy's samples ({heldout}), ranked as the rank stage's training data; "
+        "each reward model's accuracy on them next to the accuracy on its own held-out set (eval.json).",
+        "",
+        "| reward run | trained on | own held-out set | the SFT model's own samples |",
+        "| --- | --- | --- | --- |",
+    ]
+    for run in sorted(p for p in out.iterdir() if p.is_dir() and is_finished(p)):
+        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        if (config or {}).get("stage") != "reward":
+            continue
+        evidence = json.loads((run / "eval.json").read_text())
+        own = evidence.get("pairwise_accuracy_after")
+        sampled = score_pairs_file(run / "final", heldout, "ranked")["pairwise_accuracy"]
+        sources = ", ".join(str(d.get("path")) for d in config.get("datasets", []))
+        lines.append(
+            f"| {run.name} | {_cell(sources, 50)} | {'-' if own is None else f'{own:.3f}'} | {sampled:.3f} |"
+        )
+    return "\n".join(lines)

@@ -219,6 +219,13 @@ def run_pipeline(
     if getattr(planned[-1].cfg, "process_index", 0) == 0:
         if pipe.compare is not None:
             text += "\n" + _compare_stages(pipe.compare, planned, out) + "\n"
+        heldout = [
+            Path(p.cfg.output_dir) / "final/heldout_comparisons.jsonl" for p in planned if p.kind == "rank"
+        ]
+        if heldout and heldout[0].is_file():
+            from gptpipe.compare import reward_models_on_own_samples
+
+            text += "\n" + reward_models_on_own_samples(out, heldout[0]) + "\n"
         (out / "report.md").write_text(text)
         print(f"\n{card}\n\n[pipeline] report card: {out / 'report.md'} ({time.time() - start:.0f} s)")
     return out / "report.md"

@@ -6,7 +6,9 @@
 For each prompt of ``datasets`` the model samples ``num_samples`` answers (``gptpipe generate``), which a
 labeler (``labeler: module:function``) or a file of human rankings (``rankings:``) orders best to worst
 (``gptpipe.data.ranking``). ``final/comparisons.jsonl`` holds them in the ``ranked`` format; ``final/samples.jsonl``
-every sample. In a pipeline the reward stage after this one trains on them.
+every sample. In a pipeline the reward stage after this one trains on them. With ``eval_datasets``, held-out
+prompts are sampled and ranked the same way into ``final/heldout_comparisons.jsonl``; the pipeline's report card
+scores every reward model of its run folder on them (how well each judges the model's own samples).
 
 Evidence (``eval.json``): prompts kept and dropped (all samples tied), pairs, the share of samples the labeler
 put at the top score, and the mean number of distinct responses per kept prompt.
@@ -42,41 +44,27 @@ def main(cfg: RankConfig) -> dict:
     labeler = ranking.load_labeler(cfg.labeler, "labeler") if cfg.labeler else None  # fail before sampling
     human = ranking.read_rankings(cfg.rankings) if cfg.rankings else None
     start = time.time()
-    prompts, _ = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows_with_fields)
+    prompts, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows_with_fields)
     if cfg.max_prompts:
         prompts = prompts.select(range(min(cfg.max_prompts, len(prompts))))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     tmp = final_tmp_dir(out)
-    prompt_file = tmp / "prompts.jsonl"
-    ranking.write_jsonl([{"id": i, **row} for i, row in enumerate(prompts)], prompt_file)
-    print(
-        f"[rank] sampling {cfg.num_samples} answers to each of {len(prompts)} prompts from {cfg.model.name_or_path}"
-    )
-    generate_file(
-        cfg.model.name_or_path,
-        prompt_file,
-        tmp / "samples.jsonl",
-        num_samples=cfg.num_samples,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-    )
-    samples = ranking.read_jsonl(tmp / "samples.jsonl", "samples")
-    ranked, stats = ranking.rank_samples(samples, labeler, human)
+    samples, ranked, stats = _sample_and_rank(cfg, prompts, tmp, "", labeler, human)
     if not ranked:
         raise UserError(
             f"no comparisons: all {stats['prompts']} prompts' samples tied or were unranked; sample more "
             "(num_samples), at a higher temperature, or check the labeler"
         )
-    ranking.write_jsonl(ranked, tmp / "comparisons.jsonl")
+    heldout_stats = {}
+    if heldout is not None:  # the same on held-out prompts: a yardstick of judging the model's own samples
+        _, _, heldout_stats = _sample_and_rank(cfg, heldout, tmp, "heldout_", labeler, human)
     final = publish_final(tmp, out)
     evidence = {
         **stats,
         "samples": len(samples),
         "responses_per_prompt": sum(len(r["responses"]) for r in ranked) / len(ranked),
+        **{f"heldout_{k}": v for k, v in heldout_stats.items() if k in ("prompts", "kept", "pairs")},
         "seconds": round(time.time() - start, 1),
     }
     if labeler is not None:
@@ -87,6 +75,31 @@ def main(cfg: RankConfig) -> dict:
         f"{stats['unranked']} unranked): {stats['pairs']} pairs -> {final / 'comparisons.jsonl'}"
     )
     return evidence
+
+
+def _sample_and_rank(cfg: RankConfig, prompts, tmp: Path, prefix: str, labeler, human):
+    """Sample ``num_samples`` answers per prompt into ``<prefix>samples.jsonl`` and rank them into
+    ``<prefix>comparisons.jsonl``; returns (samples, ranked rows, counts). Held-out prompt ids are "eval-N"."""
+    ids = [f"eval-{i}" if prefix else i for i in range(len(prompts))]
+    prompt_file = tmp / f"{prefix}prompts.jsonl"
+    ranking.write_jsonl([{"id": pid, **row} for pid, row in zip(ids, prompts, strict=True)], prompt_file)
+    print(f"[rank] sampling {cfg.num_samples} answers to each of {len(prompts)} {prefix}prompts")
+    generate_file(
+        cfg.model.name_or_path,
+        prompt_file,
+        tmp / f"{prefix}samples.jsonl",
+        num_samples=cfg.num_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+    )
+    samples = ranking.read_jsonl(tmp / f"{prefix}samples.jsonl", "samples")
+    ranked, stats = ranking.rank_samples(samples, labeler, human)
+    if ranked:
+        ranking.write_jsonl(ranked, tmp / f"{prefix}comparisons.jsonl")
+    return samples, ranked, stats
 
 
 def prompt_rows_with_fields(ds, src):
