@@ -75,24 +75,29 @@ def test_chat_command_holds_a_conversation(sft_run):
 def test_generate_command_writes_samples(sft_run, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
-        '{"prompt": "What is 1 plus 1?"}\n{"messages": [{"role": "user", "content": "What is 2 plus 2?"}]}\n'
+        '{"prompt": "What is 1 plus 1?", "answer": "2"}\n'
+        '{"messages": [{"role": "user", "content": "What is 2 plus 2?"}]}\n'
     )
-    run(
-        [
-            "generate",
-            str(sft_run / "final"),
-            "--prompts",
-            str(prompts),
+
+    def generate(out, seed):
+        args = [
             "--out",
-            str(tmp_path / "out.jsonl"),
+            str(tmp_path / out),
             "--num-samples",
             "3",
             "--max-new-tokens",
             "16",
+            "--seed",
+            str(seed),
         ]
-    )
-    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        run(["generate", str(sft_run / "final"), "--prompts", str(prompts), *args])
+        return (tmp_path / out).read_text()
+
+    first = generate("a.jsonl", 0)
+    rows = [json.loads(line) for line in first.splitlines()]
     assert len(rows) == 6 and {r["id"] for r in rows} == {0, 1} and {r["sample"] for r in rows} == {0, 1, 2}
+    assert rows[0]["answer"] == "2"  # the prompt row's other fields travel with each sample (for labelers)
+    assert generate("b.jsonl", 0) == first  # a fixed seed samples the same completions
 
 
 def test_lora_adapter_and_merged_model(tiny_base, tmp_path):
