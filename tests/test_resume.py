@@ -1,5 +1,6 @@
 """Kill a run hard after a checkpoint, rerun the same command: it resumes and every later logged loss, the
-final weights and the evidence equal the uninterrupted run's bit for bit (CPU). Pretraining, SFT, reward."""
+final weights and the evidence equal the uninterrupted run's bit for bit (CPU). SFT and reward here;
+pretraining and PPO, preempted and killed while saving, in test_faults.py."""
 
 import contextlib
 import io
@@ -12,6 +13,8 @@ import pytest
 import torch
 from conftest import REPO, reward_overrides, sft_overrides, small_pretrain
 from safetensors.torch import load_file
+
+from gptpipe.runs import last_checkpoint
 
 PRETRAIN = str(REPO / "recipes/tiny/pretrain.yaml")
 TIMING_KEYS = {"seconds"}  # wall-clock fields: the only evidence allowed to differ
@@ -50,19 +53,32 @@ def check_kill_and_resume(
 
     Only the killed run needs its own process; the reference and the rerun run in this one (faster).
     """
-    in_process(args(tmp_path / "reference"), recipe)
+    # It logged past its last checkpoint: the rerun must drop those lines.
+    faults = [
+        ("kill_callback:KillAtStep", {"GPTPIPE_TEST_KILL_AT_STEP": kill_at}, -9, checkpoint, kill_at - 1)
+    ]
+    check_interrupted_runs(tmp_path, recipe, args, steps, faults, keys)
 
+
+def check_interrupted_runs(tmp_path, recipe, args, steps, faults, keys):
+    """Reference run; then the same command in a process of its own once per fault, each ended by it; then
+    once more, in this process: every later logged value, the final weights and the evidence must equal the
+    uninterrupted run's bit for bit. ``faults``: (callback, environment, exit code, the checkpoint that
+    the next run must resume from, the last step it logged)."""
+    in_process(args(tmp_path / "reference"), recipe)
     run = tmp_path / "interrupted"
-    killed = gptpipe(
-        args(run) + ["callbacks=[kill_callback:KillAtStep]"], recipe, GPTPIPE_TEST_KILL_AT_STEP=str(kill_at)
-    )
-    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no chance to clean up
-    assert (run / f"checkpoint-{checkpoint}").is_dir()
-    assert not (run / "final").exists() and not (run / "eval.json").exists()  # it never looks finished
-    assert max(step for step, _ in logged(run, keys[0])) == kill_at - 1  # it logged past its last checkpoint
+    for callback, env, returncode, checkpoint, last_logged in faults:
+        ended = gptpipe(
+            args(run) + [f"callbacks=[{callback}]"], recipe, **{k: str(v) for k, v in env.items()}
+        )
+        assert ended.returncode == returncode, ended.stderr[-3000:]
+        assert "Traceback" not in ended.stderr or returncode == -9
+        assert last_checkpoint(run) == run / f"checkpoint-{checkpoint}"
+        assert not (run / "final").exists() and not (run / "eval.json").exists()  # it never looks finished
+        assert max(step for step, _ in logged(run, keys[0])) == last_logged
 
     resumed = in_process(args(run), recipe)  # the same command again
-    assert f"resuming from {run / f'checkpoint-{checkpoint}'}" in resumed
+    assert f"resuming from {run / f'checkpoint-{faults[-1][3]}'}" in resumed
 
     for key in keys:
         assert logged(run, key) == logged(tmp_path / "reference", key), key
@@ -75,13 +91,7 @@ def check_kill_and_resume(
     assert {k: v for k, v in new_evidence.items() if k not in TIMING_KEYS} == {
         k: v for k, v in ref_evidence.items() if k not in TIMING_KEYS
     }
-
-
-def test_pretrain_kill_and_resume_is_bit_identical(tokenizer_dir, tmp_path):
-    def args(out):
-        return small_pretrain(tokenizer_dir, out, max_steps=30, logging_steps=1, save_steps=10, eval_steps=10)
-
-    check_kill_and_resume(tmp_path, PRETRAIN, args, steps=30, checkpoint=10, kill_at=15)
+    return resumed
 
 
 def test_sft_kill_and_resume_is_bit_identical(tiny_base, tmp_path):

@@ -1,5 +1,5 @@
 """PPO stage on the tiny world: runs end to end from the SFT and reward models, writes its evidence and a
-policy that loads with plain transformers, and a killed run resumes bit for bit."""
+policy that loads with plain transformers (kill/preempt and resume: tests/test_faults.py)."""
 
 import json
 import os
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, rl_overrides
-from test_resume import check_kill_and_resume
 from transformers import AutoModelForCausalLM
 
 from gptpipe.cli import run
 from gptpipe.errors import UserError
+from gptpipe.runs import last_checkpoint
 from gptpipe.stages.rl import batch_rows
 from gptpipe.tracking import read_metrics
 
@@ -45,21 +45,6 @@ def test_ppo_runs_and_reports_reward_kl_and_accuracy(tiny_sft, tiny_reward, tmp_
     AutoModelForCausalLM.from_pretrained(tmp_path / "rl/final")
 
 
-def test_ppo_kill_and_resume_is_bit_identical(tiny_sft, tiny_reward, tmp_path):
-    def args(out):
-        return rl_overrides(tiny_sft, tiny_reward, out)
-
-    check_kill_and_resume(
-        tmp_path,
-        RL,
-        args,
-        steps=6,
-        checkpoint=3,
-        kill_at=5,
-        keys=("reward", "kl", "policy_loss", "value_loss"),
-    )
-
-
 def test_missing_reward_model_is_a_clear_error(tiny_sft, tmp_path):
     with pytest.raises(UserError, match="reward_model is required"):
         run(["train", RL, *rl_overrides(tiny_sft, "null", tmp_path / "x")])
@@ -86,7 +71,8 @@ def test_ppo_with_a_lora_policy_uses_the_disabled_adapter_as_reference(tiny_sft,
 def test_ppo_under_ddp_and_deepspeed_zero3_with_two_processes(tiny_sft, tiny_reward, tmp_path):
     """DDP through accelerate_configs/cpu_ddp.yaml, then a real ZeRO-3 engine (policy and critic as one
     module; reference and reward model as inference engines) on the same seeds: the same first rollout and
-    losses, a whole policy saved, and a resume from a ZeRO-3 checkpoint that repeats the last iteration."""
+    losses, a whole policy saved, and a resume from a ZeRO-3 checkpoint that repeats the last iteration.
+    The DDP run is first preempted by a SIGTERM that only one process receives, then rerun."""
     pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
 
@@ -97,10 +83,25 @@ def test_ppo_under_ddp_and_deepspeed_zero3_with_two_processes(tiny_sft, tiny_rew
     ddp = tmp_path / "ddp"
     accelerate = str(Path(sys.executable).parent / "accelerate")
     cmd = [accelerate, "launch", "--config_file", str(REPO / "accelerate_configs/cpu_ddp.yaml")]
+    # SIGTERM reaches only the second process after iteration 2: both must stop there, with one checkpoint.
+    preempt = {"GPTPIPE_TEST_SIGNAL_AT_STEP": "2", "GPTPIPE_TEST_SIGNAL_RANK": "1"}
+    stopped = subprocess.run(
+        [*cmd, "-m", "gptpipe", "train", RL, *args(ddp, callbacks="[fault_callbacks:SignalAtStep]")],
+        capture_output=True,
+        text=True,
+        env={**env, **preempt, "PYTHONPATH": str(REPO / "tests/helpers")},
+    )
+    # Each process exits 75; the launcher reports that as a failure of its own (exit 1, with its traceback).
+    assert stopped.returncode != 0 and "exitcode: 75" in stopped.stderr, stopped.stderr[-3000:]
+    assert "src/gptpipe" not in stopped.stderr  # no traceback from gptpipe itself
+    assert "[rl] stopped by SIGTERM after step 2" in stopped.stderr  # the process that got it
+    assert "[rl] stopped by a signal on another process after step 2" in stopped.stderr  # the other one
+    assert last_checkpoint(ddp) == ddp / "checkpoint-2" and not (ddp / "eval.json").exists()
     done = subprocess.run(
         [*cmd, "-m", "gptpipe", "train", RL, *args(ddp)], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
     e = json.loads((ddp / "eval.json").read_text())
     assert e["world_size"] == 2 and e["train_steps"] == 3
     assert "8 per iteration (2 processes)" in done.stdout

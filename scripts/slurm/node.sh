@@ -3,6 +3,10 @@
 # GPTPIPE_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 VENV=${VENV:-.venv}
+# Preemption (docs/fault-tolerance.md): the launcher passes SIGTERM and SIGUSR1 on to the training processes
+# and gives them time to finish the step and save a checkpoint before it kills them.
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-${GPTPIPE_SAVE_GRACE:-600}}
 CONFIG_FILE=accelerate_configs/${GPTPIPE_CONFIG}.yaml
 cmd=("$VENV/bin/accelerate" launch --config_file "$CONFIG_FILE"
   --num_machines "$SLURM_NNODES" --num_processes "$((SLURM_NNODES * GPUS_PER_NODE))"

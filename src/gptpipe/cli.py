@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from gptpipe.errors import UserError
+from gptpipe.errors import Preempted, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,10 +156,12 @@ def run(argv: list[str] | None = None) -> None:
         return _relaunch(args, argv)
     if args.command == "train":
         from gptpipe.distributed import start_distributed
+        from gptpipe.faults import note_stage
         from gptpipe.recipe import load_recipe
         from gptpipe.tracking import start_tracking
 
         cfg = load_recipe(args.recipe, args.overrides)
+        note_stage(cfg)
         start_distributed(cfg)
         start_tracking(cfg)
         stage = importlib.import_module(cfg.module)
@@ -250,16 +252,26 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one message and exit 2, with no traceback."""
+    """Entry point: user errors, faults (NaN, full disk, out of memory) and preemption print one message and
+    exit with their own code (``gptpipe.errors``), with no traceback."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         run(argv)
     except UserError as e:
-        print(f"gptpipe: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        label = "stopped" if isinstance(e, Preempted) else "error"
+        print(f"gptpipe: {label}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)  # 2 for input mistakes; the others in gptpipe.errors
     except KeyboardInterrupt:
         print("gptpipe: interrupted", file=sys.stderr)
         sys.exit(130)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        from gptpipe.faults import describe_oom, is_oom
+
+        if not is_oom(e):
+            raise
+        error = describe_oom(e)
+        print(f"gptpipe: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ and saving recipes is ``gptpipe.recipe``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import trl
 from transformers import TrainingArguments
@@ -108,6 +108,11 @@ class RunSettings(DataSettings):
     callbacks: list[str] = field(
         default_factory=list
     )  # extra transformers.TrainerCallback classes, "module:Class"
+    # A NaN/inf gradient: stop (naming the step and the last good checkpoint) or skip that update (counted in
+    # eval.json; not under DeepSpeed, which applies updates inside backward). docs/fault-tolerance.md
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 20  # with on_nonfinite: skip, stop anyway after this many skipped updates
+    slurm_requeue: bool = True  # on SIGUSR1 under Slurm: save a checkpoint, then `scontrol requeue` the job
 
     def to_dict(self) -> dict:
         """What HF integrations log (TensorBoard, wandb): the trainer's dict with our nested settings as plain

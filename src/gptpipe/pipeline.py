@@ -25,6 +25,7 @@ import yaml
 
 from gptpipe.compare import MODEL_STAGES, CompareSettings
 from gptpipe.errors import UserError
+from gptpipe.faults import note_stage
 from gptpipe.recipe import (
     apply_override,
     build_dataclass,
@@ -209,6 +210,7 @@ def run_pipeline(
             continue
         print(f"[pipeline] {plan.name}: {'rerun' if i >= first_rerun else 'run'} -> {run_dir}", flush=True)
         start_tracking(plan.cfg)
+        note_stage(plan.cfg)
         importlib.import_module(plan.cfg.module).main(plan.cfg)
         if getattr(plan.cfg, "process_index", 0) == 0:
             write_run_report(run_dir)

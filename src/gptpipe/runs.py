@@ -19,8 +19,9 @@ from gptpipe.errors import UserError
 from gptpipe.recipe import save_config
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# Written by transformers.Trainer after everything else in a checkpoint: its presence marks a complete one.
-CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
+# Written last, by the main process, after every process has finished writing its part of a checkpoint: a
+# checkpoint without it (a kill during saving) is never resumed from, and is removed when the run resumes.
+CHECKPOINT_COMPLETE_MARKER = "checkpoint_complete.json"
 
 
 def is_finished(output_dir: str | Path) -> bool:
@@ -33,12 +34,43 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     out = Path(output_dir)
     if not out.is_dir():
         return None
-    found = []
-    for child in out.iterdir():
-        m = CHECKPOINT_RE.match(child.name)
-        if m and child.is_dir() and (child / CHECKPOINT_COMPLETE_MARKER).is_file():
-            found.append((int(m.group(1)), child))
+    found = [(step, folder) for step, folder in checkpoints(out) if is_complete(folder)]
     return max(found)[1] if found else None
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every ``checkpoint-N`` folder, complete or not, oldest step first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), c) for c in out.iterdir() if (m := CHECKPOINT_RE.match(c.name)) and c.is_dir()]
+    return sorted(found)
+
+
+def is_complete(folder: Path) -> bool:
+    try:
+        return "step" in json.loads((Path(folder) / CHECKPOINT_COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def mark_complete(folder: Path, step: int, world_size: int) -> None:
+    """Call on the main process once every process has written its part (after a barrier)."""
+    write_json_atomic(Path(folder) / CHECKPOINT_COMPLETE_MARKER, {"step": step, "world_size": world_size})
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int | None, protect: str | Path | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints (and ``protect``, e.g. the best one); call it only once
+    the newest is complete, so a kill during saving never leaves fewer than ``keep`` good ones."""
+    if not keep:
+        return
+    complete = [folder for _, folder in checkpoints(output_dir) if is_complete(folder)]
+    protected = [f for f in complete if protect is not None and f.resolve() == Path(protect).resolve()]
+    complete = [
+        f for f in complete if f not in protected
+    ] + protected  # kept as if newest (as the Trainer does)
+    for folder in complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def prepare_run_dir(cfg: Any, is_main_process: bool = True) -> Path | None:
@@ -59,6 +91,11 @@ def prepare_run_dir(cfg: Any, is_main_process: bool = True) -> Path | None:
             clear_run_dir(out)
     # Every process must agree: a replaced run starts over even if another process still sees its checkpoints.
     resume_from = last_checkpoint(out) if getattr(cfg, "resume", True) and not overwriting else None
+    if resume_from is not None and is_main_process:  # half-written ones (killed while saving) would confuse
+        for _, folder in checkpoints(out):  # rotation and a later resume: gone
+            if not is_complete(folder):
+                print(f"[{getattr(cfg, 'stage', 'run')}] removing incomplete {folder}")
+                shutil.rmtree(folder, ignore_errors=True)
     if resume_from is None and is_main_process and out.exists():
         clear_run_dir(out)  # resume=false, or only incomplete leftovers: start over cleanly
     if is_main_process:

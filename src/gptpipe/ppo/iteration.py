@@ -51,6 +51,15 @@ class PPOSettings:
     whiten_advantages: bool = True
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch (same update, less memory)
+    skip_nonfinite: bool = False  # drop a NaN/inf update (counted) instead of raising NonFiniteUpdate
+
+
+class NonFiniteUpdate(FloatingPointError):
+    """Rewards, values, log-probs, a loss or a gradient norm was NaN or infinite; nothing was applied."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}: NaN or infinite")
+        self.what = what
 
 
 def ppo_iteration(
@@ -102,9 +111,16 @@ def ppo_iteration(
         if s.whiten_advantages:
             advantages = whiten(advantages, mask)
     clock.append(time.perf_counter())
+    # A broken reward model or a diverged critic: no update from this batch (every process agrees).
+    inputs_ok = _all_finite([scores, old_values, old_logprobs, ref_logprobs], accelerator)
+    if not inputs_ok:
+        if not s.skip_nonfinite:
+            raise NonFiniteUpdate("the rewards, values or log-probs")
+        return {"skipped_nonfinite": 1.0, "beta": kl_controller.beta}
 
     batch = len(prompts)
     stats: dict[str, list[float]] = {}
+    skipped = 0
     for _ in range(s.ppo_epochs):
         order = torch.randperm(batch, generator=generator)
         for minibatch in order.chunk(s.minibatches):
@@ -125,6 +141,9 @@ def ppo_iteration(
                 values = response_values(critic, part)
                 v_loss, v_stats = value_loss(values, old_values[chunk], returns[chunk], m, s.value_clip)
                 if joint:  # DeepSpeed divides each micro-batch's loss by its accumulation steps itself
+                    # ...and steps inside backward: a NaN loss must be caught before it (no skipping here)
+                    if not _all_finite([p_loss, v_loss], accelerator):
+                        raise NonFiniteUpdate("the policy or value loss (or the probability ratio)")
                     backward((p_loss + v_loss) * share * s.gradient_accumulation_steps)
                 else:
                     backward(v_loss * share)
@@ -139,13 +158,23 @@ def ppo_iteration(
                     stats.setdefault(key, []).append(value)
             if joint:  # the engine clipped and stepped at the last micro-batch
                 continue
-            clip_grad_norm(policy.parameters(), s.max_grad_norm)
+            norms = [
+                torch.as_tensor(clip_grad_norm(m.parameters(), s.max_grad_norm)) for m in (policy, critic)
+            ]
+            if not _all_finite(norms, None):  # gradients are already averaged: every process agrees
+                if not s.skip_nonfinite:
+                    raise NonFiniteUpdate("the gradient norm (from the losses or the probability ratio)")
+                skipped += 1  # drop this minibatch's update
+                policy_optimizer.zero_grad(set_to_none=True)
+                critic_optimizer.zero_grad(set_to_none=True)
+                continue
             policy_optimizer.step()
-            clip_grad_norm(critic.parameters(), s.max_grad_norm)
             critic_optimizer.step()
 
     clock.append(time.perf_counter())
     out = {key: sum(values) / len(values) for key, values in stats.items()}
+    if skipped:
+        out["skipped_nonfinite"] = float(skipped)
     phases = ("time_generation", "time_scoring", "time_training")
     out |= {name: clock[i + 1] - clock[i] for i, name in enumerate(phases)}
     out |= {
@@ -201,6 +230,14 @@ class PolicyAndCritic(torch.nn.Module):
             name, rest = key.split(".", 1)
             parts[name == "critic"][rest] = value
         return parts
+
+
+def _all_finite(tensors: list[torch.Tensor], accelerator) -> bool:
+    """Whether every value is finite, on every process (``accelerator`` given: one all-reduce)."""
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
+    if accelerator is not None and accelerator.num_processes > 1:
+        ok = accelerator.reduce(ok.to(accelerator.device), reduction="sum") / accelerator.num_processes
+    return bool(ok.item() == 1.0)
 
 
 def _mean_over_processes(stats: dict, accelerator) -> dict:

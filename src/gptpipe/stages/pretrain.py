@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import Trainer, default_data_collator, set_seed
 
+from gptpipe import faults
 from gptpipe.config import PretrainConfig
 from gptpipe.data.packing import pack_documents
 from gptpipe.data.sources import load_mixture, load_train_eval, text_row_check
@@ -65,6 +66,7 @@ def main(cfg: PretrainConfig) -> dict:
         baseline = measured_once(out / "baseline.json", lambda: measure(trainer, heldout, probes), is_main)
     if resume_from:
         say(f"[pretrain] resuming from {resume_from}")
+    guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     after = measure(trainer, heldout, probes)
 
@@ -72,6 +74,7 @@ def main(cfg: PretrainConfig) -> dict:
     trainer.save_model(str(tmp))  # model + tokenizer; every rank takes part (ZeRO-3 gathers weights here)
     trainer.accelerator.wait_for_everyone()
     evidence = {f"{k}_before": v for k, v in baseline.items()} | {f"{k}_after": v for k, v in after.items()}
+    evidence |= guard.summary()  # updates dropped by on_nonfinite: skip
     evidence |= {
         "train_steps": trainer.state.global_step,
         "train_tokens": trainer.state.global_step

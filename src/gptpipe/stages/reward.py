@@ -20,6 +20,7 @@ from pathlib import Path
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardTrainer
 
+from gptpipe import faults
 from gptpipe.config import RewardConfig
 from gptpipe.data import chat_templates, preferences
 from gptpipe.data.sources import describe, load_train_eval
@@ -99,6 +100,7 @@ def main(cfg: RewardConfig) -> dict:
     baseline = measured_once(out / "baseline.json", lambda: pairwise(trainer.model, heldout, pad), is_main)
     if resume_from:
         say(f"[reward] resuming from {resume_from}")
+    guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     after = pairwise(trainer.model, heldout, pad)
 
@@ -107,6 +109,7 @@ def main(cfg: RewardConfig) -> dict:
     trainer.accelerator.wait_for_everyone()
     evidence = {f"{k}_before": baseline[k] for k in ("pairwise_accuracy", "mean_margin")}
     evidence |= {f"{k}_after": v for k, v in after.items() if k != "scores_chosen_head"}
+    evidence |= guard.summary()  # updates dropped by on_nonfinite: skip
     evidence |= {
         "scores_chosen_head": after["scores_chosen_head"],
         "train_pairs": len(train),

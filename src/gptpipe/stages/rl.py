@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -35,12 +36,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import AutoModelForSequenceClassification, TrainerControl, TrainerState, set_seed
 
+from gptpipe import faults
 from gptpipe.config import ModelConfig, RLConfig
 from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
 from gptpipe.modeling import apply_lora, build_model, load_for_inference, load_tokenizer
-from gptpipe.ppo.iteration import PolicyAndCritic, PPOSettings, for_generation, ppo_iteration
+from gptpipe.ppo.iteration import NonFiniteUpdate, PolicyAndCritic, PPOSettings, for_generation, ppo_iteration
 from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController
 from gptpipe.ppo.value import build_value_model
 from gptpipe.rlhf import (
@@ -52,7 +54,14 @@ from gptpipe.rlhf import (
     reward_scorer,
     stop_token_ids,
 )
-from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir
+from gptpipe.runs import (
+    final_tmp_dir,
+    last_checkpoint,
+    mark_complete,
+    measured_once,
+    prepare_run_dir,
+    rotate_checkpoints,
+)
 from gptpipe.tracking import StepLogger, load_callbacks, truncate_metrics
 
 
@@ -145,7 +154,13 @@ def main(cfg: RLConfig) -> dict:
         whiten_rewards=cfg.whiten_rewards,
         max_grad_norm=cfg.max_grad_norm,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        skip_nonfinite=cfg.on_nonfinite == "skip",
     )
+    if settings.skip_nonfinite and engine is not None:
+        raise UserError(
+            "on_nonfinite: skip is not available for PPO under DeepSpeed (the engine applies each update "
+            "inside backward); use on_nonfinite: stop"
+        )
 
     def measure() -> dict:  # every process measures; the main one writes
         if engine is None:
@@ -170,51 +185,86 @@ def main(cfg: RLConfig) -> dict:
     callbacks = load_callbacks(cfg.callbacks)
     logger = StepLogger(cfg, is_main)
     state, control = TrainerState(), TrainerControl()
-    while step < cfg.max_steps:
-        rows = batch_rows(len(train_prompts), batch_size * world, step, cfg.seed)
-        rows = rows[rank * batch_size : (rank + 1) * batch_size]
-        stats = ppo_iteration(
-            policy,
-            reference,
-            critic,
-            scorer([train["prompt"][i] for i in rows]),
-            [train_prompts[i] for i in rows],
-            tokenizer.pad_token_id,
-            stop_ids,
-            policy_opt,
-            critic_opt,
-            kl_ctl,
-            settings,
-            generator,
-            accelerator=accelerator if world > 1 or engine is not None else None,
-            engine=engine,
+    models = (bare_policy, accelerator.unwrap_model(critic))
+    optimizers = (policy_opt, critic_opt)
+
+    def save(step: int) -> None:
+        """A checkpoint, complete or invisible: disk space checked first, the marker written last, older
+        checkpoints rotated only then."""
+        previous = last_checkpoint(out)
+        needed = (
+            faults.folder_bytes(previous)
+            if previous
+            else sum(faults.tensors_bytes(m, o, world) for m, o in zip(models, optimizers, strict=True))
         )
-        step += 1
-        state.global_step = step
+        faults.ensure_disk_space("rl", out, needed, f"checkpoint-{step}", out, accelerator.device)
+        folder = _save_checkpoint(
+            out, step, models, tokenizer, optimizers, kl_ctl, generator, cfg, accelerator, engine
+        )
         for cb in callbacks:
-            cb.on_step_end(cfg, state, control)
-        if (step % cfg.logging_steps == 0 or step == cfg.max_steps) and is_main:
-            logger.log({"step": step, **stats})
-            print(
-                f"[rl] step {step}: reward {stats['reward']:.3f}, kl {stats['kl']:.3f}, entropy {stats['entropy']:.3f}"
-            )
-        if cfg.save_steps and step % int(cfg.save_steps) == 0 and step < cfg.max_steps:
-            models = (bare_policy, accelerator.unwrap_model(critic))
-            _save_checkpoint(
-                out,
-                step,
-                models,
-                tokenizer,
-                (policy_opt, critic_opt),
-                kl_ctl,
-                generator,
-                cfg,
-                accelerator,
-                engine,
-            )
+            cb.on_save(cfg, state, control)
+        accelerator.wait_for_everyone()
+        if is_main:
+            mark_complete(folder, step, world)
+            rotate_checkpoints(out, cfg.save_total_limit)
+        accelerator.wait_for_everyone()  # no process moves on (or exits) before the checkpoint counts
+
+    stop = faults.StopSignals().install()
+    faults.record_batch_shapes(bare_policy)
+    skipped = faults.skipped_steps(out, step)
+    try:
+        while step < cfg.max_steps:
+            rows = batch_rows(len(train_prompts), batch_size * world, step, cfg.seed)
+            rows = rows[rank * batch_size : (rank + 1) * batch_size]
+            try:
+                stats = ppo_iteration(
+                    policy,
+                    reference,
+                    critic,
+                    scorer([train["prompt"][i] for i in rows]),
+                    [train_prompts[i] for i in rows],
+                    tokenizer.pad_token_id,
+                    stop_ids,
+                    policy_opt,
+                    critic_opt,
+                    kl_ctl,
+                    settings,
+                    generator,
+                    accelerator=accelerator if world > 1 or engine is not None else None,
+                    engine=engine,
+                )
+            except NonFiniteUpdate as e:
+                raise faults.nonfinite_error("rl", step + 1, e.what, out) from None
+            step += 1
+            state.global_step = step
+            for cb in callbacks:
+                cb.on_step_end(cfg, state, control)
+            if "skipped_nonfinite" in stats:
+                skipped += 1
+                print(
+                    f"[rl] step {step}: NaN/inf, {stats['skipped_nonfinite']:.0f} update(s) skipped",
+                    file=sys.stderr,
+                )
+                if is_main:
+                    logger.log({"step": step, **stats})
+                if skipped > cfg.max_skipped_steps:
+                    raise faults.nonfinite_error("rl", step, "an update", out, skipping=True)
+            elif (step % cfg.logging_steps == 0 or step == cfg.max_steps) and is_main:
+                logger.log({"step": step, **stats})
+                print(
+                    f"[rl] step {step}: reward {stats['reward']:.3f}, kl {stats['kl']:.3f}, entropy {stats['entropy']:.3f}"
+                )
+            preempted = stop.agreed(accelerator.device)  # every process stops after the same iteration
+            if preempted or (cfg.save_steps and step % int(cfg.save_steps) == 0 and step < cfg.max_steps):
+                save(step)
+            if preempted:
+                raise faults.preempted("rl", step, out, stop.received, cfg.slurm_requeue, is_main)
+    finally:
+        stop.uninstall()
 
     after = measure()
     evidence = before_after(baseline, after)
+    evidence |= {"skipped_nonfinite_steps": skipped} if settings.skip_nonfinite else {}
     evidence |= {
         "train_steps": step,
         "world_size": world,
@@ -351,8 +401,9 @@ def batch_rows(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 def _save_checkpoint(
     out, step, models, tokenizer, optimizers, kl_ctl, generator, cfg, accelerator, engine=None
-) -> None:
-    """Everything needed to continue bit for bit; ``trainer_state.json`` goes last and marks it complete.
+) -> Path:
+    """Everything needed to continue bit for bit, in ``checkpoint-<step>`` (returned); the caller marks it
+    complete once every process is done.
 
     The main process writes the models and optimizers (identical on every process under DDP); each
     process writes its own RNG states. Under DeepSpeed every process writes its shard of the optimizer
@@ -380,7 +431,7 @@ def _save_checkpoint(
     torch.save(rng, folder / f"rng_state_{accelerator.process_index}.pth")
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        return
+        return folder
     (folder / "trainer_state.json").write_text(
         json.dumps(
             {
@@ -390,10 +441,7 @@ def _save_checkpoint(
             }
         )
     )
-    if cfg.save_total_limit:
-        older = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p != folder)
-        for _, path in older[: max(0, len(older) - (cfg.save_total_limit - 1))]:
-            shutil.rmtree(path)
+    return folder
 
 
 def _load_checkpoint(folder: Path, rank: int, policy_opt, critic_opt, kl_ctl, generator, engine=None) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import GRPOTrainer, RLOOTrainer
 
+from gptpipe import faults
 from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
@@ -92,10 +93,12 @@ def main(cfg) -> dict:
     baseline = measured_once(out / "baseline.json", measure, is_main)
     if resume_from:
         say(f"[{name}] resuming from {resume_from}")
+    guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     after = measure()
     evidence = before_after(baseline, after)
+    evidence |= guard.summary()  # updates dropped by on_nonfinite: skip
     evidence |= {
         "algorithm": name,
         "train_steps": trainer.state.global_step,

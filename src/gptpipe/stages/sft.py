@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import Trainer, set_seed
 from trl import SFTTrainer
 
+from gptpipe import faults
 from gptpipe.config import SFTConfig
 from gptpipe.data import chat_templates, formats
 from gptpipe.data.sources import describe, load_mixture, load_train_eval
@@ -87,6 +88,7 @@ def main(cfg: SFTConfig) -> dict:
         )
     if resume_from:
         say(f"[sft] resuming from {resume_from}")
+    guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     after = _measure(trainer, heldout, answers, cfg)
@@ -100,6 +102,7 @@ def main(cfg: SFTConfig) -> dict:
     trainer.accelerator.wait_for_everyone()
 
     evidence = _evidence(baseline, after)
+    evidence |= guard.summary()  # updates dropped by on_nonfinite: skip
     evidence |= {
         "train_steps": trainer.state.global_step,
         "parameters": total,
