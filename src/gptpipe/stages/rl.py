@@ -271,6 +271,7 @@ def main(cfg: RLConfig) -> dict:
         "kl_coef_final": kl_ctl.beta,
         "seconds": round(time.time() - start, 1),
     }
+    faults.ensure_disk_space("rl", out, faults.tensors_bytes(bare_policy), "final/", out, accelerator.device)
     tmp = final_tmp_dir(out, is_main)
     policy_state, _ = _state_dicts(accelerator, engine)  # collective under ZeRO-3
     if is_main:
