@@ -245,9 +245,18 @@ def evaluation_before_training(trainer):
     outright ("ZeRO inference only makes sense with ZeRO Stage 3"). ZeRO-1/2 hold whole weights on every
     process, so they evaluate the plain model; ZeRO-3's inference engine is taken apart afterwards (its
     hooks removed), so ``train()`` builds the training engine.
+
+    Without DeepSpeed, under several processes: ``evaluate()`` prepares the model with accelerate in
+    evaluation mode, which marks it as prepared, and ``train()`` then skips preparing it again, so it never
+    gets wrapped in DistributedDataParallel: every process would train alone (different gradients on each,
+    found by tests/test_invariants.py). The mark is taken off again here.
     """
     if not getattr(trainer, "is_deepspeed_enabled", False):
         yield
+        accelerator, model = trainer.accelerator, trainer.model
+        if accelerator.num_processes > 1 and getattr(model, "_is_accelerate_prepared", False):
+            model._is_accelerate_prepared = False
+            accelerator._models = [m for m in accelerator._models if m is not model]
         return
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
