@@ -78,7 +78,7 @@ def worker(data: Path, packing: str, out: Path, max_length: int, bench_work: Pat
     from trl import SFTTrainer
 
     from gptpipe.recipe import load_recipe
-    from gptpipe.stages.sft import load_data
+    from gptpipe.stages.sft import load_conversations
 
     base = fixtures.base_model(bench_work, 4096)
     recipe = out.with_suffix(".yaml")
@@ -102,7 +102,7 @@ def worker(data: Path, packing: str, out: Path, max_length: int, bench_work: Pat
     tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
     rss_before = _rss_mb()
     start = time.perf_counter()
-    train, _, _ = load_data(cfg)  # gptpipe: load, check and convert the alpaca rows to conversations
+    train, _ = load_conversations(cfg)  # gptpipe: load, check and convert the alpaca rows to conversations
     ds = SFTTrainer(model=model, args=cfg, train_dataset=train, processing_class=tokenizer).train_dataset
     seconds = time.perf_counter() - start
     peak = _rss_mb()  # before counting, which reads the token columns

@@ -63,17 +63,29 @@ def test_sft_zero3_lora_two_processes_matches_one_process(tiny_base, tmp_path):
 @pytest.mark.distributed
 def test_accelerate_zero2_config_runs_deepspeed_on_cpu(tiny_base, tmp_path):
     """accelerate_configs/zero2.yaml as a user launches it: accelerate alone would quietly run plain DDP on
-    a CPU; gptpipe builds a real DeepSpeed ZeRO-2 engine."""
+    a CPU; gptpipe builds a real DeepSpeed ZeRO-2 engine, which trains packed SFT exactly as one process
+    does with the same global batch."""
     pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
     accelerate = str(Path(sys.executable).parent / "accelerate")  # the venv's, activated or not
     cmd = [accelerate, "launch", "--config_file", str(REPO / "accelerate_configs/zero2.yaml")]
     cmd += ["--num_processes", "2", "-m", "gptpipe", "train", SFT]
-    overrides = sft_overrides(tiny_base, tmp_path / "x", max_steps=4, per_device_train_batch_size=8)
-    done = subprocess.run([*cmd, *overrides, "use_cpu=true"], **RUN, cwd=REPO)
+
+    def overrides(out, batch):
+        return sft_overrides(
+            tiny_base, out, max_steps=4, logging_steps=1, packing="true", per_device_train_batch_size=batch
+        )
+
+    done = subprocess.run([*cmd, *overrides(tmp_path / "x", 8), "use_cpu=true"], **RUN, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     layout = json.loads((tmp_path / "x/distributed.json").read_text())
     assert layout == {**layout, "world_size": 2, "distributed_type": "DEEPSPEED", "zero_stage": 2}
     AutoModelForCausalLM.from_pretrained(tmp_path / "x/final")
+    run(["train", SFT, *overrides(tmp_path / "one", 16)])
+    one, both = _losses(tmp_path / "one"), _losses(tmp_path / "x")
+    assert sorted(both) == [1, 2, 3, 4] and all(both[s] == pytest.approx(one[s], rel=1e-5) for s in one), (
+        one,
+        both,
+    )
 
 
 @pytest.mark.distributed
@@ -102,17 +114,33 @@ def test_launch_shorthand_builds_the_accelerate_command(capsys):
 
 @pytest.mark.distributed
 def test_slurm_node_script_launches_the_processes(tiny_base, tmp_path):
-    """scripts/slurm/node.sh is what each Slurm node runs; here as a one-node job with 2 CPU processes."""
+    """scripts/slurm/node.sh is what each Slurm node runs; here as a one-node job with 2 CPU processes (plain
+    DDP), which trains exactly what one process does with the same global batch."""
     venv = Path(sys.executable).parent.parent
     env = {**ENV, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "GPUS_PER_NODE": "2", "MAIN_ADDR": "127.0.0.1"}
     env |= {"MAIN_PORT": "29531", "GPTPIPE_CONFIG": "cpu_ddp", "VENV": str(venv)}
-    args = ["train", SFT, *sft_overrides(tiny_base, tmp_path / "slurm", max_steps=2), "use_cpu=true"]
+    args = [
+        "train",
+        SFT,
+        *sft_overrides(tiny_base, tmp_path / "slurm", max_steps=2, logging_steps=1),
+        "use_cpu=true",
+    ]
     done = subprocess.run(
         ["bash", "scripts/slurm/node.sh", *args], capture_output=True, text=True, env=env, cwd=REPO
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "slurm/distributed.json").read_text())["world_size"] == 2
     assert (tmp_path / "slurm/final").is_dir()
+    one = tmp_path / "one"
+    run(
+        [
+            "train",
+            SFT,
+            *sft_overrides(tiny_base, one, max_steps=2, logging_steps=1, per_device_train_batch_size=64),
+        ]
+    )
+    assert sorted(_losses(one)) == [1, 2]
+    assert _losses(tmp_path / "slurm") == pytest.approx(_losses(one), rel=1e-5)
 
 
 @pytest.mark.distributed

@@ -3,6 +3,7 @@
 gptpipe train RECIPE [key=value ...]     run the stage the recipe names
 gptpipe pipeline FILE [stage.key=value ...] [--rerun STAGE]   run stage recipes in order, wired together
 gptpipe sweep FILE [--emit slurm|commands]   grid/random search over a recipe or pipeline
+gptpipe prepare RECIPE [key=value ...]   tokenize and pack a stage's data ahead; training reuses it
 gptpipe validate RECIPE [RECIPE ...]     parse and check recipes and pipelines (no training, no network)
 gptpipe data tinyworld --out DIR         write the synthetic tiny-world data set
 gptpipe chat MODEL                       talk to a trained model (multi-turn, streamed)
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--max-trials", type=int, default=None, help="stop after this many trials in this call"
     )
+
+    prepare = sub.add_parser(
+        "prepare", help="a stage's data preparation alone (tokenize, pack), kept for the training run"
+    )
+    prepare.add_argument("recipe", help="YAML recipe of a pretrain or sft stage")
+    prepare.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     validate = sub.add_parser("validate", help="check recipes and pipelines without training (no network)")
     validate.add_argument("recipes", nargs="+")
@@ -172,6 +179,21 @@ def run(argv: list[str] | None = None) -> None:
             report = write_run_report(cfg.output_dir)
             if report:
                 print(f"[{cfg.stage}] report: {report}")
+    elif args.command == "prepare":
+        from gptpipe.data.prepared import describe
+        from gptpipe.recipe import load_recipe
+
+        cfg = load_recipe(args.recipe, args.overrides)
+        stage = importlib.import_module(cfg.module)
+        if not hasattr(stage, "prepare"):
+            raise UserError(
+                f"{args.recipe}: stage {cfg.stage} has nothing to prepare ahead (it reads its data when it "
+                "starts); gptpipe prepare works for pretrain and sft recipes"
+            )
+        summary = stage.prepare(cfg)
+        print(f"[{cfg.stage}] {summary['folder']}\n{describe(summary)}")
+        if summary["reused"]:
+            print(f"[{cfg.stage}] (already prepared with the same settings, tokenizer and files)")
     elif args.command == "pipeline":
         from gptpipe.pipeline import run_pipeline
 

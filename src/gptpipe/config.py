@@ -113,6 +113,8 @@ class RunSettings(DataSettings):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 20  # with on_nonfinite: skip, stop anyway after this many skipped updates
     slurm_requeue: bool = True  # on SIGUSR1 under Slurm: save a checkpoint, then `scontrol requeue` the job
+    # pretrain and sft: where prepared (tokenized, packed) data is kept; None: $GPTPIPE_CACHE/prepared
+    prepared_data_dir: str | None = None
 
     def to_dict(self) -> dict:
         """What HF integrations log (TensorBoard, wandb): the trainer's dict with our nested settings as plain

@@ -18,6 +18,7 @@ from transformers import Trainer, default_data_collator, set_seed
 from gptpipe import faults
 from gptpipe.config import PretrainConfig
 from gptpipe.data.packing import pack_documents
+from gptpipe.data.prepared import part_summary, prepared
 from gptpipe.data.sources import load_mixture, load_train_eval, text_row_check
 from gptpipe.distributed import evaluation_before_training
 from gptpipe.generation import complete
@@ -34,14 +35,9 @@ def main(cfg: PretrainConfig) -> dict:
     say = print if is_main else (lambda *a, **k: None)
 
     tokenizer = load_tokenizer(cfg.model)
-    with cfg.main_process_first(desc="preparing data"):  # rank 0 tokenizes; the others read its cache
-        train_docs, eval_docs = load_train_eval(cfg, ["text"], text_row_check, seed=cfg.seed)
-        train = pack_documents(train_docs, tokenizer, cfg.block_size, cfg.dataset_num_proc, "training data")
-        heldout = (
-            pack_documents(eval_docs, tokenizer, cfg.block_size, cfg.dataset_num_proc, "eval data")
-            if eval_docs
-            else None
-        )
+    data, _ = prepare_data(cfg, tokenizer, say)  # tokenized blocks, or read back if prepared before
+    train, heldout = data["train"], data.get("eval")
+    with cfg.main_process_first(desc="loading probes"):  # small: cloze prompts
         probes = (
             load_mixture(cfg.probe_datasets, ["prompt", "answer"], seed=cfg.seed)
             if cfg.probe_datasets
@@ -105,6 +101,31 @@ def main(cfg: PretrainConfig) -> dict:
         )
     trainer.accelerator.wait_for_everyone()
     return evidence
+
+
+DATA_KEYS = ["datasets", "eval_datasets", "eval_split_size", "seed", "block_size"]  # gptpipe.data.prepared
+
+
+def prepare(cfg: PretrainConfig) -> dict:
+    """``gptpipe prepare``: the tokenized blocks alone, kept for training; returns the summary."""
+    return prepare_data(cfg, load_tokenizer(cfg.model))[1]
+
+
+def prepare_data(cfg: PretrainConfig, tokenizer, say=print) -> tuple[dict, dict]:
+    """Documents tokenized, each ended with EOS, concatenated and cut into ``block_size`` blocks."""
+
+    def build():
+        train_docs, eval_docs = load_train_eval(cfg, ["text"], text_row_check, seed=cfg.seed)
+        parts, summary = {}, {"kind": "text", "parts": {}}
+        for name, docs in (("train", train_docs), ("eval", eval_docs)):
+            if docs is None:
+                continue
+            what = "training data" if name == "train" else "eval data"
+            parts[name] = pack_documents(docs, tokenizer, cfg.block_size, cfg.dataset_num_proc, what)
+            summary["parts"][name] = part_summary(parts[name], len(docs), cfg.block_size, True, {})
+        return parts, summary
+
+    return prepared(cfg, tokenizer, DATA_KEYS, build, say)
 
 
 def measure(trainer: Trainer, heldout, probes) -> dict:

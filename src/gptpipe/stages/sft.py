@@ -15,6 +15,7 @@ correctly by greedy generation, before and after.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from trl import SFTTrainer
 from gptpipe import faults
 from gptpipe.config import SFTConfig
 from gptpipe.data import chat_templates, formats
+from gptpipe.data.prepared import part_summary, prepared
 from gptpipe.data.sources import describe, load_mixture, load_train_eval
 from gptpipe.distributed import evaluation_before_training
 from gptpipe.errors import UserError
@@ -47,16 +49,13 @@ def main(cfg: SFTConfig) -> dict:
     say = print if is_main else (lambda *a, **k: None)
     resume_from = prepare_run_dir(cfg, is_main)
 
-    tokenizer = load_tokenizer(cfg.model)
-    added_tokens = chat_templates.install(
-        tokenizer, cfg.chat_template, cfg.assistant_only_loss, _tokenizer_name(cfg)
-    )
-    with cfg.main_process_first(desc="preparing data"):
-        train, heldout, answers = load_data(cfg)
+    tokenizer, added_tokens = _tokenizer(cfg)
+    data, summary = prepare_data(cfg, tokenizer, say)  # tokenized and packed, or read back if prepared before
+    train, heldout = data["train"], data.get("eval")
+    with cfg.main_process_first(desc="loading answer data"):  # small: held-out questions
+        answers = _answers(cfg)
     end_of_turn = (
-        chat_templates.end_of_turn_token(tokenizer)
-        if "text" not in train.column_names
-        else tokenizer.eos_token
+        chat_templates.end_of_turn_token(tokenizer) if summary["kind"] != "text" else tokenizer.eos_token
     )
 
     set_seed(cfg.seed)
@@ -73,15 +72,19 @@ def main(cfg: SFTConfig) -> dict:
         model, cfg.model, new_token_ids=new_ids
     )  # LoRA starts as a no-op (B = 0): "before" numbers are the base model's
     trainable, total = count_parameters(model)
-    say(f"[sft] {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; {len(train)} conversations")
-    trainer = PadStatsSFTTrainer(
-        model=model,
-        args=cfg,
-        train_dataset=train,
-        eval_dataset=heldout,
-        processing_class=tokenizer,
-        callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
+    say(
+        f"[sft] {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; "
+        f"{summary['parts']['train']['rows_in']} training {summary['kind']} rows -> {len(train)} sequences"
     )
+    with _data_prepared(cfg):
+        trainer = PadStatsSFTTrainer(
+            model=model,
+            args=cfg,
+            train_dataset=train,
+            eval_dataset=heldout,
+            processing_class=tokenizer,
+            callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
+        )
     with evaluation_before_training(trainer):  # DeepSpeed needs help evaluating before train()
         baseline = measured_once(
             out / "baseline.json", lambda: _measure(trainer, heldout, answers, cfg), is_main
@@ -131,17 +134,121 @@ def main(cfg: SFTConfig) -> dict:
     return evidence
 
 
-def load_data(cfg: SFTConfig):
-    """Training, held-out and answer data as conversations (or text) in the shape the loss needs; TRL's
-    ``SFTTrainer`` then tokenizes them with the chat template (and packs them)."""
-    train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=lambda ds, src: _convert(ds, src, cfg))
-    train, heldout = (_shape_for_loss(ds, cfg) if ds is not None else None for ds in (train, heldout))
-    answers = (
-        load_mixture(cfg.answer_datasets, ["messages", "answer"], seed=cfg.seed)
-        if cfg.answer_datasets
-        else None
+# What the prepared data depends on besides the tokenizer and the source files (gptpipe.data.prepared).
+DATA_KEYS = [
+    "datasets",
+    "eval_datasets",
+    "eval_split_size",
+    "seed",
+    "max_length",
+    "packing",
+    "packing_strategy",
+    "eval_packing",
+    "padding_free",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "chat_template",
+    "truncation_mode",
+    "shuffle_dataset",
+    "dataset_text_field",
+]
+
+
+def prepare(cfg: SFTConfig) -> dict:
+    """``gptpipe prepare``: the tokenized (and packed) data alone, kept for training; returns the summary."""
+    tokenizer, _ = _tokenizer(cfg)
+    return prepare_data(cfg, tokenizer)[1]
+
+
+def prepare_data(cfg: SFTConfig, tokenizer, say=print) -> tuple[dict, dict]:
+    """Training and held-out data rendered with the chat template, tokenized with loss labels and packed,
+    exactly as ``SFTTrainer`` would do it: prepared before (``gptpipe prepare``), or built now and kept."""
+
+    def build():
+        train, heldout = load_conversations(cfg)
+        parts, summary = {}, {"kind": "text" if "text" in train.column_names else "messages", "parts": {}}
+        packing = {
+            "train": cfg.packing,
+            "eval": cfg.packing if cfg.eval_packing is None else cfg.eval_packing,
+        }
+        for name, ds in (("train", train), ("eval", heldout)):
+            if ds is None:
+                continue
+            parts[name] = trl_prepare(ds, tokenizer, cfg, packing[name], name)
+            dropped = (
+                {}
+                if packing[name]
+                else {"left without loss tokens by max_length": len(ds) - len(parts[name])}
+            )
+            summary["parts"][name] = part_summary(
+                parts[name], len(ds), cfg.max_length, packing[name], dropped
+            )
+        return parts, summary
+
+    return prepared(cfg, tokenizer, DATA_KEYS, build, say)
+
+
+def trl_prepare(ds, tokenizer, cfg: SFTConfig, packing: bool, name: str):
+    """TRL's own preparation (template, tokenization, loss labels, truncation, packing), outside the trainer.
+
+    TRL only offers it as ``SFTTrainer._prepare_dataset``, which needs no model: it reads three attributes
+    of the trainer, set here the way ``SFTTrainer.__init__`` sets them, so the rows are exactly TRL's
+    (tests/test_invariants.py compares them with a trainer's own).
+    """
+    from types import SimpleNamespace
+
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    sample = ds[0]
+    shim = SimpleNamespace(
+        _tokenizer=tokenizer,
+        chat_template=get_training_chat_template(tokenizer)
+        if cfg.assistant_only_loss and not has_generation_markers(tokenizer.chat_template)
+        else None,
+        completion_only_loss=cfg.completion_only_loss
+        if cfg.completion_only_loss is not None
+        else "prompt" in sample and "completion" in sample,
     )
-    return train, heldout, answers
+    return SFTTrainer._prepare_dataset(shim, ds, tokenizer, cfg, packing, None, name)
+
+
+@contextlib.contextmanager
+def _data_prepared(cfg: SFTConfig):
+    """While the trainer is built: the data is tokenized already (``prepare_data``), so it must neither prepare
+    it again nor check it for the conversations it no longer holds (both read only in ``__init__``)."""
+    changes = {
+        "dataset_kwargs": {**(cfg.dataset_kwargs or {}), "skip_prepare_dataset": True},
+        "assistant_only_loss": False,
+    }
+    saved = {key: getattr(cfg, key) for key in changes}
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(cfg, key, value)
+
+
+def load_conversations(cfg: SFTConfig):
+    """Training and held-out data as conversations (or text) in the shape the loss needs."""
+    train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=lambda ds, src: _convert(ds, src, cfg))
+    return tuple(_shape_for_loss(ds, cfg) if ds is not None else None for ds in (train, heldout))
+
+
+def _answers(cfg: SFTConfig):
+    if not cfg.answer_datasets:
+        return None
+    return load_mixture(cfg.answer_datasets, ["messages", "answer"], seed=cfg.seed)
+
+
+def _tokenizer(cfg: SFTConfig):
+    """The tokenizer with the recipe's chat template installed; and how many tokens that added."""
+    tokenizer = load_tokenizer(cfg.model)
+    added = chat_templates.install(
+        tokenizer, cfg.chat_template, cfg.assistant_only_loss, _tokenizer_name(cfg)
+    )
+    return tokenizer, added
 
 
 def _tokenizer_name(cfg: SFTConfig) -> str:
