@@ -75,12 +75,12 @@ def test_accelerate_zero2_config_runs_deepspeed_on_cpu(tiny_base, tmp_path):
             tiny_base, out, max_steps=4, logging_steps=1, packing="true", per_device_train_batch_size=batch
         )
 
+    run(["train", SFT, *overrides(tmp_path / "one", 16)])  # first: it prepares the data both runs read
     done = subprocess.run([*cmd, *overrides(tmp_path / "x", 8), "use_cpu=true"], **RUN, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     layout = json.loads((tmp_path / "x/distributed.json").read_text())
     assert layout == {**layout, "world_size": 2, "distributed_type": "DEEPSPEED", "zero_stage": 2}
     AutoModelForCausalLM.from_pretrained(tmp_path / "x/final")
-    run(["train", SFT, *overrides(tmp_path / "one", 16)])
     one, both = _losses(tmp_path / "one"), _losses(tmp_path / "x")
     assert sorted(both) == [1, 2, 3, 4] and all(both[s] == pytest.approx(one[s], rel=1e-5) for s in one), (
         one,
@@ -119,6 +119,14 @@ def test_slurm_node_script_launches_the_processes(tiny_base, tmp_path):
     venv = Path(sys.executable).parent.parent
     env = {**ENV, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "GPUS_PER_NODE": "2", "MAIN_ADDR": "127.0.0.1"}
     env |= {"MAIN_PORT": "29531", "GPTPIPE_CONFIG": "cpu_ddp", "VENV": str(venv)}
+    one = tmp_path / "one"
+    run(  # first: it prepares the data both runs read
+        [
+            "train",
+            SFT,
+            *sft_overrides(tiny_base, one, max_steps=2, logging_steps=1, per_device_train_batch_size=64),
+        ]
+    )
     args = [
         "train",
         SFT,
@@ -131,14 +139,6 @@ def test_slurm_node_script_launches_the_processes(tiny_base, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "slurm/distributed.json").read_text())["world_size"] == 2
     assert (tmp_path / "slurm/final").is_dir()
-    one = tmp_path / "one"
-    run(
-        [
-            "train",
-            SFT,
-            *sft_overrides(tiny_base, one, max_steps=2, logging_steps=1, per_device_train_batch_size=64),
-        ]
-    )
     assert sorted(_losses(one)) == [1, 2]
     assert _losses(tmp_path / "slurm") == pytest.approx(_losses(one), rel=1e-5)
 
