@@ -40,7 +40,6 @@ from gptpipe.runs import last_checkpoint, mark_complete, rotate_checkpoints
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DISK_MARGIN = 1.1  # free space wanted: 10% over the expected checkpoint size
-EXIT_PREEMPTED = Preempted.exit_code
 
 # What the out-of-memory message reports: the running stage and the shape of the last forward's input.
 _context: dict = {}
