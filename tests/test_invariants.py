@@ -36,46 +36,36 @@ def _assert_same(trajectories: dict, rel: float):
             assert norm == pytest.approx(norm0, rel=rel), (layout, first, step, trajectories)
 
 
-def test_accumulation_layout_does_not_change_pretraining(tokenizer_dir, tmp_path):
+def _train_each_layout(recipe: str, overrides, tmp_path) -> dict:
+    """Train ``recipe`` once per layout of ``LAYOUTS``; each run's (step, loss, grad norm) by layout."""
     trajectories = {}
     for micro, accumulation in LAYOUTS:
         out = tmp_path / f"{micro}x{accumulation}"
-        args = small_pretrain(
-            tokenizer_dir,
-            out,
-            max_steps=3,
-            logging_steps=1,
-            eval_steps=100,
-            save_steps=100,
-            warmup_steps=0,
-            per_device_train_batch_size=micro,
-            gradient_accumulation_steps=accumulation,
-        )
-        run(["train", PRETRAIN, *args])
+        layout = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation}
+        short = {"max_steps": 3, "logging_steps": 1, "eval_steps": 100, "warmup_steps": 0}
+        run(["train", recipe, *overrides(out, **short, **layout)])
         trajectories[(micro, accumulation)] = _trajectory(out)
+    return trajectories
+
+
+def test_accumulation_layout_does_not_change_pretraining(tokenizer_dir, tmp_path):
+    def overrides(out, **settings):
+        return small_pretrain(tokenizer_dir, out, save_steps=100, **settings)
+
+    trajectories = _train_each_layout(PRETRAIN, overrides, tmp_path)
     _assert_same(trajectories, rel=1e-5)  # measured: equal to ~1e-7 (float sums in another order)
 
 
 def test_accumulation_layout_does_not_change_packed_sft(tiny_base, tmp_path):
     """Packed rows hold different numbers of loss tokens (assistant turns only): a mean of micro-batch
     means would weigh them wrongly; TRL and transformers count the loss tokens of the whole batch."""
-    trajectories = {}
-    for micro, accumulation in LAYOUTS:
-        out = tmp_path / f"{micro}x{accumulation}"
-        args = sft_overrides(
-            tiny_base,
-            out,
-            max_steps=3,
-            logging_steps=1,
-            eval_steps=100,
-            warmup_steps=0,
-            packing="true",
-            per_device_train_batch_size=micro,
-            gradient_accumulation_steps=accumulation,
-            **{"eval_datasets.0.max_samples": 16},
+
+    def overrides(out, **settings):
+        return sft_overrides(
+            tiny_base, out, packing="true", **settings, **{"eval_datasets.0.max_samples": 16}
         )
-        run(["train", SFT, *args])
-        trajectories[(micro, accumulation)] = _trajectory(out)
+
+    trajectories = _train_each_layout(SFT, overrides, tmp_path)
     _assert_same(trajectories, rel=1e-5)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptpipe.faults import all_finite, any_process
 from gptpipe.ppo.advantages import gae, masked_mean, token_rewards, whiten
 from gptpipe.ppo.kl import FixedKLController, kl_per_token
 from gptpipe.ppo.losses import entropy_from_logits, policy_loss, value_loss
@@ -112,7 +113,7 @@ def ppo_iteration(
             advantages = whiten(advantages, mask)
     clock.append(time.perf_counter())
     # A broken reward model or a diverged critic: no update from this batch (every process agrees).
-    inputs_ok = _all_finite([scores, old_values, old_logprobs, ref_logprobs], accelerator)
+    inputs_ok = _finite_everywhere([scores, old_values, old_logprobs, ref_logprobs], accelerator)
     if not inputs_ok:
         if not s.skip_nonfinite:
             raise NonFiniteUpdate("the rewards, values or log-probs")
@@ -142,7 +143,7 @@ def ppo_iteration(
                 v_loss, v_stats = value_loss(values, old_values[chunk], returns[chunk], m, s.value_clip)
                 if joint:  # DeepSpeed divides each micro-batch's loss by its accumulation steps itself
                     # ...and steps inside backward: a NaN loss must be caught before it (no skipping here)
-                    if not _all_finite([p_loss, v_loss], accelerator):
+                    if not _finite_everywhere([p_loss, v_loss], accelerator):
                         raise NonFiniteUpdate("the policy or value loss (or the probability ratio)")
                     backward((p_loss + v_loss) * share * s.gradient_accumulation_steps)
                 else:
@@ -161,7 +162,7 @@ def ppo_iteration(
             norms = [
                 torch.as_tensor(clip_grad_norm(m.parameters(), s.max_grad_norm)) for m in (policy, critic)
             ]
-            if not _all_finite(norms, None):  # gradients are already averaged: every process agrees
+            if not all_finite(norms):  # the gradients are already averaged: every process agrees
                 if not s.skip_nonfinite:
                     raise NonFiniteUpdate("the gradient norm (from the losses or the probability ratio)")
                 skipped += 1  # drop this minibatch's update
@@ -232,12 +233,11 @@ class PolicyAndCritic(torch.nn.Module):
         return parts
 
 
-def _all_finite(tensors: list[torch.Tensor], accelerator) -> bool:
-    """Whether every value is finite, on every process (``accelerator`` given: one all-reduce)."""
-    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
-    if accelerator is not None and accelerator.num_processes > 1:
-        ok = accelerator.reduce(ok.to(accelerator.device), reduction="sum") / accelerator.num_processes
-    return bool(ok.item() == 1.0)
+def _finite_everywhere(tensors: list[torch.Tensor], accelerator) -> bool:
+    """Whether every value is finite on every process (one all-reduce when ``accelerator`` is given)."""
+    if accelerator is None:
+        return all_finite(tensors)
+    return not any_process(not all_finite(tensors), accelerator.device)
 
 
 def _mean_over_processes(stats: dict, accelerator) -> dict:
