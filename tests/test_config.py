@@ -107,3 +107,36 @@ def test_yaml_no_means_the_strategy_no():
     """`eval_strategy: no` is YAML false; for a strategy it can only mean "no"."""
     cfg = load_recipe(REPO / "recipes/tiny/pretrain.yaml", ["eval_strategy=no", "save_strategy=no"])
     assert (cfg.eval_strategy.value, cfg.save_strategy.value) == ("no", "no")
+
+
+@pytest.mark.parametrize(
+    "recipe, override, expected",
+    [
+        ("rl.yaml", "kl_estimator=k2", "kl_estimator: expected one of k1, k3, got 'k2'"),
+        (
+            "rl.yaml",
+            "value_init=polic",
+            "value_init: expected one of reward, policy, got 'polic'; did you mean",
+        ),
+        ("reward.yaml", "invalid_pairs=skip", "invalid_pairs: expected one of error, drop, got 'skip'"),
+        (
+            "reward.yaml",
+            "truncation_side=middle",
+            "truncation_side: expected one of left, right, got 'middle'",
+        ),
+    ],
+)
+def test_choice_fields_are_refused_by_validate(recipe, override, expected, tmp_path):
+    """A choice field with a value it does not know fails `gptpipe validate`, before any model loads."""
+    key, value = override.split("=")
+    tree = yaml.safe_load((REPO / "recipes/tiny" / recipe).read_text())
+    bad = tmp_path / recipe
+    bad.write_text(yaml.safe_dump({**tree, key: value}))
+    result = subprocess.run(
+        [sys.executable, "-m", "gptpipe", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

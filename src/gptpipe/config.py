@@ -177,8 +177,12 @@ class RewardConfig(RunSettings, trl.RewardConfig):
     stage: ClassVar[str] = "reward"
     module: ClassVar[str] = "gptpipe.stages.reward"
     chat_template: str | None = None  # None: the tokenizer's own; or chatml | gptpipe | a .jinja file
-    truncation_side: str = "left"  # over max_length, cut the start (left) and keep the replies being judged
-    invalid_pairs: str = "error"  # error | drop: identical chosen/rejected, missing reply, empty prompt
+    truncation_side: Literal["left", "right"] = (
+        "left"  # over max_length, cut the start (left) and keep the replies being judged
+    )
+    invalid_pairs: Literal["error", "drop"] = (
+        "error"  # on identical chosen/rejected, missing reply, empty prompt
+    )
     check_reload: bool = (
         True  # reload final/ after saving and check it scores exactly as the trained model did
     )
@@ -204,7 +208,9 @@ class RLConfig(RLSettings, TrainingArguments):
 
     stage: ClassVar[str] = "rl"
     module: ClassVar[str] = "gptpipe.stages.rl"
-    value_init: str = "reward"  # critic from the reward model (InstructGPT) or from the policy (zero head)
+    value_init: Literal["reward", "policy"] = (
+        "reward"  # critic from the reward model (InstructGPT) or from the policy (zero head)
+    )
     value_learning_rate: float | None = None  # None: learning_rate
     value_lora: LoraSettings | None = None  # train the critic as LoRA adapters (its score head in full)
     reward_clip: float | None = None  # clip reward-model scores to [-c, c] before the KL penalty
@@ -219,7 +225,7 @@ class RLConfig(RLSettings, TrainingArguments):
     gamma: float = 1.0  # RLHF practice: no discount within a response
     lam: float = 0.95
     kl_coef: float = 0.05  # β: the per-token KL penalty against the reference (the SFT model)
-    kl_estimator: str = "k1"  # k1 | k3
+    kl_estimator: Literal["k1", "k3"] = "k1"  # k1: log-ratio; k3: (r - 1) - log r, never negative
     kl_target: float | None = None  # set: adaptive β (Ziegler et al.) steering the per-sample KL to this
     kl_horizon: int = 10000
     missing_eos_penalty: float | None = None  # score for responses that never stop (e.g. -1.0)

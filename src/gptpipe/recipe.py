@@ -205,7 +205,9 @@ def convert_value(value: Any, hint: Any, where: str) -> Any:
     if origin is typing.Literal:
         if value in args:
             return value
-        raise UserError(f"{where}: expected one of {list(args)}, got {value!r}")
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+        hint_text = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"{where}: expected one of {', '.join(map(str, args))}, got {value!r}{hint_text}")
     if origin in (list, tuple) or hint in (list, tuple):
         if not isinstance(value, list):
             raise UserError(f"{where}: expected a list, got {value!r}")
