@@ -11,24 +11,43 @@ SWEEP ?= recipes/tiny/sweep.yaml
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-gpu test-distributed lint format train clean pretrain sft reward rl tokenizer pipeline sweep bench bench-peers bench-gpu
+.PHONY: setup lock demo test test-fast test-spread test-gpu test-distributed lint format train clean pretrain sft reward rl tokenizer pipeline sweep bench bench-peers bench-gpu
+
+# Installs from a lock (requirements/*.txt, written by `make lock`): exactly the versions the suite last passed
+# with. `make setup LOCK=` installs the newest releases pyproject.toml's ranges allow instead (see README, Testing).
+GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+LOCK ?= requirements/$(if $(GPU),cuda,cpu).txt
+PIP_LOCK := $(if $(LOCK),-c $(LOCK))
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "setup: GPU found, installing CUDA torch"; \
-		$(BIN)/pip install "torch>=2.6"; \
+	@if [ -n "$(GPU)" ]; then \
+		echo "setup: GPU found, installing CUDA torch $(if $(LOCK),from $(LOCK))"; \
+		$(BIN)/pip install $(PIP_LOCK) "torch>=2.6"; \
 	else \
-		echo "setup: no GPU found, installing CPU-only torch $(TORCH_VERSION)"; \
-		$(BIN)/pip install --retries 1 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
+		echo "setup: no GPU found, installing CPU-only torch $(if $(LOCK),from $(LOCK),$(TORCH_VERSION))"; \
+		$(BIN)/pip install --retries 1 $(PIP_LOCK) "torch$(if $(LOCK),,==$(TORCH_VERSION))" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install -e ".[dev,quant]"
-	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation "deepspeed>=0.19"  # ops compile on first use, not now
+	$(BIN)/pip install $(PIP_LOCK) -e ".[dev,quant]"
+	DS_BUILD_OPS=0 $(BIN)/pip install $(PIP_LOCK) --no-build-isolation "deepspeed>=0.19"  # ops compile on first use, not now
 	@# DeepSpeed on CPU (the distributed tests) compiles its shared-memory op on first use: once, here.
 	-@command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1
 	@touch $@
+
+requirements/cpu.txt requirements/cuda.txt:
+	@echo "setup: $@ is missing; write it from pyproject.toml's ranges with: make lock LOCK=" >&2; exit 1
+
+# Regenerate both locks from pyproject.toml's ranges (newest releases), then `make test` to prove them.
+# The torch pin (requirements/torch-*.in) is moved by hand; the CUDA lock is resolved for Linux x86_64.
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra dev --extra quant --extra deepspeed --python $(BIN)/python \
+	--python-version 3.11 --no-build-isolation-package deepspeed --upgrade --quiet
+# Where the CPU build of torch is found: this workplace's wheel folder, else the PyTorch CPU index's torch page.
+TORCH_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,$(TORCH_CPU_INDEX)/torch/)
+lock: setup
+	$(UV_COMPILE) requirements/torch-cpu.in --find-links $(TORCH_WHEELS) -o requirements/cpu.txt
+	$(UV_COMPILE) requirements/torch-cuda.in --python-platform x86_64-manylinux_2_28 -o requirements/cuda.txt
 
 # The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model -> PPO, then its report card
 # (about 6 minutes). Re-running skips finished stages; `rm -rf runs/tiny` (or DEMO_ARGS="--rerun tokenizer") starts over.
@@ -47,14 +66,24 @@ pipeline: setup
 sweep: setup
 	$(BIN)/gptpipe sweep $(SWEEP) $(ARGS)
 
+# The whole suite (under 15 minutes on 2 cores), its 15 slowest tests printed, a hung test failing after
+# its timeout (pytest-timeout). test-fast: the edit-run loop, leaving out the `slow` end-to-end tests.
+PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 --durations-min=1
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(PYTEST)
+
+test-fast: setup
+	$(PYTEST) -m "not slow and not gpu"
 
 test-gpu: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m gpu
+	$(PYTEST) -m gpu
 
 test-distributed: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m distributed
+	$(PYTEST) -m distributed
+
+# The learning tests over seeds 0-4 and 2 vs 1 threads; writes the table in docs/testing.md (~40 min on 2 cores).
+test-spread: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/learning_spread.py --seeds 0 1 2 3 4 --threads 2 1
 
 # Benchmarks (bench/, docs/benchmarks.md): gptpipe against plain TRL / HF Trainer scripts run side by side,
 # ratios of medians. About 9 minutes on 2 CPU cores; needs ../shared/data. Results in runs/bench/*/summary.json.
@@ -89,12 +118,12 @@ bench-gpu: setup
 	$(BENCH_ENV) $(BIN)/python -m bench.gpu
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 
 format: setup
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench scripts
+	$(BIN)/ruff check --fix src tests bench scripts
 
 # Any stage: make train RECIPE=recipes/tiny/pretrain.yaml
 train: setup

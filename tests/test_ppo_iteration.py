@@ -2,8 +2,10 @@
 
 import copy
 
+import pytest
 import torch
 from conftest import tiny_llama_config
+from learning import SEED, learning_checks
 from transformers import LlamaForCausalLM
 
 from gptpipe.ppo.iteration import PPOSettings, ppo_iteration
@@ -13,8 +15,9 @@ from gptpipe.ppo.value import build_value_model
 PAD, EOS, TARGET = 0, 2, 7
 
 
+@pytest.mark.learning
 def test_ppo_raises_a_toy_reward(tmp_path):
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     config = tiny_llama_config(vocab_size=24)
     policy = LlamaForCausalLM(config)
     policy.save_pretrained(tmp_path / "policy")
@@ -29,7 +32,7 @@ def test_ppo_raises_a_toy_reward(tmp_path):
     kl_ctl = AdaptiveKLController(beta=0.02, target=2.0, horizon=1000)
     policy_opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(SEED)
     prompts = [[1, 3 + i % 5, 4 + i % 3] for i in range(16)]
     history = [
         ppo_iteration(
@@ -51,7 +54,9 @@ def test_ppo_raises_a_toy_reward(tmp_path):
     first = sum(h["reward"] for h in history[:3]) / 3
     last = sum(h["reward"] for h in history[-3:]) / 3
     print(f"toy reward {first:.3f} -> {last:.3f}; kl {history[0]['kl']:.3f} -> {history[-1]['kl']:.3f}")
-    assert first < 0.15 and last > first + 0.3, (first, last)
+    with learning_checks() as check:
+        check.at_most("toy reward, first 3 iterations", first, 0.15)  # seeds 0-4, 1-2 threads: 0.038-0.061
+        check.at_least("toy reward gain, last 3 vs first 3", last - first, 0.6)  # 0.925-0.955
     assert history[-1]["kl"] > history[0]["kl"]  # moving away from the reference is what KL measures
     assert (
         history[0]["approx_kl"] < 0.05 and history[0]["ratio_mean"] > 0.9

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import REPO, needs_shared_data, small_pretrain
+from learning import learning_checks
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptpipe.cli import run
@@ -23,15 +24,19 @@ def pretrained(tokenizer_dir, tmp_path_factory):
     return out, args
 
 
+@pytest.mark.learning
 def test_perplexity_falls_well_below_untrained(pretrained):
     out, _ = pretrained
     evidence = json.loads((out / "eval.json").read_text())
     assert evidence["perplexity_before"] > 300  # untrained: about the vocabulary size
-    assert evidence["perplexity_after"] < evidence["perplexity_before"] / 20
     assert evidence["train_steps"] == 80
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 16 and losses[-1] < losses[0] / 2
+    assert len(losses) == 16
+    with learning_checks() as check:
+        ratio = evidence["perplexity_before"] / evidence["perplexity_after"]
+        check.at_least("perplexity before / after", ratio, 30)  # seeds 0-4, 1-2 threads: 52-69
+        check.at_least("first / last logged loss", losses[0] / losses[-1], 2)  # 2.52-2.85
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 15, 30, 45, 60, 75, 80]
 
 

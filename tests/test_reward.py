@@ -5,6 +5,7 @@ import json
 
 import pytest
 from conftest import REPO, needs_shared_data, reward_overrides
+from learning import learning_checks
 from transformers import AutoModelForSequenceClassification
 
 from gptpipe.cli import run
@@ -39,11 +40,14 @@ def reloaded_scores(final, n=8):
     return score_ids(model, pairs["chosen_ids"], tok.pad_token_id)
 
 
+@pytest.mark.learning
 def test_reward_model_learns_to_rank_heldout_pairs(reward_run):
     e = evidence(reward_run)
     assert 0.3 < e["pairwise_accuracy_before"] < 0.7  # an untrained score head guesses
-    assert e["pairwise_accuracy_after"] >= 0.8
-    assert e["mean_margin_after"] > e["mean_margin_before"] + 1.0
+    with learning_checks() as check:
+        # Seeds 0-4, 1-2 threads: accuracy 0.73-0.85 (chance 0.5), margin gain 2.35-3.59.
+        check.at_least("held-out pairwise accuracy", e["pairwise_accuracy_after"], 0.65)
+        check.at_least("mean margin gain", e["mean_margin_after"] - e["mean_margin_before"], 1.5)
     assert e["reload_max_abs_diff"] < 1e-4
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 from conftest import REPO, as_overrides
+from learning import learning_checks
 from transformers import AutoModelForCausalLM
 
 from gptpipe.cli import run
@@ -13,6 +14,7 @@ from gptpipe.errors import UserError
 from gptpipe.recipe import load_recipe
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_trl_algorithms_raise_held_out_reward(algorithm, tiny_sft, tiny_reward, tmp_path):
     out = tmp_path / algorithm
@@ -21,16 +23,26 @@ def test_trl_algorithms_raise_held_out_reward(algorithm, tiny_sft, tiny_reward, 
             "output_dir": out,
             "model.name_or_path": tiny_sft,
             "reward_model": tiny_reward,
-            "max_steps": 60,  # measured on this world: GRPO 2.03 -> 2.67, RLOO 2.03 -> 2.20
+            "max_steps": 60,
             "save_steps": 100,
+            # Prompts the SFT model gets wrong often (phrasings SFT never saw), half to train on, half held out.
+            # On SFT's own phrasings it already answers ~0.96: the training reward stayed flat, and the held-out
+            # reward fell on one seed in five (-0.16 GRPO, -0.12 RLOO).
+            "datasets": "[{path: 'tinyworld:rl_prompts', split: eval}]",
+            "eval_datasets": "[]",
+            "eval_split_size": 0.5,
         }
     )
     run(["train", str(REPO / f"recipes/tiny/{algorithm}.yaml"), *overrides])
     e = json.loads((out / "eval.json").read_text())
     assert e["algorithm"] == algorithm and e["train_steps"] == 60
     assert e["kl_before"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
-    assert e["reward_after"] > e["reward_before"] + 0.05, e
-    assert 0.0 < e["kl_after"] < 2.0, e  # bounded by the KL penalty
+    assert e["kl_after"] > 0.0, e  # the policy moved
+    evidence = {k: v for k, v in e.items() if k.endswith(("_before", "_after"))}
+    with learning_checks() as check:
+        # Seeds 0-4, 1-2 threads: reward gain GRPO 0.37-3.14, RLOO 0.31-3.55; KL GRPO 0.83-3.19, RLOO 0.77-5.60.
+        check.at_least("held-out reward gain", e["reward_after"] - e["reward_before"], 0.1, evidence)
+        check.at_most("KL to the SFT model after", e["kl_after"], 8.0, evidence)  # bounded by the KL penalty
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("reward" in r for r in records)
     AutoModelForCausalLM.from_pretrained(out / "final")

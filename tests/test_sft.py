@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, needs_shared_data, sft_overrides
+from learning import learning_checks
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptpipe.cli import run
@@ -25,14 +26,17 @@ def sft_run(tiny_sft):
     return tiny_sft.parent
 
 
+@pytest.mark.learning
 def test_sft_raises_heldout_answer_accuracy(sft_run):
     e = evidence(sft_run)
     # Held-out questions ask about facts seen only in pretraining: the base model cannot answer in chat form.
     assert e["exact_match_before"] == 0.0
-    # Measured: right answer 0.12 -> 0.67, exact 0.00 -> 0.64 (this fixture's 400-step base, 250 SFT steps).
-    assert e["answer_accuracy_after"] >= e["answer_accuracy_before"] + 0.3
-    assert e["exact_match_after"] >= 0.4
-    assert e["eval_loss_after"] < e["eval_loss_before"] / 2
+    with learning_checks() as check:
+        gain = e["answer_accuracy_after"] - e["answer_accuracy_before"]
+        # Seeds 0-4, 1-2 threads: gain 0.27-0.80, exact match 0.22-0.78, loss ratio 5.7-13.2 (docs/testing.md).
+        check.at_least("answer accuracy gain", gain, 0.15, e["examples_after"])
+        check.at_least("exact match after", e["exact_match_after"], 0.1)
+        check.at_least("eval loss before / after", e["eval_loss_before"] / e["eval_loss_after"], 3)
     records = [json.loads(line) for line in (sft_run / "metrics.jsonl").read_text().splitlines()]
     fractions = [r["nonpad_fraction"] for r in records if "nonpad_fraction" in r]
     assert fractions and all(0.5 < f < 1.0 for f in fractions)  # padded batches: some padding, mostly tokens
