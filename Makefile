@@ -103,7 +103,7 @@ bench-peers: setup $(LF_VENV)/.installed
 
 $(LF_VENV)/.installed:
 	$(PYTHON) -m venv $(LF_VENV)
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	@if [ -n "$(GPU)" ]; then \
 		$(LF_VENV)/bin/pip install "torch>=2.6"; \
 	else \
 		$(LF_VENV)/bin/pip install --retries 1 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
-from learning import seed_overrides  # noqa: E402  (helpers/ is on the path from here on)
+from learning import SEED_SETTINGS  # noqa: E402  (helpers/ is on the path from here on)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -80,7 +80,7 @@ def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
             "logging_steps=50",
             "probe_datasets=[]",
             "disable_tqdm=true",
-            *seed_overrides(),
+            *as_overrides(SEED_SETTINGS),
         ]
     )
     return out / "final"
@@ -93,7 +93,7 @@ SHORT_RUN = {"max_steps": 10, "logging_steps": 5, "eval_steps": 10, "save_steps"
 def as_overrides(*layers: dict, **extra) -> list[str]:
     """``key=value`` command-line overrides from dicts of settings, later ones winning; the spread's training
     seed (tests/helpers/learning.py) first, so a test that sets its own seed keeps it."""
-    merged: dict = dict(item.split("=", 1) for item in seed_overrides())
+    merged: dict = dict(SEED_SETTINGS)
     for layer in (*layers, extra):
         merged.update(layer)
     return [f"{k}={v}" for k, v in merged.items()]

@@ -20,9 +20,8 @@ import os
 SEED = int(os.environ.get("GPTPIPE_TEST_SEED", "42"))
 
 
-def seed_overrides() -> list[str]:
-    """``seed=N`` for a training run when the spread asks for a seed other than the recipes' own."""
-    return [f"seed={SEED}"] if "GPTPIPE_TEST_SEED" in os.environ else []
+# ``seed: N`` for every training run when the spread asks for a seed other than the recipes' own.
+SEED_SETTINGS = {"seed": SEED} if "GPTPIPE_TEST_SEED" in os.environ else {}
 
 
 class Checks:
