@@ -135,3 +135,29 @@ def test_choice_fields_are_refused_by_validate(recipe, override, expected, tmp_p
     with pytest.raises(UserError) as err:  # the CLI prints it and exits 2 (test_cli_user_error_exits_2...)
         validate_recipe(bad)
     assert expected in str(err.value) and str(bad) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override", ["lr_scheduler_type=cosine", "warmup_steps=10", "gradient_checkpointing=true"]
+)
+def test_a_key_ppo_does_not_read_is_refused(override, tmp_path, capsys):
+    """Accepted and ignored, a TrainingArguments key PPO does not read would change nothing and say nothing."""
+    from gptpipe.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(REPO / "recipes/tiny/rl.yaml"), "--set", override])
+    message = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{override.split('=')[0]}: gptpipe's PPO trainer" in message
+    assert "algorithm: grpo or rloo" in message
+    validate_recipe(REPO / "recipes/tiny/grpo.yaml", [override])  # TRL's trainers read it
+    validate_recipe(REPO / "recipes/tiny/rl.yaml", ["learning_rate=1e-5"])  # one PPO reads
+
+
+def test_a_saved_ppo_config_reads_back(tmp_path):
+    """config.yaml holds every key, the unread ones at their defaults: it must still load."""
+    from gptpipe.recipe import save_config
+
+    cfg = load_recipe(REPO / "recipes/tiny/rl.yaml", [f"output_dir={tmp_path / 'rl'}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_recipe(tmp_path / "config.yaml")
+    assert config_to_dict(again) == config_to_dict(cfg)

@@ -112,35 +112,67 @@ def test_launch_shorthand_builds_the_accelerate_command(capsys):
     assert capsys.readouterr().out.split()[-1] == "use_cpu=true"  # accelerate does not pass use_cpu on
 
 
+TINY_STAGES = ("tokenizer", "pretrain", "sft", "reward", "rl")
+# Every stage shrunk to seconds; what each trains is tested elsewhere: here, that each runs under the launcher.
+SMALL_STAGES = {
+    "tokenizer": {"max_train_documents": 2000},
+    "pretrain": {
+        "model.hidden_size": 32,
+        "model.intermediate_size": 64,
+        "model.num_attention_heads": 4,
+        "block_size": 64,
+        "max_steps": 4,
+        "eval_steps": 4,
+        "probe_datasets": [],
+        "use_cpu": True,
+    },
+    "sft": {"max_steps": 2, "eval_steps": 2, "answer_datasets": [], "use_cpu": True},
+    "reward": {"max_steps": 2, "eval_steps": 2, "use_cpu": True},
+    "rl": {
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "eval_prompts": 4,
+        "max_new_tokens": 8,
+        "ppo_epochs": 1,
+        "use_cpu": True,
+    },
+}
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
-def test_slurm_node_script_launches_the_processes(tiny_base, tmp_path):
-    """scripts/slurm/node.sh is what each Slurm node runs; here as a one-node job with 2 CPU processes (plain
-    DDP), which trains exactly what one process does with the same global batch."""
+def test_slurm_node_script_launches_the_whole_pipeline(tmp_path):
+    """scripts/slurm/node.sh (what each Slurm node runs, here a one-node job with 2 CPU processes) launching
+    the tiny pipeline: every stage goes through the one runner, so each records the 2-process layout; the
+    tokenizer stage runs on the main process alone (one final/ written once) while the other waits."""
     venv = Path(sys.executable).parent.parent
     env = {**ENV, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "GPUS_PER_NODE": "2", "MAIN_ADDR": "127.0.0.1"}
     env |= {"MAIN_PORT": "29531", "GPTPIPE_CONFIG": "cpu_ddp", "VENV": str(venv)}
-    one = tmp_path / "one"
-    run(  # first: it prepares the data both runs read
-        [
-            "train",
-            SFT,
-            *sft_overrides(tiny_base, one, max_steps=2, logging_steps=1, per_device_train_batch_size=64),
-        ]
-    )
-    args = [
-        "train",
-        SFT,
-        *sft_overrides(tiny_base, tmp_path / "slurm", max_steps=2, logging_steps=1),
-        "use_cpu=true",
+    stages = [
+        {"recipe": str(REPO / f"recipes/tiny/{s}.yaml"), "overrides": SMALL_STAGES[s]} for s in TINY_STAGES
     ]
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "runs"), "stages": stages}))
     done = subprocess.run(
-        ["bash", "scripts/slurm/node.sh", *args], capture_output=True, text=True, env=env, cwd=REPO
+        ["bash", "scripts/slurm/node.sh", "pipeline", str(pipeline)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((tmp_path / "slurm/distributed.json").read_text())["world_size"] == 2
-    assert (tmp_path / "slurm/final").is_dir()
-    assert sorted(_losses(one)) == [1, 2]
-    assert _losses(tmp_path / "slurm") == pytest.approx(_losses(one), rel=1e-5)
+    for stage in TINY_STAGES:
+        layout = json.loads((tmp_path / "runs" / stage / "distributed.json").read_text())
+        assert layout["world_size"] == 2, (stage, layout)
+        assert (tmp_path / "runs" / stage / "final").is_dir() and (
+            tmp_path / "runs" / stage / "eval.json"
+        ).is_file()
+    assert json.loads((tmp_path / "runs/tokenizer/distributed.json").read_text())["runs_on"] == "main process"
+    assert json.loads((tmp_path / "runs/sft/distributed.json").read_text())["distributed_type"] == "MULTI_CPU"
+    assert done.stdout.count("[tokenizer] saved") == 1  # one process trained and wrote it
+    assert not list((tmp_path / "runs/tokenizer").glob(".main-process-result-*"))
+    AutoModelForCausalLM.from_pretrained(tmp_path / "runs/rl/final")
+    assert (tmp_path / "runs/report.md").is_file()
 
 
 @pytest.mark.distributed

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from gptpipe.cli import run
 from gptpipe.errors import UserError
+from gptpipe.ppo.checkpoint import batch_rows
 from gptpipe.runs import last_checkpoint
-from gptpipe.stages.rl import batch_rows
 from gptpipe.tracking import read_metrics
 
 RL = str(REPO / "recipes/tiny/rl.yaml")

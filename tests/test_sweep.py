@@ -78,6 +78,32 @@ def test_interrupted_sweep_finishes_and_ranks(tokenizer_dir, tmp_path, capsys):
     assert (out / "plots/learning_rate.png").is_file() and (out / "study.db").is_file()
 
 
+def test_trial_that_crashes_is_failed_and_the_rerun_finishes(tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """A trial that raises something other than a user error (out of memory, a bug in a library) is marked
+    FAIL in the study; left RUNNING, every rerun would retry it first and the sweep would never finish."""
+    import optuna
+
+    path = write_sweep(tmp_path, tokenizer_dir, grid={"learning_rate": [1.0e-3, 3.0e-3]})
+    spec = yaml.safe_load(path.read_text())
+    spec["overrides"] |= {
+        "max_steps": 2,
+        "eval_steps": 2,
+        "callbacks": ["fault_callbacks:CrashAtLearningRate"],
+    }
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("GPTPIPE_TEST_CRASH_AT_LR", "0.003")
+    run(["sweep", str(path)])
+    assert "RuntimeError('simulated crash inside a library" in capsys.readouterr().out
+    storage = f"sqlite:///{tmp_path / 'sweep/study.db'}"
+    states = [t.state.name for t in optuna.load_study(study_name="sweep", storage=storage).trials]
+    assert states == ["COMPLETE", "FAIL"]
+    run(["sweep", str(path)])  # the rerun tries the failed point once more and finishes
+    states = [t.state.name for t in optuna.load_study(study_name="sweep", storage=storage).trials]
+    assert states == ["COMPLETE", "FAIL", "FAIL"]
+    with open(tmp_path / "sweep/results.csv") as f:
+        assert [r["trial"] for r in csv.DictReader(f)] == ["learning_rate=0.001"]
+
+
 def test_emit_writes_one_command_per_trial(tokenizer_dir, tmp_path, capsys):
     path = write_sweep(tmp_path, tokenizer_dir)
     run(["sweep", str(path), "--emit", "slurm"])

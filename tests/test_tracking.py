@@ -7,7 +7,7 @@ import sys
 
 from conftest import REPO, small_pretrain
 
-from gptpipe.tracking import redact
+from gptpipe.files import redact
 
 PRETRAIN = str(REPO / "recipes/tiny/pretrain.yaml")
 SECRETS = {"WANDB_API_KEY": "wandb-secret-4f9a2c7e1b", "HF_TOKEN": "hf_secretTOKENvalue123456"}

@@ -21,7 +21,17 @@ import os
 import sys
 from pathlib import Path
 
+from gptpipe.data import ranking, tinyworld
+from gptpipe.data.prepared import describe
+from gptpipe.distributed import find_config, launch_command
 from gptpipe.errors import Preempted, UserError
+from gptpipe.faults import describe_oom, is_oom
+from gptpipe.generation import chat_loop, generate_file
+from gptpipe.pipeline import load_pipeline, run_pipeline
+from gptpipe.recipe import load_recipe, read_yaml, validate_recipe
+from gptpipe.runner import run_stage
+from gptpipe.scoring import score_pairs_file, score_texts_file
+from gptpipe.sweep import run_sweep, validate_sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,8 +141,6 @@ def _relaunch(args, argv: list[str]) -> None:
     """Replace this process with ``accelerate launch ... -m gptpipe <the same command, minus --launch>``."""
     import shlex
 
-    from gptpipe.distributed import launch_command
-
     keep, skip = [], False
     for arg in argv:
         name = arg.split("=", 1)[0]
@@ -151,9 +159,7 @@ def _relaunch(args, argv: list[str]) -> None:
 def _config_processes(config: str) -> int:
     import yaml
 
-    from gptpipe.distributed import _find_config
-
-    return int((yaml.safe_load(_find_config(config).read_text()) or {}).get("num_processes", 1))
+    return int((yaml.safe_load(find_config(config).read_text()) or {}).get("num_processes", 1))
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -162,27 +168,8 @@ def run(argv: list[str] | None = None) -> None:
     if getattr(args, "launch", None):
         return _relaunch(args, argv)
     if args.command == "train":
-        from gptpipe.distributed import start_distributed
-        from gptpipe.faults import note_stage
-        from gptpipe.recipe import load_recipe
-        from gptpipe.tracking import start_tracking
-
-        cfg = load_recipe(args.recipe, args.overrides)
-        note_stage(cfg)
-        start_distributed(cfg)
-        start_tracking(cfg)
-        stage = importlib.import_module(cfg.module)
-        stage.main(cfg)
-        if getattr(cfg, "process_index", 0) == 0:
-            from gptpipe.report import write_run_report
-
-            report = write_run_report(cfg.output_dir)
-            if report:
-                print(f"[{cfg.stage}] report: {report}")
+        run_stage(load_recipe(args.recipe, args.overrides))
     elif args.command == "prepare":
-        from gptpipe.data.prepared import describe
-        from gptpipe.recipe import load_recipe
-
         cfg = load_recipe(args.recipe, args.overrides)
         stage = importlib.import_module(cfg.module)
         if not hasattr(stage, "prepare"):
@@ -195,21 +182,12 @@ def run(argv: list[str] | None = None) -> None:
         if summary["reused"]:
             print(f"[{cfg.stage}] (already prepared with the same settings, tokenizer and files)")
     elif args.command == "pipeline":
-        from gptpipe.pipeline import run_pipeline
-
         run_pipeline(args.pipeline, args.overrides, args.rerun, args.output_dir)
     elif args.command == "sweep":
-        from gptpipe.sweep import run_sweep
-
         run_sweep(args.sweep, args.emit, args.max_trials)
     elif args.command == "validate":
-        from gptpipe.pipeline import load_pipeline
-        from gptpipe.recipe import read_yaml, validate_recipe
-
         for recipe in args.recipes:
             if "metric" in read_yaml(Path(recipe)):
-                from gptpipe.sweep import validate_sweep
-
                 print(f"ok: {recipe} ({validate_sweep(recipe)})")
                 continue
             if "stages" in read_yaml(Path(recipe)):
@@ -219,12 +197,8 @@ def run(argv: list[str] | None = None) -> None:
             cfg = validate_recipe(recipe, args.overrides)
             print(f"ok: {recipe} (stage {cfg.stage}, output_dir {cfg.output_dir})")
     elif args.command == "chat":
-        from gptpipe.generation import chat_loop
-
         chat_loop(args.model, args.max_new_tokens, args.temperature, args.system)
     elif args.command == "generate":
-        from gptpipe.generation import generate_file
-
         out = args.out or str(Path(args.prompts).with_suffix("")) + ".generated.jsonl"
         n = generate_file(
             args.model,
@@ -239,8 +213,6 @@ def run(argv: list[str] | None = None) -> None:
         )
         print(f"wrote {n} completions to {out}")
     elif args.command == "rank":
-        from gptpipe.data import ranking
-
         labeler = ranking.load_labeler(args.labeler, "--labeler") if args.labeler else None
         human = ranking.read_rankings(args.rankings) if args.rankings else None
         ranked, stats = ranking.rank_samples(ranking.read_jsonl(args.samples, "samples"), labeler, human)
@@ -253,8 +225,6 @@ def run(argv: list[str] | None = None) -> None:
     elif args.command == "score":
         import json
 
-        from gptpipe.scoring import score_pairs_file, score_texts_file
-
         if args.pairs:
             result = score_pairs_file(args.model, args.pairs, args.format, args.max_length)
             print(
@@ -265,10 +235,8 @@ def run(argv: list[str] | None = None) -> None:
             for row in score_texts_file(args.model, args.texts):
                 print(json.dumps(row))
     elif args.command == "data":
-        from gptpipe.data.tinyworld import generate, write
-
-        folder = write(args.out, seed=args.seed)
-        for part, splits in generate(args.seed).items():
+        folder = tinyworld.write(args.out, seed=args.seed)
+        for part, splits in tinyworld.generate(args.seed).items():
             sizes = ", ".join(f"{split} {len(rows)}" for split, rows in splits.items())
             print(f"{folder / part}: {sizes} rows")
 
@@ -287,8 +255,6 @@ def main(argv: list[str] | None = None) -> None:
         print("gptpipe: interrupted", file=sys.stderr)
         sys.exit(130)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        from gptpipe.faults import describe_oom, is_oom
-
         if not is_oom(e):
             raise
         error = describe_oom(e)

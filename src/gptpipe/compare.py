@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 
 from gptpipe.config import DataSource
-from gptpipe.generation import answers_in_first_sentence, render_chat
+from gptpipe.data.answers import answers_in_first_sentence
+from gptpipe.data.sources import load_mixture
+from gptpipe.generation import render_chat
+from gptpipe.modeling import load_for_inference
+from gptpipe.rlhf import prompt_rows
+from gptpipe.runs import is_finished
+from gptpipe.scoring import score_pairs_file
 
 MODEL_STAGES = ("pretrain", "sft", "rl")  # stage kinds whose final/ is a causal LM
 
@@ -39,9 +45,6 @@ class CompareSettings:
 
 def load_prompts(settings: CompareSettings) -> list[dict]:
     """The first ``max(num_prompts, diversity_prompts)`` rows as {prompt: messages, answer?}."""
-    from gptpipe.data.sources import load_mixture
-    from gptpipe.rlhf import prompt_rows
-
     ds = load_mixture([settings.prompts], [], seed=settings.seed, prepare=prompt_rows)
     return list(ds.select(range(min(len(ds), max(settings.num_prompts, settings.diversity_prompts)))))
 
@@ -49,8 +52,6 @@ def load_prompts(settings: CompareSettings) -> list[dict]:
 def compare_models(models: list[tuple[str, str, Path]], settings: CompareSettings) -> dict:
     """{stage name: {answers, answered, stopped, distinct_1, distinct_2, entropy, length}} for each
     (name, stage kind, model folder); ``prompts`` holds the questions shown side by side."""
-    from gptpipe.modeling import load_for_inference
-
     rows = load_prompts(settings)
     found = {"prompts": [r["prompt"][-1]["content"] for r in rows[: settings.num_prompts]], "stages": {}}
     for name, kind, folder in models:
@@ -226,9 +227,6 @@ def reward_models_on_own_samples(out: Path, heldout: Path) -> str:
     ``heldout`` (held-out prompts' samples of the policy, ranked like the training comparisons), next to
     the held-out accuracy of its own evaluation set."""
     import yaml
-
-    from gptpipe.runs import is_finished
-    from gptpipe.scoring import score_pairs_file
 
     lines = [
         "## Reward models on the SFT model's own samples",

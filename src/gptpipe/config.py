@@ -9,8 +9,10 @@ and saving recipes is ``gptpipe.recipe``.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import trl
 from transformers import TrainingArguments
@@ -119,8 +121,6 @@ class RunSettings(DataSettings):
     def to_dict(self) -> dict:
         """What HF integrations log (TensorBoard, wandb): the trainer's dict with our nested settings as plain
         data, so ``to_json_string`` works."""
-        from gptpipe.recipe import plain
-
         return {k: plain(v) for k, v in super().to_dict().items()}
 
 
@@ -199,6 +199,27 @@ class RLSettings(RunSettings):
     eval_prompts: int = 128  # held-out prompts scored before and after (greedy)
 
 
+# The TrainingArguments keys gptpipe's PPO trainer reads (gptpipe.stages.rl, gptpipe.ppo, and the runner's
+# distributed set-up). A PPO recipe that sets any other one to a value of its own is refused by validate and
+# train (gptpipe.recipe): accepted and ignored, it would change nothing and say nothing.
+PPO_TRAINING_KEYS = frozenset(
+    {
+        *("output_dir", "seed", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"),
+        *(
+            "learning_rate",
+            "optim",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "max_grad_norm",
+        ),
+        *("logging_steps", "save_steps", "save_total_limit", "report_to"),
+        *("use_cpu", "deepspeed", "bf16", "fp16", "ddp_timeout", "accelerator_config"),
+    }
+)
+
+
 @dataclass
 class RLConfig(RLSettings, TrainingArguments):
     """RLHF against a frozen reward model. ``algorithm: ppo`` is gptpipe's own trainer (``gptpipe.ppo``);
@@ -208,6 +229,9 @@ class RLConfig(RLSettings, TrainingArguments):
 
     stage: ClassVar[str] = "rl"
     module: ClassVar[str] = "gptpipe.stages.rl"
+    training_keys_read: ClassVar[frozenset[str]] = PPO_TRAINING_KEYS  # the others are refused when set
+    trainer: ClassVar[str] = "gptpipe's PPO trainer (algorithm: ppo)"
+    unread_hint: ClassVar[str] = "TRL's trainers (algorithm: grpo or rloo) read every key."
     value_init: Literal["reward", "policy"] = (
         "reward"  # critic from the reward model (InstructGPT) or from the policy (zero head)
     )
@@ -285,3 +309,19 @@ STAGE_CONFIGS: dict[str, type] = {
 }
 # `stage: rl` recipes pick their class by `algorithm:`.
 RL_CONFIGS: dict[str, type] = {"ppo": RLConfig, "grpo": GRPOConfig, "rloo": RLOOConfig}
+
+
+def plain(obj: Any) -> Any:
+    """A config (nested dataclasses, enums, paths) as plain YAML/JSON-able data, secrets left out."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = [f for f in dataclasses.fields(obj) if f.init and f.name not in SECRET_FIELDS]
+        return {f.name: plain(getattr(obj, f.name)) for f in fields}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)

@@ -19,41 +19,40 @@ import contextlib
 import importlib.util
 import json
 import os
+import sys
+from datetime import timedelta
 from pathlib import Path
 
+import torch
+import yaml
+from accelerate.state import AcceleratorState, PartialState
 
-def start_distributed(cfg) -> dict | None:
-    """Set up and describe the process layout of a Trainer-based stage (None for other stages)."""
+from gptpipe.errors import UserError
+
+
+def start_distributed(cfg) -> dict:
+    """Set up and describe the process layout before a stage starts; write ``distributed.json``.
+
+    Trainer-based stages (their config has ``distributed_state``) train on every process. The others
+    (tokenizer, rank) run on the main process while the rest wait (``gptpipe.runner``): their layout says
+    ``"runs_on": "main process"``.
+    """
     if not hasattr(cfg, "distributed_state"):
-        return None
+        return _main_process_layout(cfg)
     if wants_deepspeed(cfg) and _launched_processes() > 1 and not _has_gpu():
         _deepspeed_on_cpu(cfg)
     world = cfg.world_size  # sets up torch.distributed when launched with several processes
-    requested = requested_processes()
-    if requested > 1 and world == 1:
-        from gptpipe.errors import UserError
-
-        raise UserError(
-            f"the launcher was asked for {requested} processes but this run has world size 1, so every "
-            "process would train alone (`accelerate launch --cpu` starts one process whatever --num_processes "
-            "says). On CPU: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
-            f"{requested} -m gptpipe train RECIPE use_cpu=true, or torchrun --nproc_per_node {requested} -m "
-            "gptpipe train RECIPE use_cpu=true."
-        )
+    refuse_one_of_many(world)
     state = cfg.distributed_state
     kind = getattr(state.distributed_type, "value", str(state.distributed_type))
     on_cpu = cfg.use_cpu or str(cfg.device).startswith("cpu")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and on_cpu and kind != "FSDP":
-        from gptpipe.errors import UserError
-
         raise UserError(
             f"the accelerate config asks for FSDP, but on CPU it would silently run {kind}. FSDP needs GPUs; "
             "on CPU use DDP (accelerate_configs/cpu_ddp.yaml or torchrun) or DeepSpeed ZeRO-3 "
             "(torchrun ... deepspeed=deepspeed_configs/zero3.json)."
         )
     if wants_deepspeed(cfg) and world > 1 and kind != "DEEPSPEED":
-        from gptpipe.errors import UserError
-
         raise UserError(f"DeepSpeed was asked for, but this run would silently run {kind}")
     layout = {
         "world_size": world,
@@ -70,16 +69,50 @@ def start_distributed(cfg) -> dict | None:
             f" (ZeRO-{layout['zero_stage']})" if "zero_stage" in layout else ""
         )
         print(f"[gptpipe] {world} process{'es' if world > 1 else ''}, {engine}, backend {layout['backend']}")
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "distributed.json").write_text(json.dumps(layout, indent=2) + "\n")
+        _write_layout(cfg.output_dir, layout)
     return layout
+
+
+def refuse_one_of_many(world: int) -> None:
+    """A launcher asked for several processes but started one (``accelerate launch --cpu``): say so."""
+    requested = requested_processes()
+    if requested > 1 and world == 1:
+        raise UserError(
+            f"the launcher was asked for {requested} processes but this run has world size 1, so every "
+            "process would train alone (`accelerate launch --cpu` starts one process whatever --num_processes "
+            "says). On CPU: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
+            f"{requested} -m gptpipe train RECIPE use_cpu=true, or torchrun --nproc_per_node {requested} -m "
+            "gptpipe train RECIPE use_cpu=true."
+        )
+
+
+def _main_process_layout(cfg) -> dict:
+    """The layout of a stage that runs on the main process only; ``{}`` when not launched on several."""
+    if _launched_processes() == 1:
+        refuse_one_of_many(1)
+        return {}
+    state = PartialState()  # the launcher's process group, as a Trainer would set it up
+    layout = {
+        "world_size": state.num_processes,
+        "distributed_type": getattr(state.distributed_type, "value", str(state.distributed_type)),
+        "backend": state.backend,
+        "device": str(state.device),
+        "runs_on": "main process",  # the others wait for it (gptpipe.runner)
+    }
+    if state.is_main_process:
+        print(f"[gptpipe] {state.num_processes} processes; stage {cfg.stage} runs on the main process")
+        _write_layout(cfg.output_dir, layout)
+    return layout
+
+
+def _write_layout(output_dir, layout: dict) -> None:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distributed.json").write_text(json.dumps(layout, indent=2) + "\n")
 
 
 def refuse_incompatible(cfg, kind: str, stage: int | None) -> None:
     """Memory switches that cannot work together, stopped before any model is loaded."""
-    from gptpipe.errors import UserError
-
     quantized = [
         key
         for key, value in (
@@ -126,10 +159,6 @@ def wants_deepspeed(cfg) -> bool:
 
 def _deepspeed_on_cpu(cfg) -> None:
     """Make the process state a DeepSpeed one over gloo on CPU (see the module docstring)."""
-    from datetime import timedelta
-
-    from accelerate.state import AcceleratorState, PartialState
-
     # TrainingArguments set up a plain CPU state when it was built: start again from there (the gloo
     # process group it opened stays, and DeepSpeed's communication wraps it).
     vars(cfg).pop("_setup_devices", None)
@@ -146,8 +175,6 @@ def _launched_processes() -> int:
 
 
 def _has_gpu() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -196,13 +223,7 @@ def launch_command(config: str, gpus: int, nodes: int, gptpipe_args: list[str]) 
     command works from any directory. ``use_cpu=true`` is added to a ``train`` command when the config
     runs on CPU (accelerate does not pass the config's ``use_cpu`` on to the processes).
     """
-    import sys
-
-    import yaml
-
-    from gptpipe.errors import UserError
-
-    path = _find_config(config)
+    path = find_config(config)
     settings = yaml.safe_load(path.read_text()) or {}
     accelerate = str(Path(sys.executable).parent / "accelerate")
     cmd = [accelerate, "launch", "--config_file", str(path), "--num_processes", str(gpus * nodes)]
@@ -221,9 +242,7 @@ def launch_command(config: str, gpus: int, nodes: int, gptpipe_args: list[str]) 
     return [*cmd, "-m", "gptpipe", *args]
 
 
-def _find_config(config: str) -> Path:
-    from gptpipe.errors import UserError
-
+def find_config(config: str) -> Path:
     candidates = [Path(config)]
     if not config.endswith((".yaml", ".yml")):
         for root in (Path.cwd(), Path(__file__).resolve().parents[2]):

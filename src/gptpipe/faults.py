@@ -36,7 +36,9 @@ import torch
 from transformers import TrainerCallback
 
 from gptpipe.errors import DiskFullError, NonFiniteError, OutOfMemory, Preempted, UserError
+from gptpipe.finite import all_finite, any_process
 from gptpipe.runs import last_checkpoint, mark_complete, rotate_checkpoints
+from gptpipe.tracking import append_metrics
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DISK_MARGIN = 1.1  # free space wanted: 10% over the expected checkpoint size
@@ -76,15 +78,6 @@ class StopSignals:
         return any_process(self.received is not None, device)
 
 
-def any_process(flag: bool, device) -> bool:
-    """``flag`` OR-ed over all processes (itself when not distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def preempted(
     stage: str, step: int, output_dir, signum: int | None, requeue: bool, is_main: bool
 ) -> Preempted:
@@ -113,14 +106,6 @@ def _requeue(job: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Numerical faults
-
-
-def all_finite(tensors) -> bool:
-    """Whether every element of every tensor is finite (one device sync)."""
-    tensors = [t for t in tensors if t is not None]
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def nonfinite_error(stage: str, step: int, what: str, output_dir, skipping: bool = False) -> NonFiniteError:
@@ -341,8 +326,6 @@ class FaultGuard(TrainerCallback):
             self.pending_skip = False
             self.skipped += 1
             if state.is_world_process_zero:
-                from gptpipe.tracking import append_metrics
-
                 append_metrics(self.output_dir, {"step": state.global_step, "skipped_nonfinite": 1})
             print(
                 f"[{self.stage}] step {state.global_step}: non-finite gradient, update skipped",

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
+from gptpipe.modeling import load_for_inference
 
 
 @torch.no_grad()
@@ -72,14 +74,6 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dic
     return [
         tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
     ]
-
-
-def answers_in_first_sentence(reply: str, answer) -> bool:
-    """The right answer appears as a whole word in the reply's first sentence."""
-    import re
-
-    first = re.split(r"(?<=[.!?])\s", reply.strip(), maxsplit=1)[0]
-    return bool(re.search(rf"(?<!\w){re.escape(str(answer))}(?!\w)", first))
 
 
 def answer_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 48) -> dict:
@@ -148,8 +142,6 @@ def generate_file(
     other fields, e.g. an ``answer`` a labeler can check); returns rows written."""
     from transformers import set_seed
 
-    from gptpipe.modeling import load_for_inference
-
     model, tokenizer = load_for_inference(model_dir)
     rows = read_prompts(prompts_file)
     set_seed(seed)
@@ -196,8 +188,6 @@ def chat_loop(
 ) -> None:
     """Interactive multi-turn chat on the terminal, streaming tokens; the reply ends at end of turn."""
     from transformers import TextStreamer
-
-    from gptpipe.modeling import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir)
     if tokenizer.chat_template is None:

@@ -16,16 +16,15 @@ one resumes from its newest checkpoint; a finished stage whose settings changed 
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from gptpipe.compare import MODEL_STAGES, CompareSettings
+from gptpipe import compare
+from gptpipe.compare import MODEL_STAGES, CompareSettings, reward_models_on_own_samples
 from gptpipe.errors import UserError
-from gptpipe.faults import note_stage
 from gptpipe.recipe import (
     apply_override,
     build_dataclass,
@@ -35,9 +34,9 @@ from gptpipe.recipe import (
     override_value,
     read_yaml,
 )
-from gptpipe.report import report_card, write_run_report
+from gptpipe.report import report_card
+from gptpipe.runner import is_main_process, run_stage
 from gptpipe.runs import is_finished
-from gptpipe.tracking import start_tracking
 
 # Settings that say how to run, not what to compute: changing them does not make a finished stage stale.
 RUN_ONLY_KEYS = {
@@ -157,8 +156,6 @@ def _wiring(kind: str, finals: dict[str, Path]) -> dict[str, str]:
 
 def _compare_stages(settings: CompareSettings, planned: list[PlannedStage], out: Path) -> str:
     """Ask every finished model stage the same prompts; the report card's section (see gptpipe.compare)."""
-    from gptpipe import compare
-
     models = [
         (p.name, p.kind, Path(p.cfg.output_dir) / "final")
         for p in planned
@@ -209,24 +206,18 @@ def run_pipeline(
             print(f"[pipeline] {plan.name}: finished with the same settings: skipped ({run_dir})")
             continue
         print(f"[pipeline] {plan.name}: {'rerun' if i >= first_rerun else 'run'} -> {run_dir}", flush=True)
-        start_tracking(plan.cfg)
-        note_stage(plan.cfg)
-        importlib.import_module(plan.cfg.module).main(plan.cfg)
-        if getattr(plan.cfg, "process_index", 0) == 0:
-            write_run_report(run_dir)
+        run_stage(plan.cfg)
 
     out = Path(pipe.output_dir)
     card = report_card([(p.name, p.kind, Path(p.cfg.output_dir)) for p in planned])
     text = f"# Pipeline report card: {path}\n\n{card}\n\nEach stage's own report: `<stage>/report.md`.\n"
-    if getattr(planned[-1].cfg, "process_index", 0) == 0:
+    if is_main_process():
         if pipe.compare is not None:
             text += "\n" + _compare_stages(pipe.compare, planned, out) + "\n"
         heldout = [
             Path(p.cfg.output_dir) / "final/heldout_comparisons.jsonl" for p in planned if p.kind == "rank"
         ]
         if heldout and heldout[0].is_file():
-            from gptpipe.compare import reward_models_on_own_samples
-
             text += "\n" + reward_models_on_own_samples(out, heldout[0]) + "\n"
         (out / "report.md").write_text(text)
         print(f"\n{card}\n\n[pipeline] report card: {out / 'report.md'} ({time.time() - start:.0f} s)")

@@ -25,8 +25,13 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-from gptpipe.config import RL_CONFIGS, SECRET_FIELDS, STAGE_CONFIGS
+from gptpipe.config import RL_CONFIGS, STAGE_CONFIGS, plain
+from gptpipe.data.chat_templates import resolve
+from gptpipe.data.sources import check_sources_exist
 from gptpipe.errors import UserError
+from gptpipe.files import redact
+
+TRAINING_ARGUMENT_KEYS = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
 
 # ---------------------------------------------------------------------------------------------------
 # Loading
@@ -63,8 +68,6 @@ def check_tree(tree: dict, produced: set[str] = frozenset()) -> Any:
     """
     import torch
 
-    from gptpipe.data.sources import check_sources_exist
-
     cls = config_class(tree)
     tree = dict(tree)
     if issubclass(cls, TrainingArguments) and not torch.cuda.is_available():
@@ -73,8 +76,6 @@ def check_tree(tree: dict, produced: set[str] = frozenset()) -> Any:
     cfg = build_stage_config(tree)
     check_sources_exist(cfg, produced)
     if getattr(cfg, "chat_template", None):
-        from gptpipe.data.chat_templates import resolve
-
         resolve(cfg.chat_template)
     return cfg
 
@@ -117,7 +118,28 @@ def build_stage_config(tree: dict) -> Any:
         raise UserError(
             "output_dir is required (where the run folder goes, e.g. output_dir: runs/tiny/pretrain)"
         )
+    refuse_unread_keys(cls, tree, cfg)
     return cfg
+
+
+def refuse_unread_keys(cls: type, tree: dict, cfg: Any) -> None:
+    """A trainer config key the stage does not read (``cls.training_keys_read``), set to a value of its own.
+
+    Compared with a config built from nothing but ``output_dir``, so a run's saved ``config.yaml`` (every key,
+    the unread ones at their defaults) still reads back."""
+    read = getattr(cls, "training_keys_read", None)
+    if read is None:
+        return
+    candidates = [k for k in tree if k in TRAINING_ARGUMENT_KEYS and k not in read]
+    if not candidates:
+        return
+    reference = build_dataclass(cls, {"output_dir": cfg.output_dir})
+    for key in candidates:
+        if plain(getattr(cfg, key)) != plain(getattr(reference, key)):
+            raise UserError(
+                f"{key}: {cls.trainer} does not read this key, so setting it would change nothing; remove it. "
+                f"{cls.unread_hint} The trainer keys it reads: {', '.join(sorted(read))}."
+            )
 
 
 def override_value(value: Any) -> str:
@@ -263,24 +285,7 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    from gptpipe.tracking import redact
-
     Path(path).write_text(redact(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
-
-
-def plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = [f for f in dataclasses.fields(obj) if f.init and f.name not in SECRET_FIELDS]
-        return {f.name: plain(getattr(obj, f.name)) for f in fields}
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 # ---------------------------------------------------------------------------------------------------

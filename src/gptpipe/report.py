@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from gptpipe.tracking import read_metrics, redact
+from gptpipe.files import redact
+from gptpipe.tracking import read_metrics
 
 # Per stage, the evidence that proves it did its job (eval.json keys without _before/_after), in order.
 HEADLINES = {

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from gptpipe.data import chat_templates
+from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
-from gptpipe.generation import answers_in_first_sentence
+from gptpipe.files import write_json_atomic
 from gptpipe.modeling import merge_adapter
 from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
-from gptpipe.runs import publish_final, write_json_atomic
+from gptpipe.runs import publish_final
 from gptpipe.scoring import score_ids
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gptpipe.errors import UserError
+from gptpipe.files import read_json, write_json_atomic
 from gptpipe.recipe import save_config
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -118,18 +119,6 @@ def clear_run_dir(out: Path) -> None:
             (".final.tmp", ".eval.json.tmp", ".baseline.json.tmp")
         ):  # incl. .final.tmp.merged
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: str | Path) -> dict | None:
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def publish_final(tmp_dir: Path, output_dir: str | Path) -> Path:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from gptpipe.data.preferences import convert_pairs, tokenize_pairs
 from gptpipe.errors import UserError
+from gptpipe.modeling import load_for_inference
 
 
 @torch.no_grad()
@@ -70,9 +72,6 @@ def score_pairs_file(
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
 
-    from gptpipe.data.preferences import convert_pairs, tokenize_pairs
-    from gptpipe.modeling import load_for_inference
-
     model, tokenizer = load_for_inference(model_dir, AutoModelForSequenceClassification)
     pairs = convert_pairs(Dataset.from_list(read_rows(path)), fmt, str(path), invalid="drop")
     pairs = tokenize_pairs(pairs, tokenizer, max_length)
@@ -82,8 +81,6 @@ def score_pairs_file(
 def score_texts_file(model_dir: str | Path, path: str | Path) -> list[dict]:
     """Scores of rows holding ``messages`` (a conversation) or ``text`` (rendered as is)."""
     from transformers import AutoModelForSequenceClassification
-
-    from gptpipe.modeling import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir, AutoModelForSequenceClassification)
     rows = read_rows(path)

@@ -15,16 +15,18 @@ is asked again with the same values and resumes from its checkpoint. Results: ``
 from __future__ import annotations
 
 import csv
-import importlib
 import itertools
 import json
 import re
 import shlex
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptpipe.errors import UserError
-from gptpipe.recipe import build_dataclass, load_recipe, override_value, read_yaml
+from gptpipe.errors import Preempted, UserError
+from gptpipe.pipeline import load_pipeline, run_pipeline
+from gptpipe.recipe import build_dataclass, load_recipe, override_value, read_yaml, validate_recipe
+from gptpipe.runner import run_stage
 from gptpipe.runs import is_finished
 
 
@@ -65,15 +67,11 @@ def load_sweep(path: str | Path) -> SweepConfig:
 
 def validate_sweep(path: str | Path) -> str:
     """Check a sweep file and its base with the fixed overrides and each swept key's first value."""
-    from gptpipe.recipe import validate_recipe
-
     cfg = load_sweep(path)
     first = {k: v[0] for k, v in cfg.grid.items()}
     first |= {k: (v[0] if isinstance(v, list) else v.get("low")) for k, v in cfg.random.items()}
     assignments = [f"{k}={override_value(v)}" for k, v in {**cfg.overrides, **first}.items()]
     if is_pipeline(cfg.base):
-        from gptpipe.pipeline import load_pipeline
-
         load_pipeline(cfg.base, assignments, check=True)
     else:
         validate_recipe(cfg.base, assignments)
@@ -168,17 +166,9 @@ def run_trial(cfg: SweepConfig, params: dict, folder: Path) -> float:
         values = {**cfg.overrides, **params}
         assignments = [f"{k}={override_value(v)}" for k, v in values.items()]
         if is_pipeline(cfg.base):
-            from gptpipe.pipeline import run_pipeline
-
             run_pipeline(cfg.base, assignments, output_dir=str(folder))
         else:
-            from gptpipe.report import write_run_report
-            from gptpipe.tracking import start_tracking
-
-            recipe = load_recipe(cfg.base, [*assignments, f"output_dir={folder}"])
-            start_tracking(recipe)
-            importlib.import_module(recipe.module).main(recipe)
-            write_run_report(folder)
+            run_stage(load_recipe(cfg.base, [*assignments, f"output_dir={folder}"]))
     return read_metric(cfg, folder)
 
 
@@ -213,15 +203,21 @@ def run_sweep(path: str | Path, emit: str | None = None, max_trials: int | None 
 
 
 def _run_and_tell(cfg: SweepConfig, study, number: int, params: dict) -> None:
-    """Run one trial and record its metric in the study (a user error marks it failed; the sweep goes on)."""
+    """Run one trial and record its metric in the study. A trial that fails (a user error, out of memory, a
+    crash in a library) is marked failed and the sweep goes on; one that was preempted or interrupted stops
+    the sweep and stays "running", so the next ``gptpipe sweep`` resumes it from its checkpoint."""
     from optuna.trial import TrialState
 
     folder = Path(cfg.output_dir) / trial_name(params)
     try:
         value = run_trial(cfg, params, folder)
-    except UserError as e:
+    except (Preempted, KeyboardInterrupt):
+        raise
+    except Exception as e:  # left "running", a failed trial would be retried first by every rerun, forever
         study.tell(number, state=TrialState.FAIL)
-        print(f"[sweep] trial {folder.name} failed: {e}")
+        if not isinstance(e, UserError):
+            traceback.print_exc()  # not the user's input: the trace is what a bug report needs
+        print(f"[sweep] trial {folder.name} failed: {e if isinstance(e, UserError) else repr(e)}", flush=True)
         return
     study.tell(number, value)
     print(f"[sweep] {folder.name}: {cfg.metric} = {value:.4g}")

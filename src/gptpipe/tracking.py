@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import uuid
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from gptpipe.errors import UserError
+from gptpipe.recipe import config_to_dict
+from gptpipe.runs import is_finished, last_checkpoint
 
 
 class MetricsLogger(TrainerCallback):
@@ -91,18 +92,8 @@ def load_callbacks(specs: list[str]) -> list[TrainerCallback]:
     return callbacks
 
 
-# Environment variables whose values are credentials (WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY...).
-SECRET_NAME = re.compile(r"TOKEN|API_KEY|SECRET|PASSWORD|ACCESS_KEY", re.IGNORECASE)
 _USER_WANDB_DIR = os.environ.get("WANDB_DIR")
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
-
-
-def redact(text: str) -> str:
-    """``text`` with the value of every credential-like environment variable replaced by ``***``."""
-    for name, value in os.environ.items():
-        if SECRET_NAME.search(name) and len(value) >= 8:
-            text = text.replace(value, "***")
-    return text
 
 
 def reports_to(cfg, integration: str) -> bool:
@@ -124,7 +115,6 @@ def start_tracking(cfg) -> None:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str((Path(cfg.output_dir) / "tensorboard").resolve())
     if not reports_to(cfg, "wandb"):
         return
-    from gptpipe.runs import is_finished, last_checkpoint
 
     out = Path(cfg.output_dir)
     id_file = out / "wandb_run_id"
@@ -149,8 +139,6 @@ class StepLogger:
         self.wandb = None
         if is_main and reports_to(cfg, "wandb"):
             import wandb
-
-            from gptpipe.recipe import config_to_dict
 
             self.wandb = wandb.init(name=self.output_dir.name, config=config_to_dict(cfg))
 

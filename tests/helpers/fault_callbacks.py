@@ -6,6 +6,8 @@ GPTPIPE_TEST_KILL_ON_SAVE=N              SIGKILL this process once checkpoint-N 
                                          complete (these callbacks run before gptpipe's own)
 GPTPIPE_TEST_NAN_AT_STEP=N               make step N's forward passes NaN (the input embeddings' output)
 GPTPIPE_TEST_OOM_AT_STEP=N               ask the allocator for a petabyte at step N (a real allocation failure)
+GPTPIPE_TEST_CRASH_AT_LR=X               raise a RuntimeError (a bug, not a user error) when training starts
+                                         with learning_rate X (one trial of a sweep)
 """
 
 import os
@@ -68,3 +70,10 @@ class OOMAtStep(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == _step("GPTPIPE_TEST_OOM_AT_STEP"):
             torch.empty(2**50, dtype=torch.uint8)
+
+
+class CrashAtLearningRate(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):
+        crash_at = os.environ.get("GPTPIPE_TEST_CRASH_AT_LR")
+        if crash_at is not None and args.learning_rate == float(crash_at):
+            raise RuntimeError(f"simulated crash inside a library at learning_rate {args.learning_rate}")

@@ -27,7 +27,11 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from gptpipe.data.tinyworld import cache_dir
+import gptpipe
+from gptpipe.config import plain
+from gptpipe.errors import UserError
+from gptpipe.files import cache_dir
+from gptpipe.recipe import save_config
 
 SUMMARY = "summary.json"  # written last: a folder without it is unfinished
 FINGERPRINT_VERSION = 1  # bump when what a stage's preparation produces changes
@@ -37,9 +41,6 @@ def fingerprint(cfg, tokenizer, keys: list[str]) -> str:
     """A hash of what the prepared data depends on (see the module docstring)."""
     import datasets
     import trl
-
-    import gptpipe
-    from gptpipe.recipe import plain
 
     tok = tokenizer
     described = {
@@ -109,9 +110,6 @@ def _build_in_child(cfg, folder: Path) -> None:
     """``gptpipe prepare`` of this recipe as one separate process writing ``folder``; output passes through."""
     import subprocess
     import sys
-
-    from gptpipe.errors import UserError
-    from gptpipe.recipe import save_config
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     recipe = folder.with_name(f".{folder.name}.recipe-{os.getpid()}.yaml")

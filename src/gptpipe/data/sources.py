@@ -13,6 +13,7 @@ import datasets
 from datasets import Dataset
 
 from gptpipe.config import DataSettings, DataSource
+from gptpipe.data.tinyworld import PARTS, ensure_tinyworld
 from gptpipe.errors import UserError
 
 # Local file extensions and the `datasets` builder that reads them.
@@ -49,8 +50,6 @@ def check_sources_exist(settings: DataSettings, produced: set[str] = frozenset()
             if src.path in produced:
                 continue
             if src.path.startswith(TINYWORLD_SCHEME):
-                from gptpipe.data.tinyworld import PARTS
-
                 part = src.path[len(TINYWORLD_SCHEME) :]
                 if part not in PARTS:
                     raise UserError(
@@ -67,8 +66,6 @@ def load_source(src: DataSource, seed: int = 42) -> Dataset:
     """Load one source as a ``datasets.Dataset`` with its columns renamed to ours."""
     try:
         if src.path.startswith(TINYWORLD_SCHEME):
-            from gptpipe.data.tinyworld import ensure_tinyworld
-
             part = src.path[len(TINYWORLD_SCHEME) :]
             folder = ensure_tinyworld()  # the world itself is fixed; `seed` shuffles the training data
             ds = _load_local(folder / part / f"{src.split}.jsonl", src)

@@ -28,6 +28,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptpipe.data.answers import answers_in_first_sentence
+from gptpipe.errors import UserError
+from gptpipe.files import cache_dir
+
 VERSION = 4  # bump when the generated data changes, so cached copies are regenerated
 PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts")
 
@@ -305,13 +309,6 @@ def write(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("GPTPIPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "gptpipe"
-    )
-    return Path(root).expanduser()
-
-
 def ensure_tinyworld(seed: int = 0) -> Path:
     """The generated tiny world for ``seed`` in the cache folder, generating it on first use."""
     folder = cache_dir() / f"tinyworld-v{VERSION}-seed{seed}"
@@ -329,9 +326,6 @@ def label(rows: list[dict]) -> list[float]:
     time: 2 = the right answer in the house style (the reference reply word for word), 1 = the right answer in
     the first sentence but off style, 0 = a wrong answer or none. Needs the ``answer`` and ``reference`` fields
     that ``tinyworld:rl_prompts`` rows carry (``gptpipe generate`` copies them onto each sample)."""
-    from gptpipe.errors import UserError
-    from gptpipe.generation import answers_in_first_sentence
-
     scores = []
     for row in rows:
         if "answer" not in row or "reference" not in row:

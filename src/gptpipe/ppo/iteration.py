@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptpipe.faults import all_finite, any_process
+from gptpipe.finite import all_finite, any_process
 from gptpipe.ppo.advantages import gae, masked_mean, token_rewards, whiten
 from gptpipe.ppo.kl import FixedKLController, kl_per_token
 from gptpipe.ppo.losses import entropy_from_logits, policy_loss, value_loss

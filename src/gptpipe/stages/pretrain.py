@@ -21,9 +21,10 @@ from gptpipe.data.packing import pack_documents
 from gptpipe.data.prepared import part_summary, prepared
 from gptpipe.data.sources import load_mixture, load_train_eval, text_row_check
 from gptpipe.distributed import evaluation_before_training
+from gptpipe.files import write_json_atomic
 from gptpipe.generation import complete
 from gptpipe.modeling import build_model, count_parameters, load_tokenizer
-from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
+from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final
 from gptpipe.tracking import MetricsLogger, load_callbacks, perplexity
 
 

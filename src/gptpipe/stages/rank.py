@@ -23,10 +23,11 @@ from gptpipe.config import RankConfig
 from gptpipe.data import ranking
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
+from gptpipe.files import write_json_atomic
 from gptpipe.generation import generate_file
 from gptpipe.recipe import save_config
 from gptpipe.rlhf import prompt_rows
-from gptpipe.runs import final_tmp_dir, is_finished, publish_final, write_json_atomic
+from gptpipe.runs import final_tmp_dir, is_finished, publish_final
 
 
 def main(cfg: RankConfig) -> dict:

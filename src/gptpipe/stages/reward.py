@@ -24,6 +24,7 @@ from gptpipe import faults
 from gptpipe.config import RewardConfig
 from gptpipe.data import chat_templates, preferences
 from gptpipe.data.sources import describe, load_train_eval
+from gptpipe.files import write_json_atomic
 from gptpipe.modeling import (
     apply_lora,
     build_model,
@@ -32,7 +33,7 @@ from gptpipe.modeling import (
     load_tokenizer,
     merge_adapter,
 )
-from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
+from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final
 from gptpipe.scoring import pairwise, score_ids
 from gptpipe.tracking import MetricsLogger, load_callbacks
 

@@ -23,16 +23,11 @@ greedy responses, their KL to the reference and (with an ``answer`` column) answ
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import random
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import AutoModelForSequenceClassification, TrainerControl, TrainerState, set_seed
 
@@ -42,6 +37,14 @@ from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
 from gptpipe.modeling import apply_lora, build_model, load_for_inference, load_tokenizer
+from gptpipe.ppo.checkpoint import batch_rows, load_checkpoint, save_checkpoint
+from gptpipe.ppo.engine import (
+    adam_settings,
+    adamw_class,
+    build_accelerator,
+    fill_deepspeed_config,
+    state_dicts,
+)
 from gptpipe.ppo.iteration import NonFiniteUpdate, PolicyAndCritic, PPOSettings, for_generation, ppo_iteration
 from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController
 from gptpipe.ppo.value import build_value_model
@@ -74,11 +77,11 @@ def main(cfg: RLConfig) -> dict:
         )
     if cfg.max_steps <= 0:
         raise UserError("max_steps: set the number of PPO iterations (e.g. max_steps: 60)")
-    accelerator = _accelerator(cfg)
+    accelerator = build_accelerator(cfg)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
     if deepspeed:
-        _fill_deepspeed_config(accelerator, cfg)
+        fill_deepspeed_config(accelerator, cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     say = print if is_main else (lambda *a, **k: None)
@@ -122,12 +125,12 @@ def main(cfg: RLConfig) -> dict:
     engine = None
     if deepspeed:  # one engine: one module, one optimizer with a parameter group per model
         groups = [{"params": trainable[k], "lr": lrs[k]} for k in ("policy", "critic")]
-        optimizer = _adamw(cfg)(groups, **_adam_settings(cfg))
+        optimizer = adamw_class(cfg)(groups, **adam_settings(cfg))
         engine, policy_opt = accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
         policy, critic, critic_opt = engine.module.policy, engine.module.critic, None
     else:
         policy_opt, critic_opt = (
-            _adamw(cfg)(trainable[k], lr=lrs[k], **_adam_settings(cfg)) for k in ("policy", "critic")
+            adamw_class(cfg)(trainable[k], lr=lrs[k], **adam_settings(cfg)) for k in ("policy", "critic")
         )
         policy, policy_opt, critic, critic_opt = accelerator.prepare(policy, policy_opt, critic, critic_opt)
     bare_policy = accelerator.unwrap_model(policy)
@@ -171,7 +174,7 @@ def main(cfg: RLConfig) -> dict:
     baseline = measured_once(out / "baseline.json", measure, is_main)
     step = 0
     if resume_from:
-        step = _load_checkpoint(resume_from, rank, policy_opt, critic_opt, kl_ctl, generator, engine)
+        step = load_checkpoint(resume_from, rank, policy_opt, critic_opt, kl_ctl, generator, engine)
         if is_main:
             truncate_metrics(out, step)
         say(f"[rl] resuming from {resume_from}")
@@ -198,7 +201,7 @@ def main(cfg: RLConfig) -> dict:
             else sum(faults.tensors_bytes(m, o, world) for m, o in zip(models, optimizers, strict=True))
         )
         faults.ensure_disk_space("rl", out, needed, f"checkpoint-{step}", out, accelerator.device)
-        folder = _save_checkpoint(
+        folder = save_checkpoint(
             out, step, models, tokenizer, optimizers, kl_ctl, generator, cfg, accelerator, engine
         )
         for cb in callbacks:
@@ -273,7 +276,7 @@ def main(cfg: RLConfig) -> dict:
     }
     faults.ensure_disk_space("rl", out, faults.tensors_bytes(bare_policy), "final/", out, accelerator.device)
     tmp = final_tmp_dir(out, is_main)
-    policy_state, _ = _state_dicts(accelerator, engine)  # collective under ZeRO-3
+    policy_state, _ = state_dicts(accelerator, engine)  # collective under ZeRO-3
     if is_main:
         bare_policy.save_pretrained(tmp, state_dict=policy_state)  # a full model, or the LoRA adapter
         tokenizer.save_pretrained(tmp)
@@ -282,74 +285,6 @@ def main(cfg: RLConfig) -> dict:
     logger.finish()
     accelerator.wait_for_everyone()
     return evidence
-
-
-def _accelerator(cfg: RLConfig) -> Accelerator:
-    """DDP, or DeepSpeed from the recipe's ``deepspeed:`` or an accelerate DeepSpeed config; FSDP is refused."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise UserError(
-            "PPO runs under DDP or DeepSpeed ZeRO-2/3 (it trains a policy and a critic as one engine), not "
-            "FSDP: launch with accelerate_configs/zero3.yaml instead; GRPO/RLOO recipes (algorithm: grpo | "
-            "rloo) run under FSDP."
-        )
-    if not cfg.deepspeed:
-        return Accelerator(cpu=cfg.use_cpu)
-    from accelerate.utils import DeepSpeedPlugin
-
-    return Accelerator(
-        cpu=cfg.use_cpu, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg.hf_deepspeed_config)
-    )
-
-
-def _adamw(cfg: RLConfig):
-    """The recipe's ``optim``: torch's AdamW, or bitsandbytes' 8-bit AdamW (2 bytes/parameter of optimizer
-    state instead of 8) for ``adamw_bnb_8bit`` / ``adamw_8bit`` / ``paged_adamw_8bit``."""
-    name = str(getattr(cfg.optim, "value", cfg.optim))
-    if name.startswith("adamw_torch"):
-        return torch.optim.AdamW
-    if name in ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit"):
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
-    raise UserError(f"optim: {name} is not available for PPO; use adamw_torch or adamw_bnb_8bit")
-
-
-def _adam_settings(cfg: RLConfig) -> dict:
-    return {
-        "weight_decay": cfg.weight_decay,
-        "betas": (cfg.adam_beta1, cfg.adam_beta2),
-        "eps": cfg.adam_epsilon,
-    }
-
-
-def _fill_deepspeed_config(accelerator: Accelerator, cfg: RLConfig) -> None:
-    """DeepSpeed's batch keys as PPO counts them: a micro-batch is one slice of a minibatch."""
-    rows, parts = cfg.per_device_train_batch_size, cfg.num_minibatches * cfg.gradient_accumulation_steps
-    if rows % parts:
-        raise UserError(
-            f"per_device_train_batch_size ({rows}) must split evenly into num_minibatches x "
-            f"gradient_accumulation_steps ({parts}) micro-batches under DeepSpeed"
-        )
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = rows // parts
-    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
-    ds["train_batch_size"] = rows // cfg.num_minibatches * accelerator.num_processes
-    ds["gradient_clipping"] = cfg.max_grad_norm
-    for key, on in (("bf16", cfg.bf16), ("fp16", cfg.fp16)):
-        if ds.get(key, {}).get("enabled") == "auto":
-            ds[key]["enabled"] = bool(on)
-    ds.get("zero_optimization", {}).setdefault("stage", 2)
-    ds.pop("optimizer", None)  # PPO brings its own (one AdamW, a parameter group per model)
-    ds["zero_force_ds_cpu_optimizer"] = False  # ...also when the config offloads it
-
-
-def _state_dicts(accelerator: Accelerator, engine) -> tuple[dict | None, dict | None]:
-    """(policy, critic) state dicts to save: None (each model's own) without DeepSpeed; gathered from the
-    engine under DeepSpeed (collective: every process calls it)."""
-    if engine is None:
-        return None, None
-    state = accelerator.get_state_dict(engine)  # ZeRO-3: the main process's copy only
-    return engine.module.split_state_dict(state) if state is not None else (None, None)
 
 
 def _critic(cfg: RLConfig, resume_from: Path | None):
@@ -387,82 +322,3 @@ def _policy_and_reference(cfg: RLConfig, tokenizer, resume_from: Path | None):
 
     base = build_model(dataclasses.replace(cfg.model, lora=None), tokenizer)
     return PeftModel.from_pretrained(base, resume_from / "policy", is_trainable=True), None
-
-
-def batch_rows(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """The prompts of iteration ``step``: a pure function of the seed and the step (exact resume needs it)."""
-    rows = []
-    first = step * batch_size
-    for position in range(first, first + batch_size):
-        epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        rows.append(int(order[offset]))
-    return rows
-
-
-def _save_checkpoint(
-    out, step, models, tokenizer, optimizers, kl_ctl, generator, cfg, accelerator, engine=None
-) -> Path:
-    """Everything needed to continue bit for bit, in ``checkpoint-<step>`` (returned); the caller marks it
-    complete once every process is done.
-
-    The main process writes the models and optimizers (identical on every process under DDP); each
-    process writes its own RNG states. Under DeepSpeed every process writes its shard of the optimizer
-    states (DeepSpeed's own checkpoint, in ``engine/``).
-    """
-    folder = out / f"checkpoint-{step}"
-    if accelerator.is_main_process and folder.exists():
-        shutil.rmtree(folder)
-    accelerator.wait_for_everyone()
-    states = _state_dicts(accelerator, engine)
-    if accelerator.is_main_process:
-        policy, critic = models
-        policy.save_pretrained(folder / "policy", state_dict=states[0])
-        tokenizer.save_pretrained(folder / "policy")
-        critic.save_pretrained(folder / "critic", state_dict=states[1])
-        if engine is None:
-            torch.save(
-                {"policy": optimizers[0].state_dict(), "critic": optimizers[1].state_dict()},
-                folder / "optimizers.pt",
-            )
-    if engine is not None:
-        engine.save_checkpoint(str(folder / "engine"), tag="state", exclude_frozen_parameters=True)
-    accelerator.wait_for_everyone()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()}
-    torch.save(rng, folder / f"rng_state_{accelerator.process_index}.pth")
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return folder
-    (folder / "trainer_state.json").write_text(
-        json.dumps(
-            {
-                "global_step": step,
-                "world_size": accelerator.num_processes,
-                "kl_controller": kl_ctl.state_dict(),
-            }
-        )
-    )
-    return folder
-
-
-def _load_checkpoint(folder: Path, rank: int, policy_opt, critic_opt, kl_ctl, generator, engine=None) -> int:
-    state = json.loads((folder / "trainer_state.json").read_text())
-    if engine is not None:
-        if not (folder / "engine").is_dir():
-            raise UserError(f"{folder}: written without DeepSpeed; resume it the way it was launched")
-        engine.load_checkpoint(str(folder / "engine"), tag="state", load_module_strict=False)
-    else:
-        if not (folder / "optimizers.pt").is_file():
-            raise UserError(f"{folder}: written under DeepSpeed; resume it the way it was launched")
-        optimizers = torch.load(folder / "optimizers.pt", weights_only=False)
-        policy_opt.load_state_dict(optimizers["policy"])
-        critic_opt.load_state_dict(optimizers["critic"])
-    kl_ctl.load_state_dict(state["kl_controller"])
-    rng_file = folder / f"rng_state_{rank}.pth"
-    if not rng_file.is_file():  # resumed with more processes than saved: the extra ones start fresh streams
-        return state["global_step"]
-    rng = torch.load(rng_file, weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    generator.set_state(rng["generator"])
-    return state["global_step"]

@@ -29,6 +29,7 @@ from gptpipe.data.prepared import part_summary, prepared
 from gptpipe.data.sources import describe, load_mixture, load_train_eval
 from gptpipe.distributed import evaluation_before_training
 from gptpipe.errors import UserError
+from gptpipe.files import write_json_atomic
 from gptpipe.generation import answer_accuracy
 from gptpipe.modeling import (
     apply_lora,
@@ -38,7 +39,7 @@ from gptpipe.modeling import (
     merge_adapter,
     quantized_layers,
 )
-from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final, write_json_atomic
+from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final
 from gptpipe.tracking import MetricsLogger, eval_loss, load_callbacks, perplexity
 
 

@@ -21,8 +21,9 @@ from gptpipe.config import TokenizerConfig
 from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval, text_row_check
 from gptpipe.errors import UserError
+from gptpipe.files import write_json_atomic
 from gptpipe.recipe import save_config
-from gptpipe.runs import final_tmp_dir, is_finished, publish_final, write_json_atomic
+from gptpipe.runs import final_tmp_dir, is_finished, publish_final
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = [t for t in chat_templates.GPTPIPE.special_tokens if t != EOS]
