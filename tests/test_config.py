@@ -138,7 +138,7 @@ def test_choice_fields_are_refused_by_validate(recipe, override, expected, tmp_p
 
 
 @pytest.mark.parametrize(
-    "override", ["lr_scheduler_type=cosine", "warmup_steps=10", "gradient_checkpointing=true"]
+    "override", ["gradient_checkpointing=true", "torch_compile=true", "label_smoothing_factor=0.1"]
 )
 def test_a_key_ppo_does_not_read_is_refused(override, tmp_path, capsys):
     """Accepted and ignored, a TrainingArguments key PPO does not read would change nothing and say nothing."""
@@ -150,7 +150,7 @@ def test_a_key_ppo_does_not_read_is_refused(override, tmp_path, capsys):
     assert exit_.value.code == 2 and f"{override.split('=')[0]}: gptpipe's PPO trainer" in message
     assert "algorithm: grpo or rloo" in message
     validate_recipe(REPO / "recipes/tiny/grpo.yaml", [override])  # TRL's trainers read it
-    validate_recipe(REPO / "recipes/tiny/rl.yaml", ["learning_rate=1e-5"])  # one PPO reads
+    validate_recipe(REPO / "recipes/tiny/rl.yaml", ["learning_rate=1e-5", "lr_scheduler_type=cosine"])  # read
 
 
 def test_a_saved_ppo_config_reads_back(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptpipe.ppo.advantages import gae, token_rewards, whiten
-from gptpipe.ppo.iteration import PPOSettings, shape_scores
+from gptpipe.ppo.iteration import PPOSettings, per_token_rewards, shape_scores
 from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController, kl_per_token
 from gptpipe.ppo.losses import entropy_from_logits, policy_loss, value_loss
 
@@ -168,11 +168,32 @@ def test_entropy_from_logits():
 def test_score_shaping_matches_a_direct_computation():
     scores = torch.tensor([3.0, -5.0, 0.5, 1.0])
     ended = torch.tensor([True, True, False, True])
-    settings = PPOSettings(missing_eos_penalty=-2.0, reward_clip=2.0, whiten_rewards=True)
-    expected = [2.0, -2.0, -2.0, 1.0]  # unfinished one replaced, then clipped to [-2, 2]
-    mean = sum(expected) / 4
-    std = (sum((x - mean) ** 2 for x in expected) / 3) ** 0.5
-    torch.testing.assert_close(
-        shape_scores(scores, ended, settings), torch.tensor([(x - mean) / std for x in expected])
-    )
+    replaced = shape_scores(scores, ended, PPOSettings(missing_eos_score=-2.0, reward_clip=2.0))
+    torch.testing.assert_close(replaced, torch.tensor([2.0, -2.0, -2.0, 1.0]))  # replaced, then clipped
+    penalized = shape_scores(scores, ended, PPOSettings(missing_eos_penalty=1.0))  # TRL's: score - penalty
+    torch.testing.assert_close(penalized, torch.tensor([3.0, -5.0, -0.5, 1.0]))
     torch.testing.assert_close(shape_scores(scores, ended, PPOSettings()), scores)  # off by default
+
+
+def test_whitened_rewards_keep_their_mean_over_valid_tokens():
+    """whiten_rewards as in the 2019 code and TRL's PPO: per-token rewards scaled to unit variance over the
+    batch's valid tokens, mean kept (a batch of good answers stays positive), padding left at 0."""
+    scores = torch.tensor([2.0, 3.0, 5.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.4, 0.0, 0.0, 0.0], [0.2, 0.1, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    raw = per_token_rewards(scores, kl, mask, 0.5, PPOSettings())
+    got = per_token_rewards(scores, kl, mask, 0.5, PPOSettings(whiten_rewards=True))
+    valid = [
+        r
+        for row, m in zip(raw.tolist(), mask.tolist(), strict=True)
+        for r, v in zip(row, m, strict=True)
+        if v
+    ]
+    mean = sum(valid) / len(valid)
+    std = (sum((r - mean) ** 2 for r in valid) / (len(valid) - 1)) ** 0.5
+    expected = [
+        [(r - mean) / std + mean if v else 0.0 for r, v in zip(row, m, strict=True)]
+        for row, m in zip(raw.tolist(), mask.tolist(), strict=True)
+    ]
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    assert (got * mask).sum() / mask.sum() == pytest.approx(mean, abs=1e-5)

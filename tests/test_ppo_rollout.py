@@ -94,3 +94,59 @@ def test_value_model_from_a_reward_model_starts_at_its_score(tmp_path):
         ).logits[..., 0]
     assert values.shape == (2, 3) and values[1, 2] == 0
     assert torch.allclose(values[0], full[0, 2:5]) and torch.allclose(values[1, :2], full[1, 2:4])
+
+
+def test_responses_decode_from_their_valid_tokens_only():
+    """With Llama 3's, Qwen2's or GPT-2's tokenizers id 0 is an ordinary token ("!"): positions after the end
+    of turn must not be decoded, or the reward model scores the reply plus one "!" per position."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from gptpipe.ppo.rollout import Rollout
+    from gptpipe.rlhf import decode_responses
+
+    vocab = {"!": 0, "<|end|>": 1, "<|pad|>": 2, "Paris": 3, "is": 4, "nice": 5}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|end|>", pad_token="<|pad|>")
+    prompt = [[4, 4]] * 2
+    responses = [[3, 4, 5, 1, 2, 2], [3, 1, 2, 2, 2, 2]]  # generate() pads after the end of turn
+    ids = torch.tensor([p + r for p, r in zip(prompt, responses, strict=True)])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    rollout = Rollout(ids, torch.ones_like(ids), mask, torch.tensor([True, True]), prompt_length=2)
+    assert decode_responses(tokenizer, rollout) == ["Paris is nice", "Paris"]
+
+
+def test_sampling_ignores_the_checkpoints_generation_settings():
+    """A checkpoint's generation_config (repetition_penalty, min_p, top_k...) must not change what PPO samples
+    from: the policy's own distribution, with the recipe's temperature and top_p only."""
+    model = tiny_policy()
+    prompts = [[1, 5, 6, 7], [1, 10, 11]]
+    torch.manual_seed(3)
+    plain = sample(model, prompts, PAD, [EOS], max_new_tokens=8)
+    model.generation_config.repetition_penalty = 50.0  # shipped by some instruct models (e.g. 1.05)
+    model.generation_config.min_p = 0.5
+    model.generation_config.top_k = 1
+    torch.manual_seed(3)
+    assert torch.equal(sample(model, prompts, PAD, [EOS], max_new_tokens=8).input_ids, plain.input_ids)
+    assert model.generation_config.repetition_penalty == 50.0  # the model's own config is left as it was
+    greedy = sample(model, prompts, PAD, [EOS], max_new_tokens=8, greedy=True)
+    model.generation_config = type(model.generation_config)()
+    assert torch.equal(
+        sample(model, prompts, PAD, [EOS], max_new_tokens=8, greedy=True).input_ids, greedy.input_ids
+    )
+
+
+def test_a_lora_policy_samples_without_its_generation_settings_and_keeps_them():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_policy()
+    model.generation_config.repetition_penalty = 50.0
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=True))
+    prompts = [[1, 5, 6, 7]]
+    torch.manual_seed(3)
+    got = sample(lora, prompts, PAD, [EOS], max_new_tokens=8)
+    assert model.generation_config.repetition_penalty == 50.0
+    model.generation_config = type(model.generation_config)()
+    torch.manual_seed(3)
+    assert torch.equal(sample(lora, prompts, PAD, [EOS], max_new_tokens=8).input_ids, got.input_ids)

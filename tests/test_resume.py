@@ -144,3 +144,25 @@ def test_resume_false_starts_over(tokenizer_dir, tmp_path, monkeypatch, capsys):
     assert "resuming" not in capsys.readouterr().out
     assert not (run / "checkpoint-5").exists()  # the old run's checkpoints were cleared
     assert [s for s, _ in logged(run, "loss")] == [5, 10, 15, 20]
+
+
+def test_resume_from_checkpoint_continues_another_runs_checkpoint(tokenizer_dir, tmp_path, capsys):
+    """``resume_from_checkpoint: PATH`` (the HF key) starts a new run folder from an earlier run's checkpoint:
+    it continues that run exactly (the step-10 loss is the first run's)."""
+    from gptpipe.cli import run as train
+    from gptpipe.errors import UserError
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(
+        ["train", PRETRAIN, *small_pretrain(tokenizer_dir, first, max_steps=10, save_steps=5, eval_steps=10)]
+    )
+    capsys.readouterr()
+    args = small_pretrain(tokenizer_dir, second, max_steps=10, save_steps=50, eval_steps=10)
+    train(["train", PRETRAIN, *args, f"resume_from_checkpoint={first / 'checkpoint-5'}"])
+    assert f"resuming from {first / 'checkpoint-5'}" in capsys.readouterr().out
+    assert logged(second, "loss") == [s for s in logged(first, "loss") if s[0] > 5]
+    assert json.loads((second / "eval.json").read_text())["train_steps"] == 10
+    with pytest.raises(UserError, match="resume_from_checkpoint: .* is not a folder"):
+        train(
+            ["train", PRETRAIN, *small_pretrain(tokenizer_dir, tmp_path / "x"), "resume_from_checkpoint=nope"]
+        )

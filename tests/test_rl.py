@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, rl_overrides
 from transformers import AutoModelForCausalLM
 
@@ -143,3 +144,57 @@ def test_ppo_under_ddp_and_deepspeed_zero3_with_two_processes(tiny_sft, tiny_rew
         {k: v for k, v in read_metrics(d)[-1].items() if not k.startswith("time_")} for d in (zero3, resumed)
     )
     assert again["step"] == 3 and again == pytest.approx(last, rel=1e-5)
+
+
+def test_ppo_trains_fp32_masters_in_bf16_and_follows_the_lr_schedule(tiny_sft, tiny_reward, tmp_path):
+    """A bf16 policy under `bf16: true` trains fp32 master weights with bf16 autocast (updated in bf16, Adam's
+    small steps round away) and is published in bf16; `lr_scheduler_type` and `warmup_steps` shape the logged
+    learning rate (one scheduler step per iteration), and the schedule is checkpointed."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "rl"
+    settings = {"model.dtype": "bfloat16", "bf16": "true", "use_cpu": "true", "lr_scheduler_type": "linear"}
+    settings["warmup_steps"] = 1
+    run(
+        [
+            "train",
+            RL,
+            *rl_overrides(tiny_sft, tiny_reward, out, max_steps=3, save_steps=1, eval_prompts=4, **settings),
+        ]
+    )
+    lrs = [r["learning_rate"] for r in read_metrics(out)]
+    assert lrs == pytest.approx([0.0, 2e-5, 1e-5])  # warmup to the recipe's 2e-5, then linear decay over 3
+    checkpoint = load_file(last_checkpoint(out) / "policy/model.safetensors")
+    assert {t.dtype for t in checkpoint.values()} == {torch.float32}
+    assert {t.dtype for t in load_file(out / "final/model.safetensors").values()} == {torch.bfloat16}
+    schedulers = torch.load(last_checkpoint(out) / "optimizers.pt", weights_only=False)["schedulers"]
+    assert [s["last_epoch"] for s in schedulers] == [2, 2]
+
+
+def test_rl_from_an_adapter_sft_model_starts_from_the_sft_model(tiny_base, tiny_reward, tmp_path):
+    """An SFT run with LoRA and `merge_lora: false` publishes an adapter; RL from it (with a LoRA policy of
+    its own) must start as the SFT model, not as the bare base model the SFT adapter was trained on."""
+    from conftest import sft_overrides
+
+    from gptpipe.modeling import is_adapter, merged_copy
+
+    sft = tmp_path / "sft"
+    lora = {"model.lora": "{r: 8, dropout: 0.0}", "learning_rate": "1e-3"}
+    run(["train", str(REPO / "recipes/tiny/sft.yaml"), *sft_overrides(tiny_base, sft, max_steps=20, **lora)])
+    assert is_adapter(sft / "final")
+    merged = merged_copy(sft / "final", tmp_path / "sft-merged")
+    small = {
+        "max_steps": 1,
+        "eval_prompts": 8,
+        "save_steps": 10,
+        "model.lora": "{r: 8, alpha: 16, dropout: 0.0}",
+    }
+    evidence = {}
+    for name, policy in (("from-adapter", sft / "final"), ("from-merged", merged)):
+        run(["train", RL, *rl_overrides(policy, tiny_reward, tmp_path / name, **small)])
+        evidence[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    adapter, plain = evidence["from-adapter"], evidence["from-merged"]
+    assert adapter["kl_before"] == pytest.approx(0.0, abs=1e-6)  # the reference is the SFT model too
+    # Loaded as it was, the SFT adapter was replaced by the new LoRA: the bare base model's reward instead.
+    assert adapter["reward_before"] == pytest.approx(plain["reward_before"], abs=1e-4)
+    assert (tmp_path / "from-adapter/merged/model/config.json").is_file()

@@ -40,7 +40,7 @@ def test_finished_tokenizer_run_is_not_overwritten(tokenizer_dir, capsys):
 
     from gptpipe.errors import UserError
 
-    with pytest.raises(UserError, match="finished tokenizer run"):
+    with pytest.raises(UserError, match="holds a finished run"):
         run(["train", str(REPO / "recipes/tiny/tokenizer.yaml"), f"output_dir={tokenizer_dir.parent}"])
 
 

@@ -203,20 +203,11 @@ class RLSettings(RunSettings):
 # distributed set-up). A PPO recipe that sets any other one to a value of its own is refused by validate and
 # train (gptpipe.recipe): accepted and ignored, it would change nothing and say nothing.
 PPO_TRAINING_KEYS = frozenset(
-    {
-        *("output_dir", "seed", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"),
-        *(
-            "learning_rate",
-            "optim",
-            "weight_decay",
-            "adam_beta1",
-            "adam_beta2",
-            "adam_epsilon",
-            "max_grad_norm",
-        ),
-        *("logging_steps", "save_steps", "save_total_limit", "report_to"),
-        *("use_cpu", "deepspeed", "bf16", "fp16", "ddp_timeout", "accelerator_config"),
-    }
+    """output_dir seed max_steps per_device_train_batch_size gradient_accumulation_steps
+    learning_rate lr_scheduler_type lr_scheduler_kwargs warmup_steps
+    optim weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm
+    logging_steps save_steps save_total_limit report_to resume_from_checkpoint
+    use_cpu deepspeed bf16 fp16 ddp_timeout accelerator_config""".split()
 )
 
 
@@ -229,6 +220,9 @@ class RLConfig(RLSettings, TrainingArguments):
 
     stage: ClassVar[str] = "rl"
     module: ClassVar[str] = "gptpipe.stages.rl"
+    # Stepped once per PPO iteration. Constant by default, as gptpipe's PPO always ran (TRL's PPOTrainer and
+    # the Trainer default to linear decay: lr_scheduler_type: linear).
+    lr_scheduler_type: str = "constant"
     training_keys_read: ClassVar[frozenset[str]] = PPO_TRAINING_KEYS  # the others are refused when set
     trainer: ClassVar[str] = "gptpipe's PPO trainer (algorithm: ppo)"
     unread_hint: ClassVar[str] = "TRL's trainers (algorithm: grpo or rloo) read every key."
@@ -238,7 +232,8 @@ class RLConfig(RLSettings, TrainingArguments):
     value_learning_rate: float | None = None  # None: learning_rate
     value_lora: LoraSettings | None = None  # train the critic as LoRA adapters (its score head in full)
     reward_clip: float | None = None  # clip reward-model scores to [-c, c] before the KL penalty
-    whiten_rewards: bool = False  # standardize each batch's scores (mean 0, std 1): a stable reward scale
+    # Scale each batch's per-token rewards to unit variance, keeping their mean (the 2019 code, TRL's PPO)
+    whiten_rewards: bool = False
     max_new_tokens: int = 32
     temperature: float = 1.0  # sampling temperature; log-probs use the same one
     top_p: float = 1.0
@@ -252,7 +247,19 @@ class RLConfig(RLSettings, TrainingArguments):
     kl_estimator: Literal["k1", "k3"] = "k1"  # k1: log-ratio; k3: (r - 1) - log r, never negative
     kl_target: float | None = None  # set: adaptive β (Ziegler et al.) steering the per-sample KL to this
     kl_horizon: int = 10000
-    missing_eos_penalty: float | None = None  # score for responses that never stop (e.g. -1.0)
+    # A response that never stops: its score becomes missing_eos_score (e.g. -1.0), or its score minus
+    # missing_eos_penalty (TRL's key, e.g. 1.0)
+    missing_eos_score: float | None = None
+    missing_eos_penalty: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ValueError(  # build_dataclass reports it with the file
+                f"missing_eos_penalty: {self.missing_eos_penalty} is subtracted from the score of a response that "
+                "never stops (as in TRL), so a negative one rewards it; give a positive penalty, or set "
+                f"missing_eos_score: {self.missing_eos_penalty} to give such responses that score"
+            )
 
 
 @dataclass

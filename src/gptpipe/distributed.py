@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import PartialState
 
 from gptpipe.errors import UserError
+from gptpipe.internals import forget_prepared_model, parent_command_line, reset_process_state
 
 
 def start_distributed(cfg) -> dict:
@@ -161,8 +162,7 @@ def _deepspeed_on_cpu(cfg) -> None:
     """Make the process state a DeepSpeed one over gloo on CPU (see the module docstring)."""
     # TrainingArguments set up a plain CPU state when it was built: start again from there (the gloo
     # process group it opened stays, and DeepSpeed's communication wraps it).
-    vars(cfg).pop("_setup_devices", None)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_process_state(cfg)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read again when the Trainer makes its Accelerator
     os.environ.pop("ACCELERATE_USE_CPU", None)  # would make that Accelerator a plain CPU one
     cfg.use_cpu = False  # the same, through TrainingArguments
@@ -195,10 +195,7 @@ def requested_processes() -> int:
     Read from the parent's command line (``accelerate launch --num_processes N``, ``torchrun
     --nproc_per_node N``): the only trace of the request when a launcher quietly starts one process.
     """
-    try:
-        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return 1
+    args = parent_command_line()
     if not any("accelerate" in a or "torchrun" in a or "torch.distributed.run" in a for a in args[:3]):
         return 1
     for i, arg in enumerate(args):
@@ -274,8 +271,7 @@ def evaluation_before_training(trainer):
         yield
         accelerator, model = trainer.accelerator, trainer.model
         if accelerator.num_processes > 1 and getattr(model, "_is_accelerate_prepared", False):
-            model._is_accelerate_prepared = False
-            accelerator._models = [m for m in accelerator._models if m is not model]
+            forget_prepared_model(accelerator, model)
         return
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 

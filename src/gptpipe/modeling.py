@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -188,19 +189,24 @@ def merge_adapter(adapter_dir: str | Path, auto_class=AutoModelForCausalLM) -> P
     The base is loaded in full precision (never merge into quantized weights); the adapter folder's
     tokenizer and generation config go along.
     """
-    import shutil
+    adapter_dir = Path(adapter_dir)
+    out = merged_copy(adapter_dir, adapter_dir.with_name(adapter_dir.name + ".merged"), auto_class)
+    shutil.rmtree(adapter_dir)
+    return out
 
+
+def merged_copy(adapter_dir: str | Path, out: str | Path, auto_class=AutoModelForCausalLM) -> Path:
+    """Write ``adapter_dir`` with its adapter merged into its base as a plain model folder ``out`` (the
+    adapter folder stays), with its tokenizer and generation config; returns ``out``."""
     from peft import PeftConfig, PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    out = adapter_dir.with_name(adapter_dir.name + ".merged")
+    adapter_dir, out = Path(adapter_dir), Path(out)
     base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     base = auto_class.from_pretrained(base_name, dtype=torch.float32, **_head_kwargs(auto_class))
     PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(out)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
     if (adapter_dir / "generation_config.json").is_file():
         shutil.copy(adapter_dir / "generation_config.json", out / "generation_config.json")
-    shutil.rmtree(adapter_dir)
     return out
 
 

@@ -8,17 +8,20 @@ on held-out prompts, the reward model's mean score of greedy responses, their KL
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from gptpipe.data import chat_templates
 from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
-from gptpipe.files import write_json_atomic
-from gptpipe.modeling import merge_adapter
+from gptpipe.modeling import is_adapter, merge_adapter, merged_copy
 from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
-from gptpipe.runs import publish_final
+from gptpipe.runs import Run
 from gptpipe.scoring import score_ids
 
 
@@ -37,6 +40,32 @@ def prompt_rows(ds, src):
     return ds.select_columns(keep).map(to_messages, desc="reading prompts")
 
 
+def merge_adapters(cfg, main_process_first, is_main: bool) -> None:
+    """RL starts from plain models: a policy or reward model given as a LoRA adapter folder (an SFT or reward
+    run with ``merge_lora: false``) is merged into its base once, into ``<output_dir>/merged/``, and ``cfg``
+    points there. Loaded as it is, the SFT adapter was replaced by the policy's new LoRA (policy and reference
+    both the bare base model) or left frozen (nothing to train), and a critic from an adapter reward model
+    trained 1 of its 52 tensors."""
+    for key, auto_class in (
+        ("model", AutoModelForCausalLM),
+        ("reward_model", AutoModelForSequenceClassification),
+    ):
+        path = cfg.model.name_or_path if key == "model" else cfg.reward_model
+        if not path or not is_adapter(path):
+            continue
+        out = Path(cfg.output_dir) / "merged" / key
+        with main_process_first():
+            if is_main and not (out / "config.json").is_file():
+                print(f"[{cfg.stage}] merging the adapter {path} into its base model: {out}")
+                tmp = out.with_name(f".{out.name}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.replace(merged_copy(path, tmp, auto_class), out)
+        if key == "model":
+            cfg.model = dataclasses.replace(cfg.model, name_or_path=str(out))
+        else:
+            cfg.reward_model = str(out)
+
+
 def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
     """Each prompt rendered with the chat template, ending with the assistant's turn opened."""
     return [
@@ -53,6 +82,16 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted({end, tokenizer.eos_token_id})
 
 
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """Each response's text from its valid tokens only (up to and including its end of turn). Filling the
+    positions after it with id 0 instead, and decoding those, adds a "!" per position with Llama 3's, Qwen2's
+    or GPT-2's tokenizers, where id 0 is an ordinary token."""
+    return [
+        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        for ids, mask in zip(rollout.responses, rollout.response_mask, strict=True)
+    ]
+
+
 def reward_scorer(reward_model, reward_tokenizer, tokenizer):
     """``scorer(messages)(rollout)``: the reward model's score of each prompt + response.
 
@@ -62,9 +101,7 @@ def reward_scorer(reward_model, reward_tokenizer, tokenizer):
 
     def for_prompts(messages: list[list[dict]]):
         def score(rollout: Rollout) -> torch.Tensor:
-            replies = tokenizer.batch_decode(
-                rollout.responses * rollout.response_mask, skip_special_tokens=True
-            )
+            replies = decode_responses(tokenizer, rollout)
             convs = [
                 m + [{"role": "assistant", "content": r.strip()}]
                 for m, r in zip(messages, replies, strict=True)
@@ -104,9 +141,7 @@ def evaluate(
             ref, _ = response_logprobs(ref_model, rollout)
         found["kl"] += (logp - ref).sum().item()  # summed over tokens; averaged over prompts below
         if answers is not None:
-            replies = tokenizer.batch_decode(
-                rollout.responses * rollout.response_mask, skip_special_tokens=True
-            )
+            replies = decode_responses(tokenizer, rollout)
             right += sum(
                 answers_in_first_sentence(r, a)
                 for r, a in zip(replies, answers[i : i + batch_size], strict=True)
@@ -123,13 +158,13 @@ def before_after(before: dict, after: dict) -> dict:
     return {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
 
 
-def publish_policy(tmp: Path, out: Path, cfg, evidence: dict, stage: str) -> None:
+def publish_policy(run: Run, tmp: Path, evidence: dict, stage: str) -> None:
     """Main process, once the policy is written to ``tmp``: merge LoRA if asked, publish ``final/`` and
     ``eval.json``, print where it went and the evidence line."""
+    cfg = run.cfg
     if cfg.model.lora is not None and cfg.model.merge_lora:
         tmp = merge_adapter(tmp)
-    final = publish_final(tmp, out)
-    write_json_atomic(out / "eval.json", evidence)
+    final = run.publish(tmp, evidence)
     adapter = cfg.model.lora is not None and not cfg.model.merge_lora
     print(f"[{stage}] saved {final}" + (" (LoRA adapter)" if adapter else ""))
     print(evidence_line(stage, evidence))

@@ -26,6 +26,7 @@ from gptpipe.errors import UserError
 from gptpipe.faults import note_stage
 from gptpipe.files import read_json, write_json_atomic
 from gptpipe.report import write_run_report
+from gptpipe.runs import Run
 from gptpipe.tracking import start_tracking
 
 # How often a waiting process looks for the main process's result. A file, not a collective: a tokenizer
@@ -39,7 +40,11 @@ def run_stage(cfg) -> dict:
     layout = start_distributed(cfg)
     start_tracking(cfg)
     main = importlib.import_module(cfg.module).main
-    evidence = _on_main_process(main, cfg) if layout.get("runs_on") == "main process" else main(cfg)
+    if layout.get("runs_on") == "main process":
+        evidence = _on_main_process(lambda: main(cfg, Run.open(cfg)), cfg)
+    else:  # every process trains; the main one prepares the run folder and tells the others where to resume
+        share = _from_main_process if layout.get("world_size", 1) > 1 else None
+        evidence = main(cfg, Run.open(cfg, is_main_process(), share))
     if is_main_process():
         report = write_run_report(cfg.output_dir)
         if report:
@@ -52,15 +57,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _from_main_process(value):
+    """The main process's ``value`` on every process (a collective: all must call it)."""
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
+
+
 def _on_main_process(main, cfg) -> dict:
-    """``main(cfg)`` on the main process; the others wait for its result and read the same evidence."""
+    """``main()`` on the main process; the others wait for its result and read the same evidence."""
     state = PartialState()
     token = [uuid.uuid4().hex if state.is_main_process else None]
     broadcast_object_list(token)  # one name for this launch's result file, agreed by every process
     result = Path(cfg.output_dir) / f".main-process-result-{token[0]}.json"
     if state.is_main_process:
         try:
-            evidence = main(cfg)
+            evidence = main()
         except BaseException as e:
             result.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(result, {"ok": False, "error": f"{type(e).__name__}: {e}"})

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,26 @@ def rotate_checkpoints(output_dir: str | Path, keep: int | None, protect: str | 
 def prepare_run_dir(cfg: Any, is_main_process: bool = True) -> Path | None:
     """Make the run folder ready; return the checkpoint to resume from (None: start fresh).
 
-    Refuses to touch a finished run unless ``overwrite`` is set. Only the main process deletes or
-    writes; every process computes the same answer.
+    Refuses to touch a finished run unless ``overwrite`` is set. The checkpoint is the recipe's
+    ``resume_from_checkpoint`` when it names one (any run's ``checkpoint-N``), else the newest complete one in
+    the run folder unless ``resume: false``. Only the main process deletes or writes (the runner hands its
+    answer to the others).
     """
     out = Path(cfg.output_dir)
     overwriting = is_finished(out)
+    explicit = getattr(cfg, "resume_from_checkpoint", None)
+    if explicit:
+        explicit = Path(explicit)
+        if not explicit.is_dir():
+            raise UserError(
+                f"resume_from_checkpoint: {explicit} is not a folder; name a checkpoint-N folder of an earlier "
+                "run, or drop the key (an interrupted run resumes from its own newest checkpoint by itself)"
+            )
+        if overwriting and out.resolve() in explicit.resolve().parents:
+            raise UserError(
+                f"resume_from_checkpoint: {explicit} is inside {out}, the finished run that overwrite=true "
+                "replaces (it would be deleted); copy it elsewhere first"
+            )
     if overwriting:
         if not getattr(cfg, "overwrite", False):
             raise UserError(
@@ -90,19 +106,69 @@ def prepare_run_dir(cfg: Any, is_main_process: bool = True) -> Path | None:
             )
         if is_main_process:
             clear_run_dir(out)
-    # Every process must agree: a replaced run starts over even if another process still sees its checkpoints.
     resume_from = last_checkpoint(out) if getattr(cfg, "resume", True) and not overwriting else None
     if resume_from is not None and is_main_process:  # half-written ones (killed while saving) would confuse
         for _, folder in checkpoints(out):  # rotation and a later resume: gone
             if not is_complete(folder):
                 print(f"[{getattr(cfg, 'stage', 'run')}] removing incomplete {folder}")
                 shutil.rmtree(folder, ignore_errors=True)
-    if resume_from is None and is_main_process and out.exists():
+    if resume_from is None and not explicit and is_main_process and out.exists():
         clear_run_dir(out)  # resume=false, or only incomplete leftovers: start over cleanly
     if is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    return resume_from
+    return explicit or resume_from
+
+
+class Run:
+    """One stage's run folder, made ready by the runner and handed to the stage: ``main(cfg, run)``.
+
+    ``resume_from`` is the checkpoint to continue from (None: a fresh start), the same on every process;
+    ``say`` prints on the main process only; ``baseline(compute)`` gives the "before" numbers, measured once
+    per run (a resumed run reads them back); ``final_dir()`` is where ``final/`` is written before
+    ``publish(folder, evidence)`` renames it into place and writes ``eval.json`` (last: its presence means
+    the run finished), on the main process.
+    """
+
+    def __init__(self, cfg: Any, resume_from: Path | None = None, is_main: bool = True):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.resume_from = resume_from
+        self.is_main = is_main
+        self.started = time.time()
+
+    @classmethod
+    def open(cls, cfg: Any, is_main: bool = True, share=None) -> Run:
+        """Prepare the folder on the main process (``prepare_run_dir``); ``share(value)`` hands the main
+        process's resume point to the others (a broadcast; None: one process)."""
+        resume_from = prepare_run_dir(cfg, is_main) if is_main else None
+        if share is not None:
+            resume_from = share(resume_from)
+        return cls(cfg, resume_from, is_main)
+
+    @property
+    def resume_checkpoint(self) -> str | None:
+        """For ``Trainer.train(resume_from_checkpoint=...)``."""
+        return str(self.resume_from) if self.resume_from else None
+
+    def say(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, **kwargs)
+
+    def seconds(self) -> float:
+        return round(time.time() - self.started, 1)
+
+    def baseline(self, compute) -> dict:
+        return measured_once(self.output_dir / "baseline.json", compute, self.is_main)
+
+    def final_dir(self) -> Path:
+        return final_tmp_dir(self.output_dir, self.is_main)
+
+    def publish(self, folder: Path, evidence: dict) -> Path:
+        """Main process: ``folder`` (a completely written model) becomes ``final/``, then ``eval.json``."""
+        final = publish_final(folder, self.output_dir)
+        write_json_atomic(self.output_dir / "eval.json", evidence)
+        return final
 
 
 def clear_run_dir(out: Path) -> None:
@@ -113,6 +179,7 @@ def clear_run_dir(out: Path) -> None:
             "eval.json",
             "metrics.jsonl",
             "baseline.json",
+            "merged",  # RL's merged copies of adapter inputs (gptpipe.rlhf.merge_adapters)
         }:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         elif child.name.startswith(

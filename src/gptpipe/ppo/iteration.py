@@ -46,9 +46,10 @@ class PPOSettings:
     gamma: float = 1.0
     lam: float = 0.95
     kl_estimator: str = "k1"
-    missing_eos_penalty: float | None = None  # replace the score of a response that never stopped
+    missing_eos_score: float | None = None  # replace the score of a response that never stopped
+    missing_eos_penalty: float | None = None  # subtract this from it (TRL's key: score - penalty)
     reward_clip: float | None = None  # clip scores to [-c, c]
-    whiten_rewards: bool = False  # standardize the batch's scores
+    whiten_rewards: bool = False  # scale the per-token rewards to unit variance, keeping their mean
     whiten_advantages: bool = True
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch (same update, less memory)
@@ -107,7 +108,8 @@ def ppo_iteration(
         scores = score_fn(rollout).float()
         shaped = shape_scores(scores, rollout.ended, s)
         kl = kl_per_token(old_logprobs, ref_logprobs, s.kl_estimator) * mask
-        rewards = token_rewards(shaped, kl, mask, kl_controller.beta)
+        beta = kl_controller.beta  # this iteration's (logged: the update below sets the next one)
+        rewards = per_token_rewards(shaped, kl, mask, beta, s)
         advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
         if s.whiten_advantages:
             advantages = whiten(advantages, mask)
@@ -131,7 +133,8 @@ def ppo_iteration(
             tokens = mask[minibatch].sum().clamp(min=1)
             # Gradient accumulation: each micro-batch's token-mean loss weighted by its share of the
             # minibatch's tokens, so the accumulated gradient is that of the minibatch's token mean.
-            for chunk in minibatch.chunk(s.gradient_accumulation_steps):
+            chunks = minibatch.chunk(s.gradient_accumulation_steps)
+            for index, chunk in enumerate(chunks):
                 part = _select(rollout, chunk)
                 m = mask[chunk]
                 share = m.sum() / tokens
@@ -145,7 +148,11 @@ def ppo_iteration(
                     # ...and steps inside backward: a NaN loss must be caught before it (no skipping here)
                     if not _finite_everywhere([p_loss, v_loss], accelerator):
                         raise NonFiniteUpdate("the policy or value loss (or the probability ratio)")
+                    # accelerate tells DeepSpeed "step now" from sync_gradients, which is always true outside
+                    # accelerator.accumulate(): say it at the minibatch's last micro-batch only.
+                    accelerator.sync_gradients = index == len(chunks) - 1
                     backward((p_loss + v_loss) * share * s.gradient_accumulation_steps)
+                    accelerator.sync_gradients = True
                 else:
                     backward(v_loss * share)
                 with torch.no_grad():
@@ -156,7 +163,7 @@ def ppo_iteration(
                     "policy_loss": p_loss.item(),
                     "value_loss": v_loss.item(),
                 }.items():
-                    stats.setdefault(key, []).append(value)
+                    stats.setdefault(key, []).append((value, m.sum().item()))  # weighted by tokens below
             if joint:  # the engine clipped and stepped at the last micro-batch
                 continue
             norms = [
@@ -173,7 +180,9 @@ def ppo_iteration(
             critic_optimizer.step()
 
     clock.append(time.perf_counter())
-    out = {key: sum(values) / len(values) for key, values in stats.items()}
+    out = {
+        key: sum(v * w for v, w in pairs) / max(sum(w for _, w in pairs), 1) for key, pairs in stats.items()
+    }
     if skipped:
         out["skipped_nonfinite"] = float(skipped)
     phases = ("time_generation", "time_scoring", "time_training")
@@ -187,20 +196,27 @@ def ppo_iteration(
     if accelerator is not None and accelerator.num_processes > 1:
         out = _mean_over_processes(out, accelerator)  # every process logs and adapts β on the same numbers
     kl_controller.update(out["kl"], batch * (accelerator.num_processes if accelerator else 1))
-    out["beta"] = kl_controller.beta
+    out["beta"] = beta
     return out
 
 
 def shape_scores(scores: torch.Tensor, ended: torch.Tensor, s: PPOSettings) -> torch.Tensor:
-    """The reward model's scores as PPO optimizes them: the missing-EOS penalty replaces the score of a
-    response that never stopped, then optional clipping to [-c, c] and standardization over the batch."""
+    """The reward model's scores as PPO optimizes them: a response that never stopped gets
+    ``missing_eos_score`` instead, or its score minus ``missing_eos_penalty``; then optional clipping to [-c, c]."""
+    if s.missing_eos_score is not None:
+        scores = torch.where(ended, scores, torch.full_like(scores, s.missing_eos_score))
     if s.missing_eos_penalty is not None:
-        scores = torch.where(ended, scores, torch.full_like(scores, s.missing_eos_penalty))
+        scores = torch.where(ended, scores, scores - s.missing_eos_penalty)
     if s.reward_clip is not None:
         scores = scores.clamp(-s.reward_clip, s.reward_clip)
-    if s.whiten_rewards and len(scores) > 1:
-        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
     return scores
+
+
+def per_token_rewards(scores, kl, mask, beta: float, s: PPOSettings) -> torch.Tensor:
+    """−β·KL on every token plus the score on the last; ``whiten_rewards`` scales them to unit variance over the
+    batch's valid tokens and keeps their mean (as the 2019 code and TRL's PPO: the sign of a reward survives)."""
+    rewards = token_rewards(scores, kl, mask, beta)
+    return whiten(rewards, mask, shift_mean=False) if s.whiten_rewards else rewards
 
 
 def for_generation(model, accelerator):

@@ -11,6 +11,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 
 @dataclass
@@ -65,7 +66,47 @@ def sample(
     ids, mask = left_pad(prompts, pad_token_id)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    out = model.generate(
+    with _own_settings_only(model):
+        out = _generate(
+            model, ids, mask, pad_token_id, eos_token_ids, max_new_tokens, temperature, top_p, greedy
+        )
+    responses = out[:, ids.shape[1] :]
+    response_mask, ended = response_mask_until_eos(responses, eos_token_ids)
+    return Rollout(
+        input_ids=out,
+        attention_mask=torch.cat([mask, response_mask], dim=1),
+        response_mask=response_mask,
+        ended=ended,
+        prompt_length=ids.shape[1],
+    )
+
+
+@contextlib.contextmanager
+def _own_settings_only(model):
+    """While sampling: a generation config that holds nothing but the special tokens. ``generate`` fills every
+    setting it is not given from the model's ``generation_config``, so a checkpoint that ships
+    ``repetition_penalty`` or ``min_p`` (Qwen2.5-Instruct: 1.05) would sample from a distribution other than
+    the policy's, and PPO's ratio would not start at 1."""
+    # A peft model generates with its base model's config (and copies its own onto it first, if it has one).
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    holders = [m for m in {id(model): model, id(inner): inner}.values() if "generation_config" in vars(m)]
+    saved = [m.generation_config for m in holders]
+    tokens = inner.generation_config
+    for m in holders:
+        m.generation_config = GenerationConfig(
+            bos_token_id=tokens.bos_token_id,
+            eos_token_id=tokens.eos_token_id,
+            pad_token_id=tokens.pad_token_id,
+        )
+    try:
+        yield
+    finally:
+        for m, config in zip(holders, saved, strict=True):
+            m.generation_config = config
+
+
+def _generate(model, ids, mask, pad_token_id, eos_token_ids, max_new_tokens, temperature, top_p, greedy):
+    return model.generate(
         input_ids=ids,
         attention_mask=mask,
         **(
@@ -77,15 +118,6 @@ def sample(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_ids,
         pad_token_id=pad_token_id,
-    )
-    responses = out[:, ids.shape[1] :]
-    response_mask, ended = response_mask_until_eos(responses, eos_token_ids)
-    return Rollout(
-        input_ids=out,
-        attention_mask=torch.cat([mask, response_mask], dim=1),
-        response_mask=response_mask,
-        ended=ended,
-        prompt_length=ids.shape[1],
     )
 
 

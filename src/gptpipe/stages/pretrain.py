@@ -10,9 +10,6 @@ of facts the model completes correctly by greedy decoding — perplexity falls l
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from transformers import Trainer, default_data_collator, set_seed
 
 from gptpipe import faults
@@ -21,20 +18,14 @@ from gptpipe.data.packing import pack_documents
 from gptpipe.data.prepared import part_summary, prepared
 from gptpipe.data.sources import load_mixture, load_train_eval, text_row_check
 from gptpipe.distributed import evaluation_before_training
-from gptpipe.files import write_json_atomic
 from gptpipe.generation import complete
 from gptpipe.modeling import build_model, count_parameters, load_tokenizer
-from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final
+from gptpipe.runs import Run
 from gptpipe.tracking import MetricsLogger, load_callbacks, perplexity
 
 
-def main(cfg: PretrainConfig) -> dict:
-    start = time.time()
-    out = Path(cfg.output_dir)
-    is_main = cfg.process_index == 0
-    resume_from = prepare_run_dir(cfg, is_main)
-    say = print if is_main else (lambda *a, **k: None)
-
+def main(cfg: PretrainConfig, run: Run) -> dict:
+    say = run.say
     tokenizer = load_tokenizer(cfg.model)
     data, _ = prepare_data(cfg, tokenizer, say)  # tokenized blocks, or read back if prepared before
     train, heldout = data["train"], data.get("eval")
@@ -56,18 +47,18 @@ def main(cfg: PretrainConfig) -> dict:
         eval_dataset=heldout,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
+        callbacks=[MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
     )
 
     with evaluation_before_training(trainer):  # DeepSpeed needs help evaluating before train()
-        baseline = measured_once(out / "baseline.json", lambda: measure(trainer, heldout, probes), is_main)
-    if resume_from:
-        say(f"[pretrain] resuming from {resume_from}")
+        baseline = run.baseline(lambda: measure(trainer, heldout, probes))
+    if run.resume_from:
+        say(f"[pretrain] resuming from {run.resume_from}")
     guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.train(resume_from_checkpoint=run.resume_checkpoint)
     after = measure(trainer, heldout, probes)
 
-    tmp = final_tmp_dir(out, is_main)
+    tmp = run.final_dir()
     trainer.save_model(str(tmp))  # model + tokenizer; every rank takes part (ZeRO-3 gathers weights here)
     trainer.accelerator.wait_for_everyone()
     evidence = {f"{k}_before": v for k, v in baseline.items()} | {f"{k}_after": v for k, v in after.items()}
@@ -85,11 +76,10 @@ def main(cfg: PretrainConfig) -> dict:
         ),
         "parameters": total,
         "trainable_parameters": trainable,
-        "seconds": round(time.time() - start, 1),
+        "seconds": run.seconds(),
     }
-    if is_main:
-        final = publish_final(tmp, out)
-        write_json_atomic(out / "eval.json", evidence)  # written last: its presence means the run finished
+    if run.is_main:
+        final = run.publish(tmp, evidence)
         say(f"[pretrain] saved {final}")
         say(
             f"[pretrain] held-out perplexity {evidence.get('perplexity_before', float('nan')):.2f} -> "

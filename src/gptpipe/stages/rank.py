@@ -16,26 +16,18 @@ put at the top score, and the mean number of distinct responses per kept prompt.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from gptpipe.config import RankConfig
 from gptpipe.data import ranking
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
-from gptpipe.files import write_json_atomic
 from gptpipe.generation import generate_file
-from gptpipe.recipe import save_config
 from gptpipe.rlhf import prompt_rows
-from gptpipe.runs import final_tmp_dir, is_finished, publish_final
+from gptpipe.runs import Run
 
 
-def main(cfg: RankConfig) -> dict:
-    out = Path(cfg.output_dir)
-    if is_finished(out) and not cfg.overwrite:
-        raise UserError(
-            f"{out} holds a finished rank run. Choose another output_dir, or pass overwrite=true."
-        )
+def main(cfg: RankConfig, run: Run) -> dict:
     if not cfg.model.name_or_path:
         raise UserError(
             "model.name_or_path is required: the model whose samples are compared (the sft stage's final/)"
@@ -44,13 +36,10 @@ def main(cfg: RankConfig) -> dict:
         raise UserError("set exactly one of labeler: (module:function) and rankings: (a jsonl file)")
     labeler = ranking.load_labeler(cfg.labeler, "labeler") if cfg.labeler else None  # fail before sampling
     human = ranking.read_rankings(cfg.rankings) if cfg.rankings else None
-    start = time.time()
     prompts, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows_with_fields)
     if cfg.max_prompts:
         prompts = prompts.select(range(min(cfg.max_prompts, len(prompts))))
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    tmp = final_tmp_dir(out)
+    tmp = run.final_dir()
     samples, ranked, stats = _sample_and_rank(cfg, prompts, tmp, "", labeler, human)
     if not ranked:
         raise UserError(
@@ -60,17 +49,16 @@ def main(cfg: RankConfig) -> dict:
     heldout_stats = {}
     if heldout is not None:  # the same on held-out prompts: a yardstick of judging the model's own samples
         _, _, heldout_stats = _sample_and_rank(cfg, heldout, tmp, "heldout_", labeler, human)
-    final = publish_final(tmp, out)
     evidence = {
         **stats,
         "samples": len(samples),
         "responses_per_prompt": sum(len(r["responses"]) for r in ranked) / len(ranked),
         **{f"heldout_{k}": v for k, v in heldout_stats.items() if k in ("prompts", "kept", "pairs")},
-        "seconds": round(time.time() - start, 1),
+        "seconds": run.seconds(),
     }
     if labeler is not None:
         evidence["top_score_share"] = _top_score_share(samples, labeler)
-    write_json_atomic(out / "eval.json", evidence)
+    final = run.publish(tmp, evidence)
     print(
         f"[rank] {stats['kept']} of {stats['prompts']} prompts ranked ({stats['dropped_fewer_than_two']} all tied, "
         f"{stats['unranked']} unranked): {stats['pairs']} pairs -> {final / 'comparisons.jsonl'}"

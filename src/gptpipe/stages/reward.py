@@ -14,7 +14,6 @@ score head or ``pad_token_id`` on save).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, set_seed
@@ -24,7 +23,6 @@ from gptpipe import faults
 from gptpipe.config import RewardConfig
 from gptpipe.data import chat_templates, preferences
 from gptpipe.data.sources import describe, load_train_eval
-from gptpipe.files import write_json_atomic
 from gptpipe.modeling import (
     apply_lora,
     build_model,
@@ -33,7 +31,7 @@ from gptpipe.modeling import (
     load_tokenizer,
     merge_adapter,
 )
-from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final
+from gptpipe.runs import Run
 from gptpipe.scoring import pairwise, score_ids
 from gptpipe.tracking import MetricsLogger, load_callbacks
 
@@ -41,12 +39,8 @@ HELDOUT_FRACTION = 0.05  # held out for the evidence when the recipe names no ev
 TRAINER_COLUMNS = ["chosen_ids", "rejected_ids", "margin"]
 
 
-def main(cfg: RewardConfig) -> dict:
-    start = time.time()
-    out = Path(cfg.output_dir)
-    is_main = cfg.process_index == 0
-    say = print if is_main else (lambda *a, **k: None)
-    resume_from = prepare_run_dir(cfg, is_main)
+def main(cfg: RewardConfig, run: Run) -> dict:
+    say = run.say
     if not cfg.eval_datasets and cfg.eval_split_size == 0:
         cfg.eval_split_size = HELDOUT_FRACTION
 
@@ -95,17 +89,17 @@ def main(cfg: RewardConfig) -> dict:
         train_dataset=train.select_columns(columns),
         eval_dataset=heldout.select_columns(columns),
         processing_class=tokenizer,
-        callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
+        callbacks=[MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
     )
     pad = tokenizer.pad_token_id
-    baseline = measured_once(out / "baseline.json", lambda: pairwise(trainer.model, heldout, pad), is_main)
-    if resume_from:
-        say(f"[reward] resuming from {resume_from}")
+    baseline = run.baseline(lambda: pairwise(trainer.model, heldout, pad))
+    if run.resume_from:
+        say(f"[reward] resuming from {run.resume_from}")
     guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.train(resume_from_checkpoint=run.resume_checkpoint)
     after = pairwise(trainer.model, heldout, pad)
 
-    tmp = final_tmp_dir(out, is_main)
+    tmp = run.final_dir()
     trainer.save_model(str(tmp))  # the full classifier, or the adapter with the score head in modules_to_save
     trainer.accelerator.wait_for_everyone()
     evidence = {f"{k}_before": baseline[k] for k in ("pairwise_accuracy", "mean_margin")}
@@ -119,14 +113,13 @@ def main(cfg: RewardConfig) -> dict:
         "parameters": total,
         "trainable_parameters": trainable,
     }
-    if is_main:
+    if run.is_main:
         if cfg.model.lora is not None and cfg.model.merge_lora:
             tmp = merge_adapter(tmp, AutoModelForSequenceClassification)
         if cfg.check_reload:
             evidence["reload_max_abs_diff"] = reload_difference(tmp, heldout, after["scores_chosen_head"])
-        evidence["seconds"] = round(time.time() - start, 1)
-        final = publish_final(tmp, out)
-        write_json_atomic(out / "eval.json", evidence)
+        evidence["seconds"] = run.seconds()
+        final = run.publish(tmp, evidence)
         say(
             f"[reward] saved {final}"
             + (" (LoRA adapter + score head)" if cfg.model.lora and not cfg.model.merge_lora else "")

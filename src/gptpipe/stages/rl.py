@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,12 +36,15 @@ from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
 from gptpipe.modeling import apply_lora, build_model, load_for_inference, load_tokenizer
-from gptpipe.ppo.checkpoint import batch_rows, load_checkpoint, save_checkpoint
+from gptpipe.ppo.checkpoint import PPOState, batch_rows, load_checkpoint, save_checkpoint
 from gptpipe.ppo.engine import (
     adam_settings,
     adamw_class,
     build_accelerator,
+    build_schedulers,
     fill_deepspeed_config,
+    fp32_masters,
+    in_dtype,
     state_dicts,
 )
 from gptpipe.ppo.iteration import NonFiniteUpdate, PolicyAndCritic, PPOSettings, for_generation, ppo_iteration
@@ -52,31 +54,29 @@ from gptpipe.rlhf import (
     before_after,
     encode_prompts,
     evaluate,
+    merge_adapters,
     prompt_rows,
     publish_policy,
     reward_scorer,
     stop_token_ids,
 )
-from gptpipe.runs import (
-    final_tmp_dir,
-    last_checkpoint,
-    mark_complete,
-    measured_once,
-    prepare_run_dir,
-    rotate_checkpoints,
-)
+from gptpipe.runs import Run, last_checkpoint, mark_complete, rotate_checkpoints
 from gptpipe.tracking import StepLogger, load_callbacks, truncate_metrics
 
 
-def main(cfg: RLConfig) -> dict:
-    start = time.time()
-    out = Path(cfg.output_dir)
+def main(cfg: RLConfig, run: Run) -> dict:
+    out, resume_from = run.output_dir, run.resume_from
     if not cfg.reward_model:
         raise UserError(
             "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final)"
         )
     if cfg.max_steps <= 0:
         raise UserError("max_steps: set the number of PPO iterations (e.g. max_steps: 60)")
+    if cfg.top_p < 1:
+        run.say(
+            f"[rl] warning: top_p {cfg.top_p} samples from a truncated distribution while PPO's log-probs are "
+            "the whole policy's: the updates are off-policy (the first ratio is not 1). top_p: 1.0 avoids it."
+        )
     accelerator = build_accelerator(cfg)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
@@ -84,9 +84,8 @@ def main(cfg: RLConfig) -> dict:
         fill_deepspeed_config(accelerator, cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
-    say = print if is_main else (lambda *a, **k: None)
-    resume_from = prepare_run_dir(cfg, is_main)
-    accelerator.wait_for_everyone()
+    say = run.say
+    merge_adapters(cfg, accelerator.main_process_first, is_main)
 
     tokenizer = load_tokenizer(cfg.model)
     chat_templates.install(tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path)
@@ -117,6 +116,10 @@ def main(cfg: RLConfig) -> dict:
     if reference is not None:
         reference.to(accelerator.device)
 
+    final_dtype = torch.float32
+    if not deepspeed:  # DeepSpeed keeps its own fp32 masters
+        final_dtype = fp32_masters(policy) if cfg.model.lora is None else torch.float32
+        fp32_masters(critic)
     trainable = {
         "policy": [p for p in policy.parameters() if p.requires_grad],
         "critic": [p for p in critic.parameters() if p.requires_grad],
@@ -126,12 +129,14 @@ def main(cfg: RLConfig) -> dict:
     if deepspeed:  # one engine: one module, one optimizer with a parameter group per model
         groups = [{"params": trainable[k], "lr": lrs[k]} for k in ("policy", "critic")]
         optimizer = adamw_class(cfg)(groups, **adam_settings(cfg))
+        schedulers = build_schedulers(cfg, [optimizer])  # one: each parameter group keeps its own base lr
         engine, policy_opt = accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
         policy, critic, critic_opt = engine.module.policy, engine.module.critic, None
     else:
         policy_opt, critic_opt = (
             adamw_class(cfg)(trainable[k], lr=lrs[k], **adam_settings(cfg)) for k in ("policy", "critic")
         )
+        schedulers = build_schedulers(cfg, [policy_opt, critic_opt])
         policy, policy_opt, critic, critic_opt = accelerator.prepare(policy, policy_opt, critic, critic_opt)
     bare_policy = accelerator.unwrap_model(policy)
     kl_ctl = (
@@ -152,6 +157,7 @@ def main(cfg: RLConfig) -> dict:
         gamma=cfg.gamma,
         lam=cfg.lam,
         kl_estimator=cfg.kl_estimator,
+        missing_eos_score=cfg.missing_eos_score,
         missing_eos_penalty=cfg.missing_eos_penalty,
         reward_clip=cfg.reward_clip,
         whiten_rewards=cfg.whiten_rewards,
@@ -171,10 +177,20 @@ def main(cfg: RLConfig) -> dict:
         with for_generation(engine, accelerator) as whole:  # ZeRO-3: the weights gathered, hooks off
             return evaluate(whole.policy, reference, tokenizer, heldout, scorer, cfg.max_new_tokens)
 
-    baseline = measured_once(out / "baseline.json", measure, is_main)
+    baseline = run.baseline(measure)
     step = 0
+    ppo_state = PPOState(
+        bare_policy,
+        accelerator.unwrap_model(critic),
+        policy_opt,
+        critic_opt,
+        kl_ctl,
+        generator,
+        schedulers,
+        engine,
+    )
     if resume_from:
-        step = load_checkpoint(resume_from, rank, policy_opt, critic_opt, kl_ctl, generator, engine)
+        step = load_checkpoint(resume_from, rank, ppo_state)
         if is_main:
             truncate_metrics(out, step)
         say(f"[rl] resuming from {resume_from}")
@@ -201,9 +217,7 @@ def main(cfg: RLConfig) -> dict:
             else sum(faults.tensors_bytes(m, o, world) for m, o in zip(models, optimizers, strict=True))
         )
         faults.ensure_disk_space("rl", out, needed, f"checkpoint-{step}", out, accelerator.device)
-        folder = save_checkpoint(
-            out, step, models, tokenizer, optimizers, kl_ctl, generator, cfg, accelerator, engine
-        )
+        folder = save_checkpoint(out, step, ppo_state, tokenizer, accelerator)
         for cb in callbacks:
             cb.on_save(cfg, state, control)
         accelerator.wait_for_everyone()
@@ -238,6 +252,9 @@ def main(cfg: RLConfig) -> dict:
                 )
             except NonFiniteUpdate as e:
                 raise faults.nonfinite_error("rl", step + 1, e.what, out) from None
+            stats["learning_rate"] = schedulers[0].get_last_lr()[0]  # the policy's, this iteration
+            for scheduler in schedulers:
+                scheduler.step()
             step += 1
             state.global_step = step
             for cb in callbacks:
@@ -272,16 +289,18 @@ def main(cfg: RLConfig) -> dict:
         "train_steps": step,
         "world_size": world,
         "kl_coef_final": kl_ctl.beta,
-        "seconds": round(time.time() - start, 1),
+        "seconds": run.seconds(),
     }
     faults.ensure_disk_space("rl", out, faults.tensors_bytes(bare_policy), "final/", out, accelerator.device)
-    tmp = final_tmp_dir(out, is_main)
+    tmp = run.final_dir()
     policy_state, _ = state_dicts(accelerator, engine)  # collective under ZeRO-3
+    if engine is None:  # trained on fp32 masters: final/ in the dtype the policy was loaded in
+        policy_state = in_dtype(bare_policy, final_dtype)
     if is_main:
         bare_policy.save_pretrained(tmp, state_dict=policy_state)  # a full model, or the LoRA adapter
         tokenizer.save_pretrained(tmp)
         bare_policy.generation_config.save_pretrained(tmp)
-        publish_policy(tmp, out, cfg, evidence, "rl")
+        publish_policy(run, tmp, evidence, "rl")
     logger.finish()
     accelerator.wait_for_everyone()
     return evidence

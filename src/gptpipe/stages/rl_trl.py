@@ -17,9 +17,6 @@ prompts, the reward model's mean score of greedy responses, their KL to the refe
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import GRPOTrainer, RLOOTrainer
 
@@ -34,25 +31,29 @@ from gptpipe.modeling import (
     load_for_inference,
     load_tokenizer,
 )
-from gptpipe.rlhf import before_after, evaluate, prompt_rows, publish_policy, reward_scorer, stop_token_ids
-from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir
+from gptpipe.rlhf import (
+    before_after,
+    evaluate,
+    merge_adapters,
+    prompt_rows,
+    publish_policy,
+    reward_scorer,
+    stop_token_ids,
+)
+from gptpipe.runs import Run
 from gptpipe.tracking import MetricsLogger, load_callbacks
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 
 
-def main(cfg) -> dict:
-    start = time.time()
-    out = Path(cfg.output_dir)
-    name = cfg.algorithm
+def main(cfg, run: Run) -> dict:
+    name, say = cfg.algorithm, run.say
     if not cfg.reward_model:
         raise UserError(
             "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final)"
         )
-    is_main = cfg.process_index == 0
-    say = print if is_main else (lambda *a, **k: None)
-    resume_from = prepare_run_dir(cfg, is_main)
 
+    merge_adapters(cfg, cfg.main_process_first, run.is_main)
     tokenizer = load_tokenizer(cfg.model)
     chat_templates.install(tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path)
     with cfg.main_process_first(desc="reading prompts"):
@@ -81,7 +82,7 @@ def main(cfg) -> dict:
         train_dataset=train,
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizer,
-        callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
+        callbacks=[MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
     )
     policy = trainer.accelerator.unwrap_model(trainer.model)
     reference = _reference(trainer, cfg, tokenizer)
@@ -90,11 +91,11 @@ def main(cfg) -> dict:
     def measure() -> dict:  # every process measures (ZeRO-3 forwards are collective); the main one writes
         return evaluate(policy, reference, tokenizer, heldout, scorer, cfg.max_completion_length)
 
-    baseline = measured_once(out / "baseline.json", measure, is_main)
-    if resume_from:
-        say(f"[{name}] resuming from {resume_from}")
+    baseline = run.baseline(measure)
+    if run.resume_from:
+        say(f"[{name}] resuming from {run.resume_from}")
     guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.train(resume_from_checkpoint=run.resume_checkpoint)
 
     after = measure()
     evidence = before_after(baseline, after)
@@ -105,13 +106,13 @@ def main(cfg) -> dict:
         "world_size": cfg.world_size,
         "parameters": total,
         "trainable_parameters": trainable,
-        "seconds": round(time.time() - start, 1),
+        "seconds": run.seconds(),
     }
-    tmp = final_tmp_dir(out, is_main)
+    tmp = run.final_dir()
     trainer.save_model(str(tmp))  # a full model, or the LoRA adapter; with the tokenizer
-    if is_main:
+    if run.is_main:
         policy.generation_config.save_pretrained(tmp)
-        publish_policy(tmp, out, cfg, evidence, name)
+        publish_policy(run, tmp, evidence, name)
     trainer.accelerator.wait_for_everyone()
     return evidence
 

@@ -16,11 +16,11 @@ correctly by greedy generation, before and after.
 from __future__ import annotations
 
 import contextlib
-import time
-from pathlib import Path
+from types import SimpleNamespace
 
 from transformers import Trainer, set_seed
 from trl import SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from gptpipe import faults
 from gptpipe.config import SFTConfig
@@ -29,8 +29,8 @@ from gptpipe.data.prepared import part_summary, prepared
 from gptpipe.data.sources import describe, load_mixture, load_train_eval
 from gptpipe.distributed import evaluation_before_training
 from gptpipe.errors import UserError
-from gptpipe.files import write_json_atomic
 from gptpipe.generation import answer_accuracy
+from gptpipe.internals import sft_prepare_dataset
 from gptpipe.modeling import (
     apply_lora,
     build_model,
@@ -39,17 +39,12 @@ from gptpipe.modeling import (
     merge_adapter,
     quantized_layers,
 )
-from gptpipe.runs import final_tmp_dir, measured_once, prepare_run_dir, publish_final
+from gptpipe.runs import Run
 from gptpipe.tracking import MetricsLogger, eval_loss, load_callbacks, perplexity
 
 
-def main(cfg: SFTConfig) -> dict:
-    start = time.time()
-    out = Path(cfg.output_dir)
-    is_main = cfg.process_index == 0
-    say = print if is_main else (lambda *a, **k: None)
-    resume_from = prepare_run_dir(cfg, is_main)
-
+def main(cfg: SFTConfig, run: Run) -> dict:
+    say = run.say
     tokenizer, added_tokens = _tokenizer(cfg)
     data, summary = prepare_data(cfg, tokenizer, say)  # tokenized and packed, or read back if prepared before
     train, heldout = data["train"], data.get("eval")
@@ -84,21 +79,19 @@ def main(cfg: SFTConfig) -> dict:
             train_dataset=train,
             eval_dataset=heldout,
             processing_class=tokenizer,
-            callbacks=[MetricsLogger(out), *load_callbacks(cfg.callbacks)],
+            callbacks=[MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
         )
     with evaluation_before_training(trainer):  # DeepSpeed needs help evaluating before train()
-        baseline = measured_once(
-            out / "baseline.json", lambda: _measure(trainer, heldout, answers, cfg), is_main
-        )
-    if resume_from:
-        say(f"[sft] resuming from {resume_from}")
+        baseline = run.baseline(lambda: _measure(trainer, heldout, answers, cfg))
+    if run.resume_from:
+        say(f"[sft] resuming from {run.resume_from}")
     guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.train(resume_from_checkpoint=run.resume_checkpoint)
 
     after = _measure(trainer, heldout, answers, cfg)
-    tmp = final_tmp_dir(out, is_main)
+    tmp = run.final_dir()
     trainer.save_model(str(tmp))  # a full model, or the LoRA adapter; with the tokenizer
-    if is_main:
+    if run.is_main:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         unwrapped.generation_config.save_pretrained(tmp)  # adapters too: chat must stop at end of turn
         if cfg.model.lora is not None and cfg.model.merge_lora:
@@ -113,11 +106,10 @@ def main(cfg: SFTConfig) -> dict:
         "trainable_parameters": trainable,
         "quantized_layers": quantized_layers(trainer.model),
         "end_of_turn_token": end_of_turn,
-        "seconds": round(time.time() - start, 1),
+        "seconds": run.seconds(),
     }
-    if is_main:
-        final = publish_final(tmp, out)
-        write_json_atomic(out / "eval.json", evidence)
+    if run.is_main:
+        final = run.publish(tmp, evidence)
         say(
             f"[sft] saved {final}"
             + (" (LoRA adapter)" if cfg.model.lora and not cfg.model.merge_lora else "")
@@ -196,10 +188,6 @@ def trl_prepare(ds, tokenizer, cfg: SFTConfig, packing: bool, name: str):
     of the trainer, set here the way ``SFTTrainer.__init__`` sets them, so the rows are exactly TRL's
     (tests/test_invariants.py compares them with a trainer's own).
     """
-    from types import SimpleNamespace
-
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     sample = ds[0]
     shim = SimpleNamespace(
         _tokenizer=tokenizer,
@@ -210,7 +198,7 @@ def trl_prepare(ds, tokenizer, cfg: SFTConfig, packing: bool, name: str):
         if cfg.completion_only_loss is not None
         else "prompt" in sample and "completion" in sample,
     )
-    return SFTTrainer._prepare_dataset(shim, ds, tokenizer, cfg, packing, None, name)
+    return sft_prepare_dataset(shim, ds, tokenizer, cfg, packing, name)
 
 
 @contextlib.contextmanager

@@ -11,19 +11,13 @@ on assistant tokens only. Evidence (``eval.json``): round trip on held-out text 
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from gptpipe.config import TokenizerConfig
 from gptpipe.data import chat_templates
 from gptpipe.data.sources import load_train_eval, text_row_check
-from gptpipe.errors import UserError
-from gptpipe.files import write_json_atomic
-from gptpipe.recipe import save_config
-from gptpipe.runs import final_tmp_dir, is_finished, publish_final
+from gptpipe.runs import Run
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = [t for t in chat_templates.GPTPIPE.special_tokens if t != EOS]
@@ -31,13 +25,7 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS]  # PAD first: id 0
 HELDOUT_FRACTION = 0.05  # held out for the evidence when the recipe names no eval data
 
 
-def main(cfg: TokenizerConfig) -> dict:
-    out = Path(cfg.output_dir)
-    if is_finished(out) and not cfg.overwrite:
-        raise UserError(
-            f"{out} holds a finished tokenizer run. Choose another output_dir, or pass overwrite=true."
-        )
-    start = time.time()
+def main(cfg: TokenizerConfig, run: Run) -> dict:
     if not cfg.eval_datasets and cfg.eval_split_size == 0:
         cfg.eval_split_size = HELDOUT_FRACTION
     train, heldout = load_train_eval(cfg, ["text"], text_row_check, seed=cfg.seed)
@@ -46,17 +34,13 @@ def main(cfg: TokenizerConfig) -> dict:
     print(f"[tokenizer] training byte-level BPE (vocab up to {cfg.vocab_size}) on {len(train)} documents")
 
     tokenizer = wrap(train_bpe((row["text"] for row in train), len(train), cfg.vocab_size, cfg.min_frequency))
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    tmp = final_tmp_dir(out)
+    tmp = run.final_dir()
     tokenizer.save_pretrained(tmp)
-    final = publish_final(tmp, out)
 
     # Evidence from the saved copy, loaded the way every later stage loads it.
-    evidence = measure(AutoTokenizer.from_pretrained(final), [row["text"] for row in heldout])
-    evidence["train_documents"] = len(train)
-    evidence["seconds"] = round(time.time() - start, 1)
-    write_json_atomic(out / "eval.json", evidence)
+    evidence = measure(AutoTokenizer.from_pretrained(tmp), [row["text"] for row in heldout])
+    evidence |= {"train_documents": len(train), "seconds": run.seconds()}
+    final = run.publish(tmp, evidence)
     verdict = (
         "lossless"
         if evidence["roundtrip_lossless"]
