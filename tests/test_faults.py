@@ -153,7 +153,7 @@ def test_stop_signals_are_remembered_then_restored():
 def test_ppo_iteration_guards_rewards_and_skips_or_raises(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from gptpipe.ppo.iteration import NonFiniteUpdate, PPOSettings, ppo_iteration
+    from gptpipe.ppo.iteration import NonFiniteUpdate, PPOModels, PPOSettings, ppo_iteration
     from gptpipe.ppo.kl import FixedKLController
     from gptpipe.ppo.value import build_value_model
 
@@ -170,17 +170,16 @@ def test_ppo_iteration_guards_rewards_and_skips_or_raises(tmp_path):
         return torch.full((rollout.input_ids.shape[0],), float("nan"))
 
     def iterate(skip: bool, reward_model=broken_reward_model):
+        models = PPOModels(policy, reference, critic, *optimizers)
+        settings = PPOSettings(
+            pad_token_id=0, eos_token_ids=(2,), max_new_tokens=4, ppo_epochs=1, skip_nonfinite=skip
+        )
         return ppo_iteration(
-            policy,
-            reference,
-            critic,
+            models,
             reward_model,
             [[1, 5, 6], [1, 7, 8]],
-            0,
-            [2],
-            *optimizers,
             FixedKLController(0.1),
-            PPOSettings(max_new_tokens=4, ppo_epochs=1, skip_nonfinite=skip),
+            settings,
             torch.Generator().manual_seed(0),
         )
 

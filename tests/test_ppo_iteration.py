@@ -8,7 +8,7 @@ from conftest import tiny_llama_config
 from learning import SEED, learning_checks
 from transformers import LlamaForCausalLM
 
-from gptpipe.ppo.iteration import PPOSettings, ppo_iteration
+from gptpipe.ppo.iteration import PPOModels, PPOSettings, ppo_iteration
 from gptpipe.ppo.kl import AdaptiveKLController
 from gptpipe.ppo.value import build_value_model
 
@@ -28,29 +28,16 @@ def test_ppo_raises_a_toy_reward(tmp_path):
         hits = ((rollout.responses == TARGET) * rollout.response_mask).sum(dim=1)
         return hits / rollout.response_mask.sum(dim=1).clamp(min=1)
 
-    settings = PPOSettings(max_new_tokens=6, ppo_epochs=2, minibatches=2)
+    settings = PPOSettings(
+        pad_token_id=PAD, eos_token_ids=(EOS,), max_new_tokens=6, ppo_epochs=2, minibatches=2
+    )
     kl_ctl = AdaptiveKLController(beta=0.02, target=2.0, horizon=1000)
     policy_opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(SEED)
+    models = PPOModels(policy, reference, critic, policy_opt, critic_opt)
     prompts = [[1, 3 + i % 5, 4 + i % 3] for i in range(16)]
-    history = [
-        ppo_iteration(
-            policy,
-            reference,
-            critic,
-            score,
-            prompts,
-            PAD,
-            [EOS],
-            policy_opt,
-            critic_opt,
-            kl_ctl,
-            settings,
-            generator,
-        )
-        for _ in range(30)
-    ]
+    history = [ppo_iteration(models, score, prompts, kl_ctl, settings, generator) for _ in range(30)]
     first = sum(h["reward"] for h in history[:3]) / 3
     last = sum(h["reward"] for h in history[-3:]) / 3
     print(f"toy reward {first:.3f} -> {last:.3f}; kl {history[0]['kl']:.3f} -> {history[-1]['kl']:.3f}")

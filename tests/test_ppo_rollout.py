@@ -150,3 +150,22 @@ def test_a_lora_policy_samples_without_its_generation_settings_and_keeps_them():
     model.generation_config = type(model.generation_config)()
     torch.manual_seed(3)
     assert torch.equal(sample(lora, prompts, PAD, [EOS], max_new_tokens=8).input_ids, got.input_ids)
+
+
+def test_a_critic_from_a_reward_model_with_another_vocabulary_is_refused():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from gptpipe.errors import UserError
+    from gptpipe.rlhf import check_critic_tokenizer
+
+    def tokenizer(vocab):
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<u>")))
+
+    policy, same, other = (tokenizer({"<u>": 0, **v}) for v in ({"a": 1}, {"a": 1}, {"b": 1}))
+    check_critic_tokenizer("reward", policy, same, "rm")
+    check_critic_tokenizer("policy", policy, other, "rm")  # the critic starts from the policy: fine
+    with pytest.raises(
+        UserError, match="value_init: reward starts the critic from rm, whose tokenizer differs"
+    ):
+        check_critic_tokenizer("reward", policy, other, "rm")

@@ -66,6 +66,17 @@ def merge_adapters(cfg, main_process_first, is_main: bool) -> None:
             cfg.reward_model = str(out)
 
 
+def check_critic_tokenizer(value_init: str, tokenizer, reward_tokenizer, reward_model: str) -> None:
+    """``value_init: reward`` makes the critic a copy of the reward model that reads the *policy's* token ids:
+    with another vocabulary it would read nonsense. (The reward model itself reads re-rendered text.)"""
+    if value_init == "reward" and tokenizer.get_vocab() != reward_tokenizer.get_vocab():
+        raise UserError(
+            f"value_init: reward starts the critic from {reward_model}, whose tokenizer differs from the "
+            "policy's, but the critic reads the policy's token ids. Use value_init: policy (the critic starts "
+            "from the policy, head at zero), or a reward model trained from the same base"
+        )
+
+
 def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
     """Each prompt rendered with the chat template, ending with the assistant's turn opened."""
     return [

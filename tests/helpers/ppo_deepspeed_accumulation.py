@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DeepSpeedPlugin
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gptpipe.ppo.iteration import PolicyAndCritic, PPOSettings, ppo_iteration
+from gptpipe.ppo.iteration import PolicyAndCritic, PPOModels, PPOSettings, ppo_iteration
 from gptpipe.ppo.kl import FixedKLController
 from gptpipe.ppo.value import build_value_model
 
@@ -37,7 +37,12 @@ def one_iteration(accumulation: int, folder: str) -> dict:
     groups = [{"params": list(m.parameters()), "lr": 1e-2} for m in (policy, critic)]
     engine, optimizer = accelerator.prepare(PolicyAndCritic(policy, critic), torch.optim.AdamW(groups))
     settings = PPOSettings(
-        max_new_tokens=4, ppo_epochs=1, minibatches=1, gradient_accumulation_steps=accumulation
+        pad_token_id=PAD,
+        eos_token_ids=(EOS,),
+        max_new_tokens=4,
+        ppo_epochs=1,
+        minibatches=1,
+        gradient_accumulation_steps=accumulation,
     )
     rank = accelerator.process_index
     prompts = [[1, 3 + (rank + i) % 5, 4 + i % 3] for i in range(ROWS)]
@@ -46,22 +51,10 @@ def one_iteration(accumulation: int, folder: str) -> dict:
     def score(rollout):
         return ((rollout.responses == 7) * rollout.response_mask).sum(dim=1).float()
 
-    ppo_iteration(
-        engine.module.policy,
-        reference,
-        engine.module.critic,
-        score,
-        prompts,
-        PAD,
-        [EOS],
-        optimizer,
-        None,
-        FixedKLController(0.05),
-        settings,
-        torch.Generator().manual_seed(0),
-        accelerator=accelerator,
-        engine=engine,
+    models = PPOModels(
+        engine.module.policy, reference, engine.module.critic, optimizer, None, accelerator, engine
     )
+    ppo_iteration(models, score, prompts, FixedKLController(0.05), settings, torch.Generator().manual_seed(0))
     sums = [p.detach().double().sum().item() for p in engine.module.parameters()]
     return {"optimizer_steps": engine.global_steps, "sums": sums}
 

@@ -36,6 +36,8 @@ ScoreFn = Callable[[Rollout], torch.Tensor]
 
 @dataclass
 class PPOSettings:
+    pad_token_id: int = 0
+    eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these (end of turn, EOS)
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -64,121 +66,70 @@ class NonFiniteUpdate(FloatingPointError):
         self.what = what
 
 
+@dataclass
+class PPOModels:
+    """What one iteration trains. ``reference=None``: the policy is a peft (LoRA) model and the reference is the
+    same weights with the adapter disabled (no second copy). ``critic_optimizer=None``: DeepSpeed, where
+    ``engine`` is the engine of a ``PolicyAndCritic`` and ``policy_optimizer`` its one optimizer (see above).
+    ``accelerator``: given under several processes or DeepSpeed."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    critic: torch.nn.Module
+    policy_optimizer: torch.optim.Optimizer
+    critic_optimizer: torch.optim.Optimizer | None = None
+    accelerator: object = None
+    engine: object = None
+
+    @property
+    def joint(self) -> bool:
+        return self.critic_optimizer is None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.accelerator.backward if self.accelerator else torch.Tensor.backward)(loss)
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        clip = self.accelerator.clip_grad_norm_ if self.accelerator else torch.nn.utils.clip_grad_norm_
+        return torch.as_tensor(clip(model.parameters(), max_norm))
+
+
+@dataclass
+class Experience:
+    """A scored rollout: what the PPO epochs learn from (no gradients)."""
+
+    rollout: Rollout
+    mask: torch.Tensor  # the response mask as floats
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    scores: torch.Tensor  # the reward model's (or score_fn's), before shaping
+    kl: torch.Tensor  # per token, masked
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
 def ppo_iteration(
-    policy,
-    reference,
-    critic,
+    models: PPOModels,
     score_fn: ScoreFn,
     prompts: list[list[int]],
-    pad_token_id: int,
-    eos_token_ids: list[int],
-    policy_optimizer: torch.optim.Optimizer,
-    critic_optimizer: torch.optim.Optimizer,
     kl_controller: FixedKLController,
     settings: PPOSettings,
     generator: torch.Generator | None = None,
-    accelerator=None,
-    engine=None,
 ) -> dict:
-    """Run one iteration on a batch of prompts; returns the statistics to log.
-
-    ``reference=None``: the policy is a peft (LoRA) model and the reference is the same weights with the
-    adapter disabled, so no second copy of the model is held in memory. ``engine``: the DeepSpeed engine
-    of a ``PolicyAndCritic`` whose submodules ``policy`` and ``critic`` are (one optimizer, see above).
-    """
-    s = settings
-    joint = critic_optimizer is None
+    """Run one iteration on a batch of prompts (token ids); returns the statistics to log."""
     clock = [time.perf_counter()]  # phase timings (seconds), logged as time_generation/scoring/training
-    policy.eval()  # no dropout: the ratio must be exactly 1 before the first update
-    with for_generation(engine or policy, accelerator) as generating:
-        generating = generating.policy if engine is not None else generating
-        rollout = sample(
-            generating, prompts, pad_token_id, eos_token_ids, s.max_new_tokens, s.temperature, s.top_p
-        )
+    rollout = generate(models, prompts, settings)
     clock.append(time.perf_counter())
-    mask = rollout.response_mask.float()
-    backward = accelerator.backward if accelerator else torch.Tensor.backward
-    clip_grad_norm = accelerator.clip_grad_norm_ if accelerator else torch.nn.utils.clip_grad_norm_
-    with torch.no_grad():
-        old_logprobs, _ = response_logprobs(policy, rollout, s.temperature)
-        bare = accelerator.unwrap_model(policy) if accelerator else policy
-        with reference_context(bare, reference) as ref_model:
-            ref_logprobs, _ = response_logprobs(ref_model, rollout, s.temperature)
-        old_values = response_values(critic, rollout)
-        scores = score_fn(rollout).float()
-        shaped = shape_scores(scores, rollout.ended, s)
-        kl = kl_per_token(old_logprobs, ref_logprobs, s.kl_estimator) * mask
-        beta = kl_controller.beta  # this iteration's (logged: the update below sets the next one)
-        rewards = per_token_rewards(shaped, kl, mask, beta, s)
-        advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
-        if s.whiten_advantages:
-            advantages = whiten(advantages, mask)
+    beta = kl_controller.beta  # this iteration's (logged: the update below sets the next one)
+    experience = make_experience(models, rollout, score_fn, beta, settings)
     clock.append(time.perf_counter())
     # A broken reward model or a diverged critic: no update from this batch (every process agrees).
-    inputs_ok = _finite_everywhere([scores, old_values, old_logprobs, ref_logprobs], accelerator)
-    if not inputs_ok:
-        if not s.skip_nonfinite:
+    e = experience
+    if not _finite_everywhere([e.scores, e.old_values, e.old_logprobs, e.ref_logprobs], models.accelerator):
+        if not settings.skip_nonfinite:
             raise NonFiniteUpdate("the rewards, values or log-probs")
-        return {"skipped_nonfinite": 1.0, "beta": kl_controller.beta}
-
-    batch = len(prompts)
-    stats: dict[str, list[float]] = {}
-    skipped = 0
-    for _ in range(s.ppo_epochs):
-        order = torch.randperm(batch, generator=generator)
-        for minibatch in order.chunk(s.minibatches):
-            policy_optimizer.zero_grad()
-            if not joint:
-                critic_optimizer.zero_grad()
-            tokens = mask[minibatch].sum().clamp(min=1)
-            # Gradient accumulation: each micro-batch's token-mean loss weighted by its share of the
-            # minibatch's tokens, so the accumulated gradient is that of the minibatch's token mean.
-            chunks = minibatch.chunk(s.gradient_accumulation_steps)
-            for index, chunk in enumerate(chunks):
-                part = _select(rollout, chunk)
-                m = mask[chunk]
-                share = m.sum() / tokens
-                logprobs, logits = response_logprobs(policy, part, s.temperature)
-                p_loss, p_stats = policy_loss(logprobs, old_logprobs[chunk], advantages[chunk], m, s.clip)
-                if not joint:
-                    backward(p_loss * share)
-                values = response_values(critic, part)
-                v_loss, v_stats = value_loss(values, old_values[chunk], returns[chunk], m, s.value_clip)
-                if joint:  # DeepSpeed divides each micro-batch's loss by its accumulation steps itself
-                    # ...and steps inside backward: a NaN loss must be caught before it (no skipping here)
-                    if not _finite_everywhere([p_loss, v_loss], accelerator):
-                        raise NonFiniteUpdate("the policy or value loss (or the probability ratio)")
-                    # accelerate tells DeepSpeed "step now" from sync_gradients, which is always true outside
-                    # accelerator.accumulate(): say it at the minibatch's last micro-batch only.
-                    accelerator.sync_gradients = index == len(chunks) - 1
-                    backward((p_loss + v_loss) * share * s.gradient_accumulation_steps)
-                    accelerator.sync_gradients = True
-                else:
-                    backward(v_loss * share)
-                with torch.no_grad():
-                    p_stats["entropy"] = masked_mean(entropy_from_logits(logits), m).item()
-                for key, value in {
-                    **p_stats,
-                    **v_stats,
-                    "policy_loss": p_loss.item(),
-                    "value_loss": v_loss.item(),
-                }.items():
-                    stats.setdefault(key, []).append((value, m.sum().item()))  # weighted by tokens below
-            if joint:  # the engine clipped and stepped at the last micro-batch
-                continue
-            norms = [
-                torch.as_tensor(clip_grad_norm(m.parameters(), s.max_grad_norm)) for m in (policy, critic)
-            ]
-            if not all_finite(norms):  # the gradients are already averaged: every process agrees
-                if not s.skip_nonfinite:
-                    raise NonFiniteUpdate("the gradient norm (from the losses or the probability ratio)")
-                skipped += 1  # drop this minibatch's update
-                policy_optimizer.zero_grad(set_to_none=True)
-                critic_optimizer.zero_grad(set_to_none=True)
-                continue
-            policy_optimizer.step()
-            critic_optimizer.step()
-
+        return {"skipped_nonfinite": 1.0, "beta": beta}
+    stats, skipped = ppo_update(models, experience, settings, generator)
     clock.append(time.perf_counter())
     out = {
         key: sum(v * w for v, w in pairs) / max(sum(w for _, w in pairs), 1) for key, pairs in stats.items()
@@ -188,16 +139,106 @@ def ppo_iteration(
     phases = ("time_generation", "time_scoring", "time_training")
     out |= {name: clock[i + 1] - clock[i] for i, name in enumerate(phases)}
     out |= {
-        "reward": scores.mean().item(),
-        "kl": kl.sum(dim=1).mean().item(),
-        "response_length": mask.sum(dim=1).mean().item(),
+        "reward": e.scores.mean().item(),
+        "kl": e.kl.sum(dim=1).mean().item(),
+        "response_length": e.mask.sum(dim=1).mean().item(),
         "ended_fraction": rollout.ended.float().mean().item(),
     }
+    accelerator = models.accelerator
     if accelerator is not None and accelerator.num_processes > 1:
         out = _mean_over_processes(out, accelerator)  # every process logs and adapts β on the same numbers
-    kl_controller.update(out["kl"], batch * (accelerator.num_processes if accelerator else 1))
+    kl_controller.update(out["kl"], len(prompts) * (accelerator.num_processes if accelerator else 1))
     out["beta"] = beta
     return out
+
+
+def generate(models: PPOModels, prompts: list[list[int]], s: PPOSettings) -> Rollout:
+    """One sampled response per prompt from the policy as it is now (dropout off: the ratio starts at 1)."""
+    models.policy.eval()
+    with for_generation(models.engine or models.policy, models.accelerator) as generating:
+        generating = generating.policy if models.engine is not None else generating
+        return sample(
+            generating, prompts, s.pad_token_id, s.eos_token_ids, s.max_new_tokens, s.temperature, s.top_p
+        )
+
+
+@torch.no_grad()
+def make_experience(
+    models: PPOModels, rollout: Rollout, score_fn: ScoreFn, beta: float, s: PPOSettings
+) -> Experience:
+    """Old log-probs, the reference's, old values and scores; per-token rewards, GAE advantages and returns."""
+    mask = rollout.response_mask.float()
+    old_logprobs, _ = response_logprobs(models.policy, rollout, s.temperature)
+    bare = models.accelerator.unwrap_model(models.policy) if models.accelerator else models.policy
+    with reference_context(bare, models.reference) as ref_model:
+        ref_logprobs, _ = response_logprobs(ref_model, rollout, s.temperature)
+    old_values = response_values(models.critic, rollout)
+    scores = score_fn(rollout).float()
+    kl = kl_per_token(old_logprobs, ref_logprobs, s.kl_estimator) * mask
+    rewards = per_token_rewards(shape_scores(scores, rollout.ended, s), kl, mask, beta, s)
+    advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
+    if s.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return Experience(rollout, mask, old_logprobs, ref_logprobs, old_values, scores, kl, advantages, returns)
+
+
+def ppo_update(models: PPOModels, e: Experience, s: PPOSettings, generator) -> tuple[dict, int]:
+    """``ppo_epochs`` passes over the batch in ``minibatches`` updates; returns (statistics as (value, tokens)
+    pairs, updates skipped for a NaN/inf gradient)."""
+    stats: dict[str, list[tuple[float, float]]] = {}
+    skipped = 0
+    for _ in range(s.ppo_epochs):
+        order = torch.randperm(len(e.rollout.input_ids), generator=generator)
+        for minibatch in order.chunk(s.minibatches):
+            models.policy_optimizer.zero_grad()
+            if not models.joint:
+                models.critic_optimizer.zero_grad()
+            accumulate_gradients(models, e, minibatch, s, stats)
+            if models.joint:  # the engine clipped and stepped at the last micro-batch
+                continue
+            norms = [models.clip_grad_norm(m, s.max_grad_norm) for m in (models.policy, models.critic)]
+            if not all_finite(norms):  # the gradients are already averaged: every process agrees
+                if not s.skip_nonfinite:
+                    raise NonFiniteUpdate("the gradient norm (from the losses or the probability ratio)")
+                skipped += 1  # drop this minibatch's update
+                models.policy_optimizer.zero_grad(set_to_none=True)
+                models.critic_optimizer.zero_grad(set_to_none=True)
+                continue
+            models.policy_optimizer.step()
+            models.critic_optimizer.step()
+    return stats, skipped
+
+
+def accumulate_gradients(models: PPOModels, e: Experience, minibatch, s: PPOSettings, stats: dict) -> None:
+    """The minibatch's gradients, one micro-batch at a time: each micro-batch's token-mean loss weighted by its
+    share of the minibatch's tokens, so the sum is the gradient of the minibatch's token mean."""
+    tokens = e.mask[minibatch].sum().clamp(min=1)
+    chunks = minibatch.chunk(s.gradient_accumulation_steps)
+    for index, chunk in enumerate(chunks):
+        part, m = _select(e.rollout, chunk), e.mask[chunk]
+        share = m.sum() / tokens
+        logprobs, logits = response_logprobs(models.policy, part, s.temperature)
+        p_loss, p_stats = policy_loss(logprobs, e.old_logprobs[chunk], e.advantages[chunk], m, s.clip)
+        if not models.joint:
+            models.backward(p_loss * share)
+        values = response_values(models.critic, part)
+        v_loss, v_stats = value_loss(values, e.old_values[chunk], e.returns[chunk], m, s.value_clip)
+        if models.joint:  # DeepSpeed divides each micro-batch's loss by its accumulation steps itself
+            # ...and steps inside backward: a NaN loss must be caught before it (no skipping here)
+            if not _finite_everywhere([p_loss, v_loss], models.accelerator):
+                raise NonFiniteUpdate("the policy or value loss (or the probability ratio)")
+            # accelerate tells DeepSpeed "step now" from sync_gradients, which is always true outside
+            # accelerator.accumulate(): say it at the minibatch's last micro-batch only.
+            models.accelerator.sync_gradients = index == len(chunks) - 1
+            models.backward((p_loss + v_loss) * share * s.gradient_accumulation_steps)
+            models.accelerator.sync_gradients = True
+        else:
+            models.backward(v_loss * share)
+        with torch.no_grad():
+            p_stats["entropy"] = masked_mean(entropy_from_logits(logits), m).item()
+        found = {**p_stats, **v_stats, "policy_loss": p_loss.item(), "value_loss": v_loss.item()}
+        for key, value in found.items():  # each micro-batch's token mean, weighted by its tokens
+            stats.setdefault(key, []).append((value, m.sum().item()))
 
 
 def shape_scores(scores: torch.Tensor, ended: torch.Tensor, s: PPOSettings) -> torch.Tensor:

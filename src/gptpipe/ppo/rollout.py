@@ -67,8 +67,15 @@ def sample(
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     with _own_settings_only(model):
-        out = _generate(
-            model, ids, mask, pad_token_id, eos_token_ids, max_new_tokens, temperature, top_p, greedy
+        # top_k=0: transformers' default top_k=50 would change the sampling distribution silently
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            **({"do_sample": False} if greedy else sampling),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_ids,
+            pad_token_id=pad_token_id,
         )
     responses = out[:, ids.shape[1] :]
     response_mask, ended = response_mask_until_eos(responses, eos_token_ids)
@@ -103,22 +110,6 @@ def _own_settings_only(model):
     finally:
         for m, config in zip(holders, saved, strict=True):
             m.generation_config = config
-
-
-def _generate(model, ids, mask, pad_token_id, eos_token_ids, max_new_tokens, temperature, top_p, greedy):
-    return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        **(
-            {"do_sample": False}
-            # top_k=0: transformers' default top_k=50 would change the sampling distribution silently
-            if greedy
-            else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        ),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_ids,
-        pad_token_id=pad_token_id,
-    )
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,272 @@
+"""gptpipe's PPO trainer: the loop around ``ppo_iteration``, shaped like the HF Trainer.
+
+    trainer = PPOTrainer(cfg, policy, reference, critic, scorer, tokenizer, prompts, accelerator)
+    before = trainer.evaluate(heldout)
+    trainer.train(resume_from)          # iterations, logging, callbacks, checkpoints, preemption
+    trainer.save_model(folder)          # every process calls it (ZeRO-3 gathers the weights)
+
+TRL removed its ``PPOTrainer`` (2026-09) and no maintained HF-stack trainer has PPO with a critic and an
+exact resume, so this one is ours; it is built from accelerate's pieces (``prepare``, ``backward``, mixed
+precision, ``unwrap_model``) and transformers' schedulers and callbacks. The engine is chosen once, here:
+DDP (a model and an optimizer each for the policy and the critic) or DeepSpeed (one ``PolicyAndCritic``
+engine with one optimizer, a parameter group per model).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate.utils import DistributedType
+from transformers import TrainerControl, TrainerState, set_seed
+
+from gptpipe import faults
+from gptpipe.errors import UserError
+from gptpipe.ppo.checkpoint import PPOState, batch_rows, load_checkpoint, save_checkpoint
+from gptpipe.ppo.engine import (
+    adam_settings,
+    adamw_class,
+    build_schedulers,
+    fp32_masters,
+    in_dtype,
+    state_dicts,
+)
+from gptpipe.ppo.iteration import (
+    NonFiniteUpdate,
+    PolicyAndCritic,
+    PPOModels,
+    PPOSettings,
+    for_generation,
+    ppo_iteration,
+)
+from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController
+from gptpipe.rlhf import encode_prompts, evaluate, stop_token_ids
+from gptpipe.runs import last_checkpoint, mark_complete, rotate_checkpoints
+from gptpipe.tracking import StepLogger, load_callbacks, truncate_metrics
+
+
+class PPOTrainer:
+    """PPO on ``prompts`` (message lists) against ``scorer`` (``gptpipe.rlhf.reward_scorer``), with the keys of
+    ``args`` (an ``RLConfig``) the README's PPO section lists."""
+
+    def __init__(self, args, policy, reference, critic, scorer, tokenizer, prompts: list, accelerator):
+        self.args, self.accelerator, self.tokenizer, self.scorer = args, accelerator, tokenizer, scorer
+        self.prompts, self.prompt_ids = prompts, encode_prompts(tokenizer, prompts)
+        self.output_dir = Path(args.output_dir)
+        self.is_main, self.rank, self.world = (
+            accelerator.is_main_process,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        self.settings = ppo_settings(args, tokenizer)
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.settings.skip_nonfinite and deepspeed:
+            raise UserError(
+                "on_nonfinite: skip is not available for PPO under DeepSpeed (the engine applies each update "
+                "inside backward); use on_nonfinite: stop"
+            )
+        self.final_dtype = torch.float32
+        if not deepspeed:  # DeepSpeed keeps its own fp32 masters
+            self.final_dtype = fp32_masters(policy) if args.model.lora is None else torch.float32
+            fp32_masters(critic)
+        self.models, self.schedulers = self._prepare(policy, reference, critic, deepspeed)
+        self.policy = accelerator.unwrap_model(self.models.policy)  # the bare model: generation, saving
+        self.kl_controller = (
+            AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+            if args.kl_target
+            else FixedKLController(args.kl_coef)
+        )
+        self.generator = torch.Generator().manual_seed(args.seed + self.rank)
+        set_seed(args.seed + self.rank)  # each process samples its own responses
+        m = self.models
+        critic = accelerator.unwrap_model(m.critic)
+        self.state = PPOState(
+            self.policy,
+            critic,
+            m.policy_optimizer,
+            m.critic_optimizer,
+            self.kl_controller,
+            self.generator,
+            self.schedulers,
+            m.engine,
+        )
+        self.callbacks = load_callbacks(args.callbacks)
+        self.logger = StepLogger(args, self.is_main)
+        self.step, self.skipped = 0, 0
+
+    def _prepare(self, policy, reference, critic, deepspeed: bool) -> tuple[PPOModels, list]:
+        args, accelerator = self.args, self.accelerator
+        trainable = [[p for p in m.parameters() if p.requires_grad] for m in (policy, critic)]
+        lrs = [args.learning_rate, args.value_learning_rate or args.learning_rate]
+        if deepspeed:  # one engine: one module, one optimizer with a parameter group per model
+            groups = [{"params": params, "lr": lr} for params, lr in zip(trainable, lrs, strict=True)]
+            optimizer = adamw_class(args)(groups, **adam_settings(args))
+            schedulers = build_schedulers(
+                args, [optimizer]
+            )  # one: each parameter group keeps its own base lr
+            engine, optimizer = accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
+            models = PPOModels(
+                engine.module.policy, reference, engine.module.critic, optimizer, None, accelerator, engine
+            )
+            return models, schedulers
+        optimizers = [
+            adamw_class(args)(params, lr=lr, **adam_settings(args))
+            for params, lr in zip(trainable, lrs, strict=True)
+        ]
+        schedulers = build_schedulers(args, optimizers)
+        policy, policy_opt, critic, critic_opt = accelerator.prepare(
+            policy, optimizers[0], critic, optimizers[1]
+        )
+        # One process in full precision needs nothing of accelerate in the update (plain backward and clipping).
+        several = self.world > 1 or accelerator.mixed_precision == "fp16"
+        return PPOModels(
+            policy, reference, critic, policy_opt, critic_opt, accelerator if several else None
+        ), schedulers
+
+    def evaluate(self, heldout) -> dict:
+        """Greedy responses to ``heldout`` prompts: reward, KL to the reference, answer accuracy (every process
+        measures; ZeRO-3 needs them all)."""
+        m, max_new_tokens = self.models, self.args.max_new_tokens
+        if m.engine is None:
+            return evaluate(self.policy, m.reference, self.tokenizer, heldout, self.scorer, max_new_tokens)
+        with for_generation(m.engine, self.accelerator) as whole:  # ZeRO-3: the weights gathered, hooks off
+            return evaluate(whole.policy, m.reference, self.tokenizer, heldout, self.scorer, max_new_tokens)
+
+    def train(self, resume_from: Path | None = None) -> int:
+        """Run the iterations up to ``max_steps`` (from ``resume_from`` when given); returns the last step."""
+        if resume_from:
+            self.step = load_checkpoint(resume_from, self.rank, self.state)
+            if self.is_main:
+                truncate_metrics(self.output_dir, self.step)
+        stop = faults.StopSignals().install()
+        faults.record_batch_shapes(self.policy)
+        self.skipped = faults.skipped_steps(self.output_dir, self.step)
+        state, control = TrainerState(), TrainerControl()
+        try:
+            while self.step < self.args.max_steps:
+                stats = self._iteration()
+                state.global_step = self.step
+                for cb in self.callbacks:
+                    cb.on_step_end(self.args, state, control)
+                self._log(stats)
+                preempted = stop.agreed(
+                    self.accelerator.device
+                )  # every process stops after the same iteration
+                save_steps = int(self.args.save_steps or 0)
+                if preempted or (
+                    save_steps and self.step % save_steps == 0 and self.step < self.args.max_steps
+                ):
+                    self._save_checkpoint(state, control)
+                if preempted:
+                    raise faults.preempted(
+                        "rl", self.step, self.output_dir, stop.received, self.args.slurm_requeue, self.is_main
+                    )
+        finally:
+            stop.uninstall()
+        return self.step
+
+    def _iteration(self) -> dict:
+        size = self.args.per_device_train_batch_size
+        rows = batch_rows(len(self.prompt_ids), size * self.world, self.step, self.args.seed)
+        rows = rows[self.rank * size : (self.rank + 1) * size]
+        score = self.scorer([self.prompts[i] for i in rows])
+        try:
+            stats = ppo_iteration(
+                self.models,
+                score,
+                [self.prompt_ids[i] for i in rows],
+                self.kl_controller,
+                self.settings,
+                self.generator,
+            )
+        except NonFiniteUpdate as e:
+            raise faults.nonfinite_error("rl", self.step + 1, e.what, self.output_dir) from None
+        stats["learning_rate"] = self.schedulers[0].get_last_lr()[0]  # the policy's, this iteration
+        for scheduler in self.schedulers:
+            scheduler.step()
+        self.step += 1
+        return stats
+
+    def _log(self, stats: dict) -> None:
+        step, args = self.step, self.args
+        if "skipped_nonfinite" in stats:
+            self.skipped += 1
+            print(
+                f"[rl] step {step}: NaN/inf, {stats['skipped_nonfinite']:.0f} update(s) skipped",
+                file=sys.stderr,
+            )
+            self.logger.log({"step": step, **stats})
+            if self.skipped > args.max_skipped_steps:
+                raise faults.nonfinite_error("rl", step, "an update", self.output_dir, skipping=True)
+        elif step % args.logging_steps == 0 or step == args.max_steps:
+            self.logger.log({"step": step, **stats})
+            if self.is_main:
+                print(
+                    f"[rl] step {step}: reward {stats['reward']:.3f}, kl {stats['kl']:.3f}, entropy {stats['entropy']:.3f}"
+                )
+
+    def _save_checkpoint(self, state, control) -> None:
+        """A checkpoint, complete or invisible: disk space checked first, the marker written last, older
+        checkpoints rotated only then."""
+        out, step, accelerator = self.output_dir, self.step, self.accelerator
+        previous = last_checkpoint(out)
+        pairs = (
+            (self.state.policy, self.state.policy_optimizer),
+            (self.state.critic, self.state.critic_optimizer),
+        )
+        needed = (
+            faults.folder_bytes(previous)
+            if previous
+            else sum(faults.tensors_bytes(m, o, self.world) for m, o in pairs)
+        )
+        faults.ensure_disk_space("rl", out, needed, f"checkpoint-{step}", out, accelerator.device)
+        folder = save_checkpoint(out, step, self.state, self.tokenizer, accelerator)
+        for cb in self.callbacks:
+            cb.on_save(self.args, state, control)
+        accelerator.wait_for_everyone()
+        if self.is_main:
+            mark_complete(folder, step, self.world)
+            rotate_checkpoints(out, self.args.save_total_limit)
+        accelerator.wait_for_everyone()  # no process moves on (or exits) before the checkpoint counts
+
+    def save_model(self, folder: Path) -> None:
+        """The policy (a full model in the dtype it was loaded in, or the LoRA adapter), its tokenizer and
+        generation config; collective (ZeRO-3 gathers the weights), the main process writes."""
+        out, accelerator = self.output_dir, self.accelerator
+        faults.ensure_disk_space(
+            "rl", out, faults.tensors_bytes(self.policy), "final/", out, accelerator.device
+        )
+        weights, _ = state_dicts(accelerator, self.models.engine)  # collective under ZeRO-3
+        if self.models.engine is None:  # trained on fp32 masters: saved in the dtype the policy was loaded in
+            weights = in_dtype(self.policy, self.final_dtype)
+        if self.is_main:
+            self.policy.save_pretrained(folder, state_dict=weights)
+            self.tokenizer.save_pretrained(folder)
+            self.policy.generation_config.save_pretrained(folder)
+        self.logger.finish()
+
+
+def ppo_settings(args, tokenizer) -> PPOSettings:
+    """The iteration's settings from the recipe."""
+    return PPOSettings(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=tuple(stop_token_ids(tokenizer)),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        ppo_epochs=args.ppo_epochs,
+        minibatches=args.num_minibatches,
+        clip=args.cliprange,
+        value_clip=args.cliprange_value,
+        gamma=args.gamma,
+        lam=args.lam,
+        kl_estimator=args.kl_estimator,
+        missing_eos_score=args.missing_eos_score,
+        missing_eos_penalty=args.missing_eos_penalty,
+        reward_clip=args.reward_clip,
+        whiten_rewards=args.whiten_rewards,
+        max_grad_norm=args.max_grad_norm,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        skip_nonfinite=args.on_nonfinite == "skip",
+    )
