@@ -1,6 +1,7 @@
 """PPO raises a toy reward on a tiny random policy within a few dozen CPU iterations, with KL kept in view."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -49,3 +50,25 @@ def test_ppo_raises_a_toy_reward(tmp_path):
         history[0]["approx_kl"] < 0.05 and history[0]["ratio_mean"] > 0.9
     )  # first update starts at ratio ~1
     assert kl_ctl.beta != 0.02  # the adaptive controller reacted
+
+
+def test_scoring_a_rollout_in_slices_gives_the_same_experience(tmp_path):
+    """forward_batch_size: the no-grad passes over a rollout, a few rows at a time, compute what one pass does."""
+    from gptpipe.ppo.iteration import generate, make_experience
+
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(tiny_llama_config(vocab_size=24)).eval()
+    policy.save_pretrained(tmp_path / "policy")
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    critic = build_value_model(str(tmp_path / "policy"), init="reward").eval()  # a head that is not zero
+    models = PPOModels(policy, reference, critic, torch.optim.SGD(policy.parameters(), lr=0.0))
+    whole = PPOSettings(pad_token_id=PAD, eos_token_ids=(EOS,), max_new_tokens=6)
+    rollout = generate(models, [[1, 3 + i % 5, 4 + i % 3][: 2 + i % 2] for i in range(5)], whole)
+
+    def score(r):
+        return r.response_mask.sum(dim=1).float()
+
+    sliced = dataclasses.replace(whole, forward_batch_size=2)
+    a, b = (make_experience(models, rollout, score, 0.1, s) for s in (whole, sliced))
+    for name in ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5, msg=name)

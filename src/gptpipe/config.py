@@ -247,6 +247,9 @@ class RLConfig(RLSettings, TrainingArguments):
     kl_estimator: Literal["k1", "k3"] = "k1"  # k1: log-ratio; k3: (r - 1) - log r, never negative
     kl_target: float | None = None  # set: adaptive β (Ziegler et al.) steering the per-sample KL to this
     kl_horizon: int = 10000
+    # Rows per no-grad forward pass when a rollout is scored (old and reference log-probs, values): the whole
+    # batch's [rows x length x vocabulary] float logits at once can outgrow the model. None: all at once
+    forward_batch_size: int | None = None
     # A response that never stops: its score becomes missing_eos_score (e.g. -1.0), or its score minus
     # missing_eos_penalty (TRL's key, e.g. 1.0)
     missing_eos_score: float | None = None

@@ -55,6 +55,7 @@ class PPOSettings:
     whiten_advantages: bool = True
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch (same update, less memory)
+    forward_batch_size: int | None = None  # rows per no-grad forward when scoring a rollout (None: all)
     skip_nonfinite: bool = False  # drop a NaN/inf update (counted) instead of raising NonFiniteUpdate
 
 
@@ -168,11 +169,12 @@ def make_experience(
 ) -> Experience:
     """Old log-probs, the reference's, old values and scores; per-token rewards, GAE advantages and returns."""
     mask = rollout.response_mask.float()
-    old_logprobs, _ = response_logprobs(models.policy, rollout, s.temperature)
+    size = s.forward_batch_size
+    old_logprobs = _in_rows(lambda r: response_logprobs(models.policy, r, s.temperature)[0], rollout, size)
     bare = models.accelerator.unwrap_model(models.policy) if models.accelerator else models.policy
     with reference_context(bare, models.reference) as ref_model:
-        ref_logprobs, _ = response_logprobs(ref_model, rollout, s.temperature)
-    old_values = response_values(models.critic, rollout)
+        ref_logprobs = _in_rows(lambda r: response_logprobs(ref_model, r, s.temperature)[0], rollout, size)
+    old_values = _in_rows(lambda r: response_values(models.critic, r), rollout, size)
     scores = score_fn(rollout).float()
     kl = kl_per_token(old_logprobs, ref_logprobs, s.kl_estimator) * mask
     rewards = per_token_rewards(shape_scores(scores, rollout.ended, s), kl, mask, beta, s)
@@ -302,6 +304,17 @@ def _mean_over_processes(stats: dict, accelerator) -> dict:
     values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     values = accelerator.reduce(values, reduction="mean")
     return dict(zip(keys, values.tolist(), strict=True))
+
+
+def _in_rows(forward, rollout: Rollout, size: int | None) -> torch.Tensor:
+    """``forward(rollout)`` a slice of ``size`` rows at a time (all at once when None): the full batch's
+    [rows x length x vocabulary] float logits can be larger than the model."""
+    rows = len(rollout.input_ids)
+    if not size or size >= rows:
+        return forward(rollout)
+    return torch.cat(
+        [forward(_select(rollout, torch.arange(i, min(i + size, rows)))) for i in range(0, rows, size)]
+    )
 
 
 def _select(rollout: Rollout, rows: torch.Tensor) -> Rollout:

@@ -268,5 +268,6 @@ def ppo_settings(args, tokenizer) -> PPOSettings:
         whiten_rewards=args.whiten_rewards,
         max_grad_norm=args.max_grad_norm,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        forward_batch_size=args.forward_batch_size,
         skip_nonfinite=args.on_nonfinite == "skip",
     )
