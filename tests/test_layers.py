@@ -146,7 +146,15 @@ def test_no_source_file_over_400_lines():
 # The layers of docs/architecture.md, lowest first: a module imports its own layer or lower ones only.
 LAYERS = [
     ["errors", "files", "finite", "internals", "data.answers"],
-    ["config", "data.chat_templates", "data.formats", "data.packing", "data.preferences", "data.ranking"]
+    [
+        "config",
+        "rewards",
+        "data.chat_templates",
+        "data.formats",
+        "data.packing",
+        "data.preferences",
+        "data.ranking",
+    ]
     + ["data.tinyworld", "data"],
     ["data.sources", "recipe", "data.prepared"],
     ["modeling", "generation", "scoring", "runs", "tracking", "report", "faults", "distributed", "ppo"],

@@ -194,6 +194,9 @@ class RLSettings(RunSettings):
 
     algorithm: str = "ppo"  # ppo (gptpipe's own trainer) | grpo | rloo (TRL's trainers)
     reward_model: str | None = None  # the reward stage's final/ (or any one-output sequence classifier)
+    # Python reward functions with TRL's signature (gptpipe.rewards): "module:function" or "file.py:function";
+    # with a reward_model too, rewards add up (weights: reward_weights, the reward model first)
+    reward_funcs: list[str] = field(default_factory=list)
     reward_quantization: QuantizationSettings | None = None  # frozen reward model in 8 or 4 bits: {bits: 8}
     chat_template: str | None = None
     eval_prompts: int = 128  # held-out prompts scored before and after (greedy)
@@ -247,6 +250,7 @@ class RLConfig(RLSettings, TrainingArguments):
     kl_estimator: Literal["k1", "k3"] = "k1"  # k1: log-ratio; k3: (r - 1) - log r, never negative
     kl_target: float | None = None  # set: adaptive β (Ziegler et al.) steering the per-sample KL to this
     kl_horizon: int = 10000
+    reward_weights: list[float] | None = None  # one per reward (reward model first); None: all 1.0 (as TRL)
     # Rows per no-grad forward pass when a rollout is scored (old and reference log-probs, values): the whole
     # batch's [rows x length x vocabulary] float logits at once can outgrow the model. None: all at once
     forward_batch_size: int | None = None

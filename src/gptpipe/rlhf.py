@@ -21,12 +21,14 @@ from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
 from gptpipe.modeling import is_adapter, merge_adapter, merged_copy
 from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
+from gptpipe.rewards import weighted_sum
 from gptpipe.runs import Run
 from gptpipe.scoring import score_ids
 
 
 def prompt_rows(ds, src):
-    """Prompts as message lists (a string prompt becomes one user message); keep ``answer`` when present."""
+    """Prompts as message lists (a string prompt becomes one user message); every other column is kept (the
+    ``answer`` of the evidence, and whatever a reward function or labeler reads)."""
     if "prompt" not in ds.column_names:
         raise UserError(
             f"{src.path}: no 'prompt' column (columns are {ds.column_names}); map yours with `columns:`"
@@ -36,8 +38,7 @@ def prompt_rows(ds, src):
         p = row["prompt"]
         return {"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p}
 
-    keep = [c for c in ("prompt", "answer") if c in ds.column_names]
-    return ds.select_columns(keep).map(to_messages, desc="reading prompts")
+    return ds.map(to_messages, desc="reading prompts")
 
 
 def merge_adapters(cfg, main_process_first, is_main: bool) -> None:
@@ -103,29 +104,53 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     ]
 
 
-def reward_scorer(reward_model, reward_tokenizer, tokenizer):
-    """``scorer(messages)(rollout)``: the reward model's score of each prompt + response.
+def reward_scorer(reward_model, reward_tokenizer, tokenizer, functions=(), weights=None):
+    """``scorer(batch)(rollout)``: each response's reward, from a batch of dataset rows (``{"prompt": [...],
+    column: [...]}``): the reward model's score and each reward function's (``gptpipe.rewards``), weighted.
 
-    The response is decoded and the conversation re-rendered with the reward model's own chat
-    template, so a reward model with a different tokenizer or template scores what it was trained on.
+    For the reward model the response is decoded and the conversation re-rendered with its own chat template,
+    so a reward model with a different tokenizer or template scores what it was trained on. ``scorer.means``
+    holds each reward's batch mean from the last call (logged as ``rewards/<name>``).
     """
 
-    def for_prompts(messages: list[list[dict]]):
+    def for_batch(batch: dict):
+        messages = batch["prompt"]
+
         def score(rollout: Rollout) -> torch.Tensor:
-            replies = decode_responses(tokenizer, rollout)
-            convs = [
-                m + [{"role": "assistant", "content": r.strip()}]
-                for m, r in zip(messages, replies, strict=True)
+            replies = [r.strip() for r in decode_responses(tokenizer, rollout)]
+            per, names = [], []
+            if reward_model is not None:
+                convs = [
+                    m + [{"role": "assistant", "content": r}] for m, r in zip(messages, replies, strict=True)
+                ]
+                ids = [
+                    reward_tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
+                    for c in convs
+                ]
+                per.append(score_ids(reward_model, ids, reward_tokenizer.pad_token_id))
+                names.append("reward_model")
+            columns = {k: v for k, v in batch.items() if k not in ("prompt", "completion", "completion_ids")}
+            completions = [[{"role": "assistant", "content": r}] for r in replies]
+            completion_ids = [
+                ids[m.bool()].tolist()
+                for ids, m in zip(rollout.responses, rollout.response_mask, strict=True)
             ]
-            ids = [
-                reward_tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
-                for c in convs
-            ]
-            return torch.tensor(score_ids(reward_model, ids, reward_tokenizer.pad_token_id))
+            for fn in functions:
+                per.append(
+                    fn(prompts=messages, completions=completions, completion_ids=completion_ids, **columns)
+                )
+                names.append(fn.__name__)
+            scorer.means = {
+                name: sum(v for v in values if v is not None) / max(sum(v is not None for v in values), 1)
+                for name, values in zip(names, per, strict=True)
+            }
+            return torch.tensor(weighted_sum(per, weights))
 
         return score
 
-    return for_prompts
+    scorer = for_batch
+    scorer.means = {}
+    return scorer
 
 
 @torch.no_grad()
@@ -146,7 +171,7 @@ def evaluate(
         rollout = sample(
             policy, prompts[i : i + batch_size], tokenizer.pad_token_id, stop_ids, max_new_tokens, greedy=True
         )
-        found["reward"] += scorer(heldout["prompt"][i : i + batch_size])(rollout).sum().item()
+        found["reward"] += scorer(heldout[i : i + batch_size])(rollout).sum().item()
         logp, _ = response_logprobs(policy, rollout)
         with reference_context(policy, reference) as ref_model:
             ref, _ = response_logprobs(ref_model, rollout)

@@ -336,3 +336,13 @@ def label(rows: list[dict]) -> list[float]:
         right = answers_in_first_sentence(reply, row["answer"])
         scores.append(2.0 if reply == row["reference"] else 1.0 if right else 0.0)
     return scores
+
+
+def answer_reward(prompts, completions, answer, **columns) -> list[float]:
+    """A reward function (TRL's signature; ``reward_funcs: [gptpipe.data.tinyworld:answer_reward]``) for
+    ``tinyworld:rl_prompts``: 1.0 when the reply's first sentence holds the right answer, else 0.0 (the check
+    the RL evidence reports as answer accuracy)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [
+        1.0 if answers_in_first_sentence(t.strip(), a) else 0.0 for t, a in zip(texts, answer, strict=True)
+    ]

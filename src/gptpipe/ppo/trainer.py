@@ -47,12 +47,13 @@ from gptpipe.tracking import StepLogger, load_callbacks, truncate_metrics
 
 
 class PPOTrainer:
-    """PPO on ``prompts`` (message lists) against ``scorer`` (``gptpipe.rlhf.reward_scorer``), with the keys of
-    ``args`` (an ``RLConfig``) the README's PPO section lists."""
+    """PPO on ``train_dataset``'s prompts (message lists; its other columns go to the reward functions) against
+    ``scorer`` (``gptpipe.rlhf.reward_scorer``), with the keys of ``args`` (an ``RLConfig``) the README's PPO
+    section lists."""
 
-    def __init__(self, args, policy, reference, critic, scorer, tokenizer, prompts: list, accelerator):
+    def __init__(self, args, policy, reference, critic, scorer, tokenizer, train_dataset, accelerator):
         self.args, self.accelerator, self.tokenizer, self.scorer = args, accelerator, tokenizer, scorer
-        self.prompts, self.prompt_ids = prompts, encode_prompts(tokenizer, prompts)
+        self.dataset, self.prompt_ids = train_dataset, encode_prompts(tokenizer, train_dataset["prompt"])
         self.output_dir = Path(args.output_dir)
         self.is_main, self.rank, self.world = (
             accelerator.is_main_process,
@@ -170,7 +171,7 @@ class PPOTrainer:
         size = self.args.per_device_train_batch_size
         rows = batch_rows(len(self.prompt_ids), size * self.world, self.step, self.args.seed)
         rows = rows[self.rank * size : (self.rank + 1) * size]
-        score = self.scorer([self.prompts[i] for i in rows])
+        score = self.scorer(self.dataset[rows])  # the rows' prompts and columns
         try:
             stats = ppo_iteration(
                 self.models,
@@ -183,6 +184,8 @@ class PPOTrainer:
         except NonFiniteUpdate as e:
             raise faults.nonfinite_error("rl", self.step + 1, e.what, self.output_dir) from None
         stats["learning_rate"] = self.schedulers[0].get_last_lr()[0]  # the policy's, this iteration
+        if len(self.scorer.means) > 1 or "reward_model" not in self.scorer.means:  # reward functions
+            stats |= {f"rewards/{name}": mean for name, mean in self.scorer.means.items()}
         for scheduler in self.schedulers:
             scheduler.step()
         self.step += 1

@@ -36,7 +36,7 @@ def main(cfg: RankConfig, run: Run) -> dict:
         raise UserError("set exactly one of labeler: (module:function) and rankings: (a jsonl file)")
     labeler = ranking.load_labeler(cfg.labeler, "labeler") if cfg.labeler else None  # fail before sampling
     human = ranking.read_rankings(cfg.rankings) if cfg.rankings else None
-    prompts, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows_with_fields)
+    prompts, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
     if cfg.max_prompts:
         prompts = prompts.select(range(min(cfg.max_prompts, len(prompts))))
     tmp = run.final_dir()
@@ -89,15 +89,6 @@ def _sample_and_rank(cfg: RankConfig, prompts, tmp: Path, prefix: str, labeler, 
     if ranked:
         ranking.write_jsonl(ranked, tmp / f"{prefix}comparisons.jsonl")
     return samples, ranked, stats
-
-
-def prompt_rows_with_fields(ds, src):
-    """Prompts as messages (``gptpipe.rlhf.prompt_rows``) with every other column kept for the labeler."""
-    extra = ds.remove_columns([c for c in ("prompt", "answer") if c in ds.column_names])
-    prompts = prompt_rows(ds, src)
-    for column in extra.column_names:
-        prompts = prompts.add_column(column, extra[column])
-    return prompts
 
 
 def _top_score_share(samples: list[dict], labeler) -> float:

@@ -40,6 +40,7 @@ from gptpipe.ppo.engine import (
 )
 from gptpipe.ppo.trainer import PPOTrainer
 from gptpipe.ppo.value import build_value_model
+from gptpipe.rewards import load_reward_functions
 from gptpipe.rlhf import (
     before_after,
     check_critic_tokenizer,
@@ -52,10 +53,16 @@ from gptpipe.runs import Run
 
 
 def main(cfg: RLConfig, run: Run) -> dict:
-    if not cfg.reward_model:
+    if not cfg.reward_model and not cfg.reward_funcs:
         raise UserError(
-            "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final)"
+            "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final), "
+            "or reward_funcs: Python reward functions (module:function or file.py:function)"
         )
+    if not cfg.reward_model and cfg.value_init == "reward":
+        raise UserError(
+            "value_init: reward starts the critic from the reward model, and there is none: set value_init: policy"
+        )
+    functions = load_reward_functions(cfg.reward_funcs)  # import errors before any model loads
     if cfg.max_steps <= 0:
         raise UserError("max_steps: set the number of PPO iterations (e.g. max_steps: 60)")
     if cfg.top_p < 1:
@@ -82,23 +89,27 @@ def main(cfg: RLConfig, run: Run) -> dict:
 
     set_seed(cfg.seed)
     policy, reference = _policy_and_reference(cfg, tokenizer, run.resume_from)
-    reward_model, reward_tokenizer = load_for_inference(
-        cfg.reward_model, AutoModelForSequenceClassification, cfg.reward_quantization
-    )
-    check_critic_tokenizer(cfg.value_init, tokenizer, reward_tokenizer, cfg.reward_model)
+    reward_model, reward_tokenizer = None, None
+    if cfg.reward_model:
+        reward_model, reward_tokenizer = load_for_inference(
+            cfg.reward_model, AutoModelForSequenceClassification, cfg.reward_quantization
+        )
+        check_critic_tokenizer(cfg.value_init, tokenizer, reward_tokenizer, cfg.reward_model)
+        reward_model.requires_grad_(False)
     critic = _critic(cfg, run.resume_from)
-    reward_model.requires_grad_(False)
     for model in (policy, reference, critic, reward_model):  # dropout off: the first PPO ratio must be 1
         if model is not None:
             model.eval()
     if zero3:  # ZeRO-3 loaded the frozen models sharded: they run as DeepSpeed inference engines
-        reward_model = prepare_deepspeed(reward_model, accelerator)
+        reward_model = prepare_deepspeed(reward_model, accelerator) if reward_model is not None else None
         reference = prepare_deepspeed(reference, accelerator) if reference is not None else None
-    scorer = reward_scorer(reward_model.to(accelerator.device), reward_tokenizer, tokenizer)
+    if reward_model is not None:
+        reward_model.to(accelerator.device)
+    scorer = reward_scorer(reward_model, reward_tokenizer, tokenizer, functions, cfg.reward_weights)
     if reference is not None:
         reference.to(accelerator.device)
 
-    trainer = PPOTrainer(cfg, policy, reference, critic, scorer, tokenizer, train["prompt"], accelerator)
+    trainer = PPOTrainer(cfg, policy, reference, critic, scorer, tokenizer, train, accelerator)
     baseline = run.baseline(lambda: trainer.evaluate(heldout))
     if run.resume_from:
         run.say(f"[rl] resuming from {run.resume_from}")

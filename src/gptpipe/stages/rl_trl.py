@@ -31,6 +31,7 @@ from gptpipe.modeling import (
     load_for_inference,
     load_tokenizer,
 )
+from gptpipe.rewards import load_reward_functions
 from gptpipe.rlhf import (
     before_after,
     evaluate,
@@ -48,10 +49,12 @@ TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 
 def main(cfg, run: Run) -> dict:
     name, say = cfg.algorithm, run.say
-    if not cfg.reward_model:
+    if not cfg.reward_model and not cfg.reward_funcs:
         raise UserError(
-            "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final)"
+            "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final), "
+            "or reward_funcs: Python reward functions (module:function or file.py:function)"
         )
+    functions = load_reward_functions(cfg.reward_funcs)  # import errors before any model loads
 
     merge_adapters(cfg, cfg.main_process_first, run.is_main)
     tokenizer = load_tokenizer(cfg.model)
@@ -69,7 +72,11 @@ def main(cfg, run: Run) -> dict:
     policy.generation_config.eos_token_id = stop_token_ids(tokenizer)  # TRL stops at these
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     policy = apply_lora(policy, cfg.model)
-    reward_model, reward_tokenizer = load_for_inference(cfg.reward_model, AutoModelForSequenceClassification)
+    reward_model, reward_tokenizer = None, None
+    if cfg.reward_model:
+        reward_model, reward_tokenizer = load_for_inference(
+            cfg.reward_model, AutoModelForSequenceClassification
+        )
     trainable, total = count_parameters(policy)
     say(
         f"[{name}] {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; {len(train)} prompts, "
@@ -77,16 +84,18 @@ def main(cfg, run: Run) -> dict:
     )
     trainer = TRAINERS[name](
         model=policy,
-        reward_funcs=reward_model,
+        reward_funcs=[reward_model, *functions] if reward_model is not None else functions,
         args=cfg,
         train_dataset=train,
         processing_class=tokenizer,
-        reward_processing_classes=reward_tokenizer,
+        reward_processing_classes=[reward_tokenizer] + [None] * len(functions)
+        if reward_model is not None
+        else None,
         callbacks=[MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
     )
     policy = trainer.accelerator.unwrap_model(trainer.model)
     reference = _reference(trainer, cfg, tokenizer)
-    scorer = reward_scorer(reward_model, reward_tokenizer, tokenizer)
+    scorer = reward_scorer(reward_model, reward_tokenizer, tokenizer, functions, cfg.reward_weights)
 
     def measure() -> dict:  # every process measures (ZeRO-3 forwards are collective); the main one writes
         return evaluate(policy, reference, tokenizer, heldout, scorer, cfg.max_completion_length)
