@@ -6,12 +6,16 @@ import json
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DeepSpeedPlugin
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest's tiny model
+from conftest import tiny_llama_config  # noqa: E402
 
 from gptpipe.ppo.iteration import PolicyAndCritic, PPOModels, PPOSettings, ppo_iteration
 from gptpipe.ppo.kl import FixedKLController
@@ -66,18 +70,7 @@ if __name__ == "__main__":
     PartialState(backend="gloo", timeout=timedelta(seconds=300))
     if PartialState().is_main_process:
         torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=24,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=64,
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=EOS,
-        )
+        config = tiny_llama_config(vocab_size=24, num_key_value_heads=4)
         LlamaForCausalLM(config).save_pretrained(sys.argv[1])
     PartialState().wait_for_everyone()
     found = {str(k): one_iteration(k, sys.argv[1]) for k in (1, 2)}
