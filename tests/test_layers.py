@@ -91,12 +91,18 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b": 1}, "b": {}, "c": {"a": 1}}) is None
 
 
+# The entry point imports each subcommand's module when it runs (start-up time: see cli.py); the cycle test
+# above still counts those imports.
+DEFERRED_OK = {"gptpipe.cli"}
+
+
 def test_gptpipe_modules_are_imported_at_the_top():
     """A gptpipe import inside a function is how cycles hide; third-party ones may stay (optional extras)."""
     every, top = _imports(), _imports(top_level_only=True)
     deferred = [
         f"{MODULES[m].relative_to(REPO)}:{line} imports {target}"
         for m, targets in every.items()
+        if m not in DEFERRED_OK
         for target, line in targets.items()
         if target not in top[m]
     ]

@@ -21,17 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-from gptpipe.data import ranking, tinyworld
-from gptpipe.data.prepared import describe
-from gptpipe.distributed import find_config, launch_command
 from gptpipe.errors import Preempted, UserError
-from gptpipe.faults import describe_oom, is_oom
-from gptpipe.generation import chat_loop, generate_file
-from gptpipe.pipeline import load_pipeline, run_pipeline
-from gptpipe.recipe import load_recipe, read_yaml, validate_recipe
-from gptpipe.runner import run_stage
-from gptpipe.scoring import score_pairs_file, score_texts_file
-from gptpipe.sweep import run_sweep, validate_sweep
+
+# Each subcommand imports what it runs when it runs (the one place gptpipe defers its own imports): the
+# libraries behind a stage take seconds to load, which `--help`, `--launch` (it hands over to accelerate at
+# once), `data` or `rank` should not pay, and neither should every process of a launch for the other commands.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +143,8 @@ def _relaunch(args, argv: list[str]) -> None:
             continue
         keep.append(arg)
     gpus = args.gpus or _config_processes(args.launch)
+    from gptpipe.distributed import launch_command
+
     cmd = launch_command(args.launch, gpus, args.nodes, keep)
     if args.print_command:
         print(shlex.join(cmd))
@@ -159,6 +155,8 @@ def _relaunch(args, argv: list[str]) -> None:
 def _config_processes(config: str) -> int:
     import yaml
 
+    from gptpipe.distributed import find_config
+
     return int((yaml.safe_load(find_config(config).read_text()) or {}).get("num_processes", 1))
 
 
@@ -168,8 +166,14 @@ def run(argv: list[str] | None = None) -> None:
     if getattr(args, "launch", None):
         return _relaunch(args, argv)
     if args.command == "train":
+        from gptpipe.recipe import load_recipe
+        from gptpipe.runner import run_stage
+
         run_stage(load_recipe(args.recipe, args.overrides))
     elif args.command == "prepare":
+        from gptpipe.data.prepared import describe
+        from gptpipe.recipe import load_recipe
+
         cfg = load_recipe(args.recipe, args.overrides)
         stage = importlib.import_module(cfg.module)
         if not hasattr(stage, "prepare"):
@@ -182,10 +186,18 @@ def run(argv: list[str] | None = None) -> None:
         if summary["reused"]:
             print(f"[{cfg.stage}] (already prepared with the same settings, tokenizer and files)")
     elif args.command == "pipeline":
+        from gptpipe.pipeline import run_pipeline
+
         run_pipeline(args.pipeline, args.overrides, args.rerun, args.output_dir)
     elif args.command == "sweep":
+        from gptpipe.sweep import run_sweep
+
         run_sweep(args.sweep, args.emit, args.max_trials)
     elif args.command == "validate":
+        from gptpipe.pipeline import load_pipeline
+        from gptpipe.recipe import read_yaml, validate_recipe
+        from gptpipe.sweep import validate_sweep
+
         for recipe in args.recipes:
             if "metric" in read_yaml(Path(recipe)):
                 print(f"ok: {recipe} ({validate_sweep(recipe)})")
@@ -197,8 +209,12 @@ def run(argv: list[str] | None = None) -> None:
             cfg = validate_recipe(recipe, args.overrides)
             print(f"ok: {recipe} (stage {cfg.stage}, output_dir {cfg.output_dir})")
     elif args.command == "chat":
+        from gptpipe.generation import chat_loop
+
         chat_loop(args.model, args.max_new_tokens, args.temperature, args.system)
     elif args.command == "generate":
+        from gptpipe.generation import generate_file
+
         out = args.out or str(Path(args.prompts).with_suffix("")) + ".generated.jsonl"
         n = generate_file(
             args.model,
@@ -213,6 +229,8 @@ def run(argv: list[str] | None = None) -> None:
         )
         print(f"wrote {n} completions to {out}")
     elif args.command == "rank":
+        from gptpipe.data import ranking
+
         labeler = ranking.load_labeler(args.labeler, "--labeler") if args.labeler else None
         human = ranking.read_rankings(args.rankings) if args.rankings else None
         ranked, stats = ranking.rank_samples(ranking.read_jsonl(args.samples, "samples"), labeler, human)
@@ -225,6 +243,8 @@ def run(argv: list[str] | None = None) -> None:
     elif args.command == "score":
         import json
 
+        from gptpipe.scoring import score_pairs_file, score_texts_file
+
         if args.pairs:
             result = score_pairs_file(args.model, args.pairs, args.format, args.max_length)
             print(
@@ -235,6 +255,8 @@ def run(argv: list[str] | None = None) -> None:
             for row in score_texts_file(args.model, args.texts):
                 print(json.dumps(row))
     elif args.command == "data":
+        from gptpipe.data import tinyworld
+
         folder = tinyworld.write(args.out, seed=args.seed)
         for part, splits in tinyworld.generate(args.seed).items():
             sizes = ", ".join(f"{split} {len(rows)}" for split, rows in splits.items())
@@ -255,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         print("gptpipe: interrupted", file=sys.stderr)
         sys.exit(130)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        from gptpipe.faults import describe_oom, is_oom
+
         if not is_oom(e):
             raise
         error = describe_oom(e)
