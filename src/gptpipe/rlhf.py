@@ -21,7 +21,7 @@ from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
 from gptpipe.modeling import is_adapter, merge_adapter, merged_copy
 from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
-from gptpipe.rewards import weighted_sum
+from gptpipe.rewards import load_reward_functions, weighted_sum
 from gptpipe.runs import Run
 from gptpipe.scoring import score_ids
 
@@ -39,6 +39,17 @@ def prompt_rows(ds, src):
         return {"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p}
 
     return ds.map(to_messages, desc="reading prompts")
+
+
+def reward_functions(cfg) -> list:
+    """The recipe's reward functions, imported and checked before any model loads (``gptpipe.rewards``); an RL
+    recipe needs them or a reward model."""
+    if not cfg.reward_model and not cfg.reward_funcs:
+        raise UserError(
+            "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final), "
+            "or reward_funcs: Python reward functions (module:function or file.py:function)"
+        )
+    return load_reward_functions(cfg.reward_funcs)
 
 
 def merge_adapters(cfg, main_process_first, is_main: bool) -> None:
@@ -94,14 +105,18 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted({end, tokenizer.eos_token_id})
 
 
-def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
-    """Each response's text from its valid tokens only (up to and including its end of turn). Filling the
-    positions after it with id 0 instead, and decoding those, adds a "!" per position with Llama 3's, Qwen2's
-    or GPT-2's tokenizers, where id 0 is an ordinary token."""
+def response_ids(rollout: Rollout) -> list[list[int]]:
+    """Each response's valid tokens (up to and including its end of turn)."""
     return [
-        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-        for ids, mask in zip(rollout.responses, rollout.response_mask, strict=True)
+        ids[mask.bool()].tolist() for ids, mask in zip(rollout.responses, rollout.response_mask, strict=True)
     ]
+
+
+def decode_responses(tokenizer, rollout: Rollout, ids: list[list[int]] | None = None) -> list[str]:
+    """Each response's text from its valid tokens only. Filling the positions after the end of turn with id 0
+    instead, and decoding those, adds a "!" per position with Llama 3's, Qwen2's or GPT-2's tokenizers, where
+    id 0 is an ordinary token."""
+    return tokenizer.batch_decode(response_ids(rollout) if ids is None else ids, skip_special_tokens=True)
 
 
 def reward_scorer(reward_model, reward_tokenizer, tokenizer, functions=(), weights=None):
@@ -117,7 +132,8 @@ def reward_scorer(reward_model, reward_tokenizer, tokenizer, functions=(), weigh
         messages = batch["prompt"]
 
         def score(rollout: Rollout) -> torch.Tensor:
-            replies = [r.strip() for r in decode_responses(tokenizer, rollout)]
+            completion_ids = response_ids(rollout)
+            replies = [r.strip() for r in decode_responses(tokenizer, rollout, completion_ids)]
             per, names = [], []
             if reward_model is not None:
                 convs = [
@@ -131,10 +147,6 @@ def reward_scorer(reward_model, reward_tokenizer, tokenizer, functions=(), weigh
                 names.append("reward_model")
             columns = {k: v for k, v in batch.items() if k not in ("prompt", "completion", "completion_ids")}
             completions = [[{"role": "assistant", "content": r}] for r in replies]
-            completion_ids = [
-                ids[m.bool()].tolist()
-                for ids, m in zip(rollout.responses, rollout.response_mask, strict=True)
-            ]
             for fn in functions:
                 per.append(
                     fn(prompts=messages, completions=completions, completion_ids=completion_ids, **columns)

@@ -184,7 +184,7 @@ class PPOTrainer:
         except NonFiniteUpdate as e:
             raise faults.nonfinite_error("rl", self.step + 1, e.what, self.output_dir) from None
         stats["learning_rate"] = self.schedulers[0].get_last_lr()[0]  # the policy's, this iteration
-        if len(self.scorer.means) > 1 or "reward_model" not in self.scorer.means:  # reward functions
+        if self.args.reward_funcs:
             stats |= {f"rewards/{name}": mean for name, mean in self.scorer.means.items()}
         for scheduler in self.schedulers:
             scheduler.step()

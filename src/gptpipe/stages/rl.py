@@ -40,29 +40,24 @@ from gptpipe.ppo.engine import (
 )
 from gptpipe.ppo.trainer import PPOTrainer
 from gptpipe.ppo.value import build_value_model
-from gptpipe.rewards import load_reward_functions
 from gptpipe.rlhf import (
     before_after,
     check_critic_tokenizer,
     merge_adapters,
     prompt_rows,
     publish_policy,
+    reward_functions,
     reward_scorer,
 )
 from gptpipe.runs import Run
 
 
 def main(cfg: RLConfig, run: Run) -> dict:
-    if not cfg.reward_model and not cfg.reward_funcs:
-        raise UserError(
-            "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final), "
-            "or reward_funcs: Python reward functions (module:function or file.py:function)"
-        )
+    functions = reward_functions(cfg)
     if not cfg.reward_model and cfg.value_init == "reward":
         raise UserError(
             "value_init: reward starts the critic from the reward model, and there is none: set value_init: policy"
         )
-    functions = load_reward_functions(cfg.reward_funcs)  # import errors before any model loads
     if cfg.max_steps <= 0:
         raise UserError("max_steps: set the number of PPO iterations (e.g. max_steps: 60)")
     if cfg.top_p < 1:

@@ -31,13 +31,13 @@ from gptpipe.modeling import (
     load_for_inference,
     load_tokenizer,
 )
-from gptpipe.rewards import load_reward_functions
 from gptpipe.rlhf import (
     before_after,
     evaluate,
     merge_adapters,
     prompt_rows,
     publish_policy,
+    reward_functions,
     reward_scorer,
     stop_token_ids,
 )
@@ -49,12 +49,7 @@ TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 
 def main(cfg, run: Run) -> dict:
     name, say = cfg.algorithm, run.say
-    if not cfg.reward_model and not cfg.reward_funcs:
-        raise UserError(
-            "reward_model is required: the reward stage's final/ folder (e.g. runs/tiny/reward/final), "
-            "or reward_funcs: Python reward functions (module:function or file.py:function)"
-        )
-    functions = load_reward_functions(cfg.reward_funcs)  # import errors before any model loads
+    functions = reward_functions(cfg)  # import errors before any model loads
 
     merge_adapters(cfg, cfg.main_process_first, run.is_main)
     tokenizer = load_tokenizer(cfg.model)
