@@ -68,12 +68,15 @@ sweep: setup
 
 # The whole suite (under 15 minutes on 2 cores), its 15 slowest tests printed, a hung test failing after
 # its timeout (pytest-timeout). test-fast: the edit-run loop, leaving out the `slow` end-to-end tests.
+# Two pytest-xdist workers; tests/conftest.py orders the tests so that both stay busy and shares the trained tiny
+# models between them (XDIST= runs in one process).
 PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 --durations-min=1
+XDIST ?= -n 2
 test: setup
-	$(PYTEST)
+	$(PYTEST) $(XDIST)
 
 test-fast: setup
-	$(PYTEST) -m "not slow and not gpu"
+	$(PYTEST) $(XDIST) -m "not slow and not gpu"
 
 test-gpu: setup
 	$(PYTEST) -m gpu

@@ -1,15 +1,29 @@
 """Shared fixtures: offline Hugging Face, a tiny-world tokenizer, overrides for fast pretraining runs."""
 
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest-xdist workers on two cores: one thread each (the tiny models' ops are mostly too
+# small for torch to split anyway), and each worker's torchrun launches on a port of its own.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1... or None without xdist
+if WORKER:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # ...and in the processes tests start
+    os.environ["PET_MASTER_PORT"] = str(
+        29400 + 10 * int(WORKER.removeprefix("gw"))
+    )  # torchrun's --master_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -24,14 +38,29 @@ def _cache(tmp_path_factory):
     os.environ["GPTPIPE_CACHE"] = str(tmp_path_factory.mktemp("gptpipe-cache"))
 
 
+def shared_run(tmp_path_factory, name: str, train: Callable[[Path], None]) -> Path:
+    """``<run>/final`` of a run that ``train(run)`` makes, made once per test session. Under pytest-xdist the
+    workers share it: the first to ask trains it (the other waits on the lock), so the chain is trained once."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if WORKER else root  # the session's folder, above each worker's own
+    out = root / f"shared-{name}"
+    with FileLock(f"{out}.lock"):
+        if not (out / ".complete").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            train(out)
+            (out / ".complete").touch()
+    return out / "final"
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The tiny world's tokenizer, trained once per session by the tokenizer stage."""
     from gptpipe.cli import run
 
-    out = tmp_path_factory.mktemp("tokenizer")
-    run(["train", str(REPO / "recipes/tiny/tokenizer.yaml"), f"output_dir={out}"])
-    return out / "final"
+    def train(out):
+        run(["train", str(REPO / "recipes/tiny/tokenizer.yaml"), f"output_dir={out}"])
+
+    return shared_run(tmp_path_factory, "tokenizer", train)
 
 
 def small_pretrain(tokenizer_dir: Path, output_dir: Path, **extra) -> list[str]:
@@ -66,24 +95,13 @@ def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
     """A tiny-world base model that knows the facts (the demo recipe, 400 of its 600 steps: ~1.5 minutes)."""
     from gptpipe.cli import run
 
-    out = tmp_path_factory.mktemp("base")
-    run(
-        [
-            "train",
-            str(REPO / "recipes/tiny/pretrain.yaml"),
-            f"output_dir={out}",
-            f"model.tokenizer={tokenizer_dir}",
-            "max_steps=400",
-            "warmup_steps=20",
-            "eval_steps=400",
-            "save_steps=1000",
-            "logging_steps=50",
-            "probe_datasets=[]",
-            "disable_tqdm=true",
-            *as_overrides(SEED_SETTINGS),
-        ]
-    )
-    return out / "final"
+    def train(out):
+        recipe = str(REPO / "recipes/tiny/pretrain.yaml")
+        settings = {"output_dir": out, "model.tokenizer": tokenizer_dir, "max_steps": 400, "warmup_steps": 20}
+        settings |= {"eval_steps": 400, "save_steps": 1000, "logging_steps": 50, "probe_datasets": "[]"}
+        run(["train", recipe, *as_overrides(settings, disable_tqdm="true")])
+
+    return shared_run(tmp_path_factory, "base", train)
 
 
 # A few steps of any Trainer-based recipe, evaluated at the end, no checkpoint on the way.
@@ -110,19 +128,16 @@ def tiny_sft(tiny_base, tmp_path_factory) -> Path:
     """The tiny base model finetuned on the tiny world's chats, with answer accuracy measured (~35 s)."""
     from gptpipe.cli import run
 
-    out = tmp_path_factory.mktemp("sft")
     # 400 steps, not the recipe's 250: held-out accuracy gain over seeds 0-3, 250 steps 0.18-0.80, 400 steps
     # 0.36-0.79 (lr 1e-3 was no better: 0.31-0.68); the weakest seed's base copies the wrong names.
-    overrides = sft_overrides(
-        tiny_base,
-        out,
-        max_steps=400,
-        logging_steps=25,
-        eval_steps=400,
-        answer_datasets="[{path: 'tinyworld:sft', split: eval}]",
-    )
-    run(["train", str(REPO / "recipes/tiny/sft.yaml"), *overrides])
-    return out / "final"
+    def train(out):
+        evidence = "[{path: 'tinyworld:sft', split: eval}]"
+        overrides = sft_overrides(
+            tiny_base, out, max_steps=400, logging_steps=25, eval_steps=400, answer_datasets=evidence
+        )
+        run(["train", str(REPO / "recipes/tiny/sft.yaml"), *overrides])
+
+    return shared_run(tmp_path_factory, "sft", train)
 
 
 def reward_overrides(base: Path, output_dir: Path, **extra) -> list[str]:
@@ -135,12 +150,13 @@ def tiny_reward(tiny_sft, tmp_path_factory) -> Path:
     """A reward model from the tiny SFT model on the tiny world's comparisons (~45 s)."""
     from gptpipe.cli import run
 
-    out = tmp_path_factory.mktemp("reward")
-    overrides = reward_overrides(
-        tiny_sft, out, max_steps=250, learning_rate="3e-4", logging_steps=25, eval_steps=250
-    )
-    run(["train", str(REPO / "recipes/tiny/reward.yaml"), *overrides])
-    return out / "final"
+    def train(out):
+        overrides = reward_overrides(
+            tiny_sft, out, max_steps=250, learning_rate="3e-4", logging_steps=25, eval_steps=250
+        )
+        run(["train", str(REPO / "recipes/tiny/reward.yaml"), *overrides])
+
+    return shared_run(tmp_path_factory, "reward", train)
 
 
 def rl_overrides(policy: Path, reward: Path, output_dir: Path, **extra) -> list[str]:
@@ -183,7 +199,30 @@ def tiny_llama_config(**overrides):
 TRAINED_MODELS = {"tiny_base", "tiny_sft", "tiny_reward"}
 
 
+# Under pytest-xdist (`make test`: -n 2) the tests run in this order: those that need the SFT model first (the
+# worker that gets them trains the base and SFT models from the start), then those that need no trained model
+# (the other worker, meanwhile), the base model's (trained by then), the reward model's last. Any order is
+# correct (the models are shared under a lock, see shared_run); this one keeps both workers busy.
+QUEUE = ("sft", None, "base", "reward")
+
+
+def _chain_part(names: set) -> str | None:
+    return (
+        "reward"
+        if "tiny_reward" in names
+        else "sft"
+        if "tiny_sft" in names
+        else "base"
+        if "tiny_base" in names
+        else None
+    )
+
+
 def pytest_collection_modifyitems(config, items):
+    part = {}
     for item in items:
-        if TRAINED_MODELS & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if TRAINED_MODELS & names:
             item.add_marker(pytest.mark.slow)
+        part[item] = _chain_part(names)
+    items.sort(key=lambda item: QUEUE.index(part[item]))  # stable: file order within each part

@@ -68,7 +68,16 @@ def test_accelerate_zero2_config_runs_deepspeed_on_cpu(tiny_base, tmp_path):
     pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
     accelerate = str(Path(sys.executable).parent / "accelerate")  # the venv's, activated or not
     cmd = [accelerate, "launch", "--config_file", str(REPO / "accelerate_configs/zero2.yaml")]
-    cmd += ["--num_processes", "2", "-m", "gptpipe", "train", SFT]
+    cmd += [
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        "-m",
+        "gptpipe",
+        "train",
+        SFT,
+    ]  # 0: a free port
 
     def overrides(out, batch):
         return sft_overrides(

@@ -84,6 +84,7 @@ def test_ppo_under_ddp_and_deepspeed_zero3_with_two_processes(tiny_sft, tiny_rew
     ddp = tmp_path / "ddp"
     accelerate = str(Path(sys.executable).parent / "accelerate")
     cmd = [accelerate, "launch", "--config_file", str(REPO / "accelerate_configs/cpu_ddp.yaml")]
+    cmd += ["--main_process_port", "0"]  # a free port: another test may be launching beside this one
     # SIGTERM reaches only the second process after iteration 2: both must stop there, with one checkpoint.
     preempt = {"GPTPIPE_TEST_SIGNAL_AT_STEP": "2", "GPTPIPE_TEST_SIGNAL_RANK": "1"}
     stopped = subprocess.run(
@@ -126,7 +127,7 @@ def test_ppo_under_ddp_and_deepspeed_zero3_with_two_processes(tiny_sft, tiny_rew
     assert layout == {**layout, "world_size": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
     first_ddp, first_zero3 = (read_metrics(d)[0] for d in (ddp, zero3))
     assert first_zero3["reward"] == pytest.approx(first_ddp["reward"], abs=1e-5)  # same seeds, same samples
-    for key in ("policy_loss", "value_loss"):  # DeepSpeed clips both models' norm together
+    for key in ("policy_loss", "value_loss"):  # both paths clip both models together (test_ppo_distributed)
         assert first_zero3[key] == pytest.approx(first_ddp[key], rel=0.05, abs=1e-3), key
     policy = AutoModelForCausalLM.from_pretrained(zero3 / "final")
     assert sum(p.numel() for p in policy.parameters()) == sum(

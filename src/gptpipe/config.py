@@ -244,6 +244,9 @@ class RLConfig(RLSettings, TrainingArguments):
     num_minibatches: int = 1
     cliprange: float = 0.2
     cliprange_value: float = 0.2
+    # The value loss's weight (TRL's PPO: 0.1). Policy and critic gradients are clipped to max_grad_norm together
+    # (DeepSpeed clips its one engine so; the DDP path does the same)
+    vf_coef: float = 0.1
     gamma: float = 1.0  # RLHF practice: no discount within a response
     lam: float = 0.95
     kl_coef: float = 0.05  # β: the per-token KL penalty against the reference (the SFT model)

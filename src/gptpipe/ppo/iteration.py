@@ -12,6 +12,10 @@ Under DeepSpeed, which trains one model per engine, policy and critic are one ``
 with one optimizer (a parameter group each): ``critic_optimizer=None`` says so. Each micro-batch then
 takes one backward of the summed losses (the two models share no parameter, so each gets exactly its
 own gradient), and DeepSpeed clips the gradient norm of both models together.
+
+Both paths update alike: the loss is ``policy_loss + vf_coef * value_loss`` (TRL's PPO, vf_coef 0.1) and the
+gradient norm of both models together is clipped to ``max_grad_norm`` (DeepSpeed can only clip an engine's
+gradients as a whole, so the DDP path clips jointly too rather than each model on its own).
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class PPOSettings:
     reward_clip: float | None = None  # clip scores to [-c, c]
     whiten_rewards: bool = False  # scale the per-token rewards to unit variance, keeping their mean
     whiten_advantages: bool = True
-    max_grad_norm: float = 1.0
+    vf_coef: float = 0.1  # the value loss's weight in the loss (and so in the jointly clipped gradient norm)
+    max_grad_norm: float = 1.0  # of policy and critic together (as DeepSpeed clips one engine)
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch (same update, less memory)
     forward_batch_size: int | None = None  # rows per no-grad forward when scoring a rollout (None: all)
     skip_nonfinite: bool = False  # drop a NaN/inf update (counted) instead of raising NonFiniteUpdate
@@ -89,9 +94,10 @@ class PPOModels:
     def backward(self, loss: torch.Tensor) -> None:
         (self.accelerator.backward if self.accelerator else torch.Tensor.backward)(loss)
 
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients of policy and critic together (as DeepSpeed clips its one engine); their norm."""
         clip = self.accelerator.clip_grad_norm_ if self.accelerator else torch.nn.utils.clip_grad_norm_
-        return torch.as_tensor(clip(model.parameters(), max_norm))
+        return torch.as_tensor(clip([*self.policy.parameters(), *self.critic.parameters()], max_norm))
 
 
 @dataclass
@@ -198,8 +204,9 @@ def ppo_update(models: PPOModels, e: Experience, s: PPOSettings, generator) -> t
             accumulate_gradients(models, e, minibatch, s, stats)
             if models.joint:  # the engine clipped and stepped at the last micro-batch
                 continue
-            norms = [models.clip_grad_norm(m, s.max_grad_norm) for m in (models.policy, models.critic)]
-            if not all_finite(norms):  # the gradients are already averaged: every process agrees
+            if not all_finite(
+                [models.clip_grad_norm(s.max_grad_norm)]
+            ):  # the gradients are already averaged: every process agrees
                 if not s.skip_nonfinite:
                     raise NonFiniteUpdate("the gradient norm (from the losses or the probability ratio)")
                 skipped += 1  # drop this minibatch's update
@@ -232,10 +239,10 @@ def accumulate_gradients(models: PPOModels, e: Experience, minibatch, s: PPOSett
             # accelerate tells DeepSpeed "step now" from sync_gradients, which is always true outside
             # accelerator.accumulate(): say it at the minibatch's last micro-batch only.
             models.accelerator.sync_gradients = index == len(chunks) - 1
-            models.backward((p_loss + v_loss) * share * s.gradient_accumulation_steps)
+            models.backward((p_loss + s.vf_coef * v_loss) * share * s.gradient_accumulation_steps)
             models.accelerator.sync_gradients = True
         else:
-            models.backward(v_loss * share)
+            models.backward(s.vf_coef * v_loss * share)
         with torch.no_grad():
             p_stats["entropy"] = masked_mean(entropy_from_logits(logits), m).item()
         found = {**p_stats, **v_stats, "policy_loss": p_loss.item(), "value_loss": v_loss.item()}

@@ -269,6 +269,7 @@ def ppo_settings(args, tokenizer) -> PPOSettings:
         missing_eos_penalty=args.missing_eos_penalty,
         reward_clip=args.reward_clip,
         whiten_rewards=args.whiten_rewards,
+        vf_coef=args.vf_coef,
         max_grad_norm=args.max_grad_norm,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         forward_batch_size=args.forward_batch_size,
