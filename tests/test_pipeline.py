@@ -24,6 +24,14 @@ SMALL_PRETRAIN = {
     "probe_datasets": [],
     "disable_tqdm": True,
 }
+SHORT_RUN = {"max_steps": 4, "eval_steps": 4, "save_steps": 100, "logging_steps": 2, "disable_tqdm": True}
+SMALL_RL = {
+    "max_steps": 1,
+    "per_device_train_batch_size": 4,
+    "eval_prompts": 4,
+    "max_new_tokens": 8,
+    "ppo_epochs": 1,
+}
 SMALL_SFT = {
     "max_steps": 10,
     "save_steps": 5,
@@ -129,3 +137,47 @@ def test_shipped_pipeline_validates(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     run(["validate", "recipes/tiny/pipeline.yaml"])
     assert "tokenizer -> pretrain -> sft -> reward -> rl" in capsys.readouterr().out
+
+
+def _small_recipe(tmp_path, name: str, policy, **settings) -> str:
+    """A copy of a tiny recipe that starts from ``policy``, shrunk to seconds."""
+    tree = yaml.safe_load((TINY / f"{name}.yaml").read_text())
+    tree["model"]["name_or_path"] = str(policy)
+    tree.update(settings)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path.name
+
+
+def test_rounds_repeat_rank_reward_rl_each_from_the_last_policy(tiny_sft, tmp_path):
+    """Iterated on-policy RLHF, 2 tiny rounds: round 2 samples and continues round 1's RL policy, its reward model
+    learns from both rounds' comparisons and is held out on the current policy's samples; a report card row per
+    stage and round, and a verdict per RL round."""
+    prompts = {"path": "tinyworld:rl_prompts", "max_samples": 8}
+    heldout = {**prompts, "split": "eval"}
+    block = [
+        {"recipe": _small_recipe(tmp_path, "rank", tiny_sft, datasets=[prompts], eval_datasets=[heldout])},
+        {"recipe": _small_recipe(tmp_path, "reward", tiny_sft, **SHORT_RUN)},
+        {"recipe": _small_recipe(tmp_path, "rl", tiny_sft, **SMALL_RL)},
+    ]
+    pipeline = write_pipeline(tmp_path, [{"rounds": 2, "stages": block}])
+    _, planned = load_pipeline(pipeline)
+    cfg = {p.name: p.cfg for p in planned}
+    runs = tmp_path / "runs"
+    assert list(cfg) == ["rank-1", "reward-1", "rl-1", "rank-2", "reward-2", "rl-2"]
+    assert cfg["rank-1"].model.name_or_path == cfg["rl-1"].model.name_or_path == str(tiny_sft)
+    assert cfg["rank-2"].model.name_or_path == cfg["rl-2"].model.name_or_path == str(runs / "rl-1/final")
+    assert [d.path for d in cfg["reward-2"].datasets] == [
+        str(runs / f"rank-{r}/final/comparisons.jsonl") for r in (1, 2)
+    ]
+    assert cfg["reward-2"].eval_datasets[0].path == str(runs / "rank-2/final/heldout_comparisons.jsonl")
+    assert cfg["reward-2"].model.name_or_path == str(tiny_sft)  # each round's reward model from the SFT model
+    assert cfg["rl-2"].reward_model == str(runs / "reward-2/final")
+
+    run(["pipeline", str(pipeline)])
+    card = (runs / "report.md").read_text()
+    for r in (1, 2):
+        assert f"| rank-{r} | pairs |" in card and f"| reward-{r} | pairwise_accuracy |" in card, card
+        assert f"| rl-{r} | reward |" in card and f"- **rl-{r}**: " in card
+    with pytest.raises(UserError, match="a rounds block is `rounds: N`"):
+        load_pipeline(write_pipeline(tmp_path, [{"rounds": 0, "stages": block}]))

@@ -19,6 +19,8 @@ def right_answer(prompts, completions, answer, **columns):
     return [1.0 if answers_in_first_sentence(c[-1]["content"], a) else 0.0 for c, a in zip(completions, answer)]
 """
 RECIPES = {"ppo": "rl-verifiable.yaml", "grpo": "grpo-verifiable.yaml"}
+# Seeds 0-2, 1 thread (make test's): gain PPO 0.115-0.277, GRPO 0.200-0.424; KL PPO 1.18-1.59, GRPO 2.08-3.04.
+GAIN = {"ppo": 0.05, "grpo": 0.1}
 
 
 def overrides(tiny_sft, out, reward_funcs, **extra):
@@ -26,26 +28,29 @@ def overrides(tiny_sft, out, reward_funcs, **extra):
     return as_overrides(settings, {"save_steps": 1000, "logging_steps": 5}, **extra)
 
 
+# PPO iterations (the recipe's 60 halved) and GRPO steps (the recipe's 100: at 60, seed 0 gained only 0.015).
+STEPS = {"ppo": 30, "grpo": 100}
+
+
 @pytest.mark.learning
-def test_grpo_with_a_verifiable_reward_raises_held_out_answer_accuracy(tiny_sft, tmp_path):
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_a_verifiable_reward_raises_held_out_answer_accuracy(algorithm, tiny_sft, tmp_path):
+    """The answer check as a reward function in a file (TRL's signature), no reward model: PPO (critic from the
+    policy) and GRPO raise answer accuracy on held-out facts asked with the phrasing SFT never saw."""
     (tmp_path / "check.py").write_text(RIGHT_ANSWER)
-    out = tmp_path / "grpo"
+    out = tmp_path / algorithm
     reward = f"{tmp_path / 'check.py'}:right_answer"
-    run(
-        [
-            "train",
-            str(REPO / "recipes/tiny/grpo-verifiable.yaml"),
-            *overrides(tiny_sft, out, reward, max_steps=60),
-        ]
-    )
+    recipe = str(REPO / "recipes/tiny" / RECIPES[algorithm])
+    run(["train", recipe, *overrides(tiny_sft, out, reward, max_steps=STEPS[algorithm])])
     e = json.loads((out / "eval.json").read_text())
     evidence = {k: v for k, v in e.items() if k.endswith(("_before", "_after"))}
     with learning_checks() as check:
-        # 130 held-out prompts (one = 0.008). Seeds 0-2, 2 threads: gain 0.108-0.323, KL 1.38-2.14.
+        # 130 held-out prompts (one = 0.008); the ranges above GAIN, and docs/testing.md
         gain = e["answer_accuracy_after"] - e["answer_accuracy_before"]
-        check.at_least("held-out answer accuracy gain", gain, 0.05, evidence)
+        check.at_least("held-out answer accuracy gain", gain, GAIN[algorithm], evidence)
         check.at_most("KL to the SFT model after", e["kl_after"], 8.0, evidence)
-    assert any("rewards/right_answer/mean" in r for r in read_metrics(out))  # TRL logs each function
+    logged = read_metrics(out)
+    assert any("rewards/right_answer" in key for r in logged for key in r)  # each function logged
 
 
 def test_ppo_adds_reward_functions_to_the_reward_model_weighted(tiny_sft, tiny_reward, tmp_path):

@@ -25,12 +25,9 @@ def test_trl_algorithms_raise_held_out_reward(algorithm, tiny_sft, tiny_reward, 
             "reward_model": tiny_reward,
             "max_steps": 60,
             "save_steps": 100,
-            # Prompts the SFT model gets wrong often (phrasings SFT never saw), half to train on, half held out.
-            # On SFT's own phrasings it already answers ~0.96: the training reward stayed flat, and the held-out
-            # reward fell on one seed in five (-0.16 GRPO, -0.12 RLOO).
-            "datasets": "[{path: 'tinyworld:rl_prompts', split: eval}]",
-            "eval_datasets": "[]",
-            "eval_split_size": 0.5,
+            # The recipe's data: tinyworld:rl_prompts, prompts the SFT model gets wrong often (a phrasing SFT never
+            # saw), half of the facts to train on, the other half held out. On SFT's own phrasings it already
+            # answered ~0.96: the training reward stayed flat, and the held-out reward fell on one seed in five.
         }
     )
     run(["train", str(REPO / f"recipes/tiny/{algorithm}.yaml"), *overrides])
@@ -40,7 +37,7 @@ def test_trl_algorithms_raise_held_out_reward(algorithm, tiny_sft, tiny_reward, 
     assert e["kl_after"] > 0.0, e  # the policy moved
     evidence = {k: v for k, v in e.items() if k.endswith(("_before", "_after"))}
     with learning_checks() as check:
-        # Seeds 0-4, 1-2 threads: reward gain GRPO 0.37-3.14, RLOO 0.31-3.55; KL GRPO 0.83-3.19, RLOO 0.77-5.60.
+        # Seeds 0-2, 1 thread: reward gain GRPO 0.39-2.66, RLOO 0.30-2.44; KL GRPO 0.98-2.13, RLOO 0.94-5.24.
         check.at_least("held-out reward gain", e["reward_after"] - e["reward_before"], 0.1, evidence)
         check.at_most("KL to the SFT model after", e["kl_after"], 8.0, evidence)  # bounded by the KL penalty
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

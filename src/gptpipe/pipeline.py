@@ -9,6 +9,12 @@ before it: pretraining reads the tokenizer stage's tokenizer, SFT the pretrained
 starts from the SFT model, RL from the SFT model with the reward model as judge. A key set explicitly
 (in the stage's ``overrides`` or on the command line) is never rewired.
 
+Iterated on-policy RLHF (InstructGPT, Llama 2): an entry ``{rounds: N, stages: [rank, reward, rl]}`` repeats its
+stages N times as ``rank-1, reward-1, rl-1, rank-2, ...``. Round r samples and ranks the current policy (the SFT
+model, then round r-1's RL policy), trains a reward model from the SFT model on every round's comparisons so
+far (held out: the current policy's samples of the held-out prompts), and continues RL from the current policy
+against it.
+
 A stage that finished (``final/`` and ``eval.json``) with the same settings is skipped; an interrupted
 one resumes from its newest checkpoint; a finished stage whose settings changed is refused unless
 ``--rerun NAME``, which reruns it and every stage after it (their inputs change with it).
@@ -34,7 +40,7 @@ from gptpipe.recipe import (
     override_value,
     read_yaml,
 )
-from gptpipe.report import report_card
+from gptpipe.report import report_card, rl_verdicts
 from gptpipe.runner import is_main_process, run_stage
 from gptpipe.runs import is_finished
 
@@ -51,9 +57,35 @@ RUN_ONLY_KEYS = {
 
 @dataclass
 class PipelineStage:
-    recipe: str  # relative to the pipeline file
+    recipe: str | None = None  # relative to the pipeline file
     name: str | None = None  # the run folder's name; defaults to the recipe's stage (rl: its algorithm too)
     overrides: dict = field(default_factory=dict)  # dotted keys, as on the command line
+    rounds: int | None = None  # instead of a recipe: repeat `stages` this many times (iterated RLHF)
+    stages: list[dict] = field(default_factory=list)  # the block's stages (each a recipe entry)
+
+
+def _expand_rounds(path: Path, stages: list[PipelineStage]) -> list[tuple[PipelineStage, int | None]]:
+    """(stage, round) per stage to run: a ``rounds`` block becomes its stages once per round."""
+    flat = []
+    for i, stage in enumerate(stages):
+        if stage.rounds is None:
+            if not stage.recipe:
+                raise UserError(f"{path}: stages.{i}: give a `recipe:` (or `rounds:` with `stages:`)")
+            flat.append((stage, None))
+            continue
+        if stage.rounds < 1 or not stage.stages or stage.recipe:
+            raise UserError(
+                f"{path}: stages.{i}: a rounds block is `rounds: N` (N >= 1) with `stages:` (recipes to repeat), "
+                f"e.g. rounds: 3, stages: [{{recipe: rank.yaml}}, {{recipe: reward.yaml}}, {{recipe: rl.yaml}}]"
+            )
+        try:
+            inner = [build_dataclass(PipelineStage, s) for s in stage.stages]
+        except UserError as e:
+            raise UserError(f"{path}: stages.{i}.stages: {e}") from None
+        if any(s.rounds is not None for s in inner):
+            raise UserError(f"{path}: stages.{i}: rounds blocks do not nest")
+        flat += [(s, r) for r in range(1, stage.rounds + 1) for s in inner]
+    return flat
 
 
 @dataclass
@@ -88,15 +120,16 @@ def load_pipeline(
     per_stage: dict[str, list[str]] = {}
     planned: list[PlannedStage] = []
     trees = []
-    for i, stage in enumerate(pipe.stages):
+    for i, (stage, round_) in enumerate(_expand_rounds(path, pipe.stages)):
         recipe = (path.parent / stage.recipe).resolve()
         tree = read_yaml(recipe)
         kind = tree.get("stage")
         algorithm = tree.get("algorithm", "ppo")
         name = stage.name or (kind if kind != "rl" or algorithm == "ppo" else algorithm)
+        name = name if round_ is None else f"{name}-{round_}"
         if any(name == p.name for p in planned):
-            raise UserError(f"{path}: stages.{i}: two stages are named {name!r}; give one a `name:`")
-        trees.append((name, kind, recipe, tree, stage.overrides))
+            raise UserError(f"{path}: stage {i}: two stages are named {name!r}; give one a `name:`")
+        trees.append((name, kind, recipe, tree, stage.overrides, round_))
         planned.append(PlannedStage(name, kind, None, set()))
     names = [p.name for p in planned]
     for assignment in overrides:
@@ -109,14 +142,15 @@ def load_pipeline(
         per_stage.setdefault(stage_name, []).append(assignment.partition(".")[2])
 
     finals: dict[str, Path] = {}
+    comparisons: list[Path] = []
     produced: set[str] = set()  # data files that earlier stages write (not checked for existence)
     out = Path(pipe.output_dir)
-    for plan, (name, kind, recipe, tree, stage_overrides) in zip(planned, trees, strict=True):
+    for plan, (name, kind, recipe, tree, stage_overrides, round_) in zip(planned, trees, strict=True):
         assignments = [f"{k}={override_value(v)}" for k, v in stage_overrides.items()] + per_stage.get(
             name, []
         )
         explicit = {a.partition("=")[0] for a in assignments}
-        wiring = {"output_dir": str(out / name)} | _wiring(kind, finals)
+        wiring = {"output_dir": str(out / name)} | _wiring(kind, finals, comparisons, round_)
         for key, value in wiring.items():
             if key not in explicit:
                 apply_override(tree, f"{key}={value}")
@@ -128,25 +162,38 @@ def load_pipeline(
             raise UserError(f"{recipe} (pipeline stage {name}): {e}") from None
         plan.explicit = explicit
         finals[kind] = out / name / "final"
+        if kind == "sft" or (kind == "rl" and round_ is not None):
+            finals["policy"] = finals[kind]  # what a later round samples from and continues
         if kind == "rank":
-            produced.add(str(finals[kind] / "comparisons.jsonl"))
+            produced |= {
+                str(finals[kind] / "comparisons.jsonl"),
+                str(finals[kind] / "heldout_comparisons.jsonl"),
+            }
+            comparisons.append(finals[kind])
     return pipe, planned
 
 
-def _wiring(kind: str, finals: dict[str, Path]) -> dict[str, str]:
-    """The keys that connect a stage to the stages before it."""
+def _wiring(kind: str, finals: dict[str, Path], ranks: list[Path], round_: int | None) -> dict[str, str]:
+    """The keys that connect a stage to the stages before it (``ranks``: the rank stages' finals so far)."""
     wired: dict[str, str] = {}
     if kind == "pretrain" and "tokenizer" in finals:
         wired["model.tokenizer"] = str(finals["tokenizer"])
-    if kind == "rank" and "sft" in finals:
-        wired["model.name_or_path"] = str(finals["sft"])
-    if kind == "reward" and "rank" in finals:  # on-policy comparisons instead of the recipe's own data
+    if kind == "rank" and "policy" in finals:
+        wired["model.name_or_path"] = str(finals["policy"])
+    if kind == "reward" and ranks:  # on-policy comparisons instead of the recipe's own data
+        used = ranks if round_ is not None else ranks[-1:]  # a round learns from every round's comparisons
         wired["datasets"] = override_value(
-            [{"path": str(finals["rank"] / "comparisons.jsonl"), "format": "ranked"}]
+            [{"path": str(r / "comparisons.jsonl"), "format": "ranked"} for r in used]
         )
+        if round_ is not None:  # held out: the current policy's samples of the held-out prompts
+            wired["eval_datasets"] = override_value(
+                [{"path": str(ranks[-1] / "heldout_comparisons.jsonl"), "format": "ranked"}]
+            )
     if kind in ("sft", "reward", "rl"):
         source = finals.get("sft") if kind != "sft" else None
         source = source or finals.get("pretrain")
+        if kind == "rl" and round_ is not None:
+            source = finals.get("policy", source)
         if source is not None:
             wired["model.name_or_path"] = str(source)
     if kind == "rl" and "reward" in finals:
@@ -211,6 +258,8 @@ def run_pipeline(
     out = Path(pipe.output_dir)
     card = report_card([(p.name, p.kind, Path(p.cfg.output_dir)) for p in planned])
     text = f"# Pipeline report card: {path}\n\n{card}\n\nEach stage's own report: `<stage>/report.md`.\n"
+    verdicts = rl_verdicts([(p.name, p.kind, Path(p.cfg.output_dir)) for p in planned])
+    text += f"\n{verdicts}\n" if verdicts else ""
     if is_main_process():
         if pipe.compare is not None:
             text += "\n" + _compare_stages(pipe.compare, planned, out) + "\n"
@@ -220,5 +269,7 @@ def run_pipeline(
         if heldout and heldout[0].is_file():
             text += "\n" + reward_models_on_own_samples(out, heldout[0]) + "\n"
         (out / "report.md").write_text(text)
-        print(f"\n{card}\n\n[pipeline] report card: {out / 'report.md'} ({time.time() - start:.0f} s)")
+        print(
+            f"\n{card}\n\n{verdicts}\n\n[pipeline] report card: {out / 'report.md'} ({time.time() - start:.0f} s)"
+        )
     return out / "report.md"

@@ -144,6 +144,44 @@ def report_card(stages: list[tuple[str, str, Path]]) -> str:
     return "\n".join(lines)
 
 
+def rl_verdicts(stages: list[tuple[str, str, Path]]) -> str:
+    """One plain line per finished RL stage that checked answers: did answer accuracy rise, and why (from its
+    evidence and what its reward was)."""
+    lines = []
+    for name, kind, run_dir in stages:
+        path = run_dir / "eval.json"
+        if kind != "rl" or not path.is_file():
+            continue
+        e, config = json.loads(path.read_text()), _read_config(run_dir)
+        if "answer_accuracy_after" not in e:
+            continue
+        lines.append(f"- **{name}**: {_verdict(e, config)}")
+    if not lines:
+        return ""
+    return "Did RL make a better assistant (held-out answer accuracy)?\n\n" + "\n".join(lines)
+
+
+def _verdict(e: dict, config: dict) -> str:
+    before, after = e["answer_accuracy_before"], e["answer_accuracy_after"]
+    moved = f"answer accuracy {fmt(before)} -> {fmt(after)}"
+    reward = f"reward {fmt(e.get('reward_before'))} -> {fmt(e.get('reward_after'))}"
+    judge = "reward functions" if config.get("reward_funcs") else "the reward model"
+    if config.get("reward_funcs") and config.get("reward_model"):
+        judge = "the reward model and reward functions"
+    tolerance = 0.01  # about one held-out prompt in a hundred: less is noise
+    if after - before > tolerance:
+        return f"improved ({moved}): {judge} rewarded the right answers ({reward})."
+    rose = e.get("reward_after", 0) > e.get("reward_before", 0)
+    if after - before < -tolerance and rose:
+        return (
+            f"did not improve ({moved}) although its reward rose ({reward}): the policy learned what {judge} "
+            "scores highly, which is not the right answer (reward hacking; README, RL)."
+        )
+    if after - before < -tolerance:
+        return f"did not improve ({moved}) and its reward fell too ({reward}): the update went wrong; lower the learning rate."
+    return f"unchanged ({moved}, {reward})."
+
+
 def _read_config(run_dir: Path) -> dict:
     path = run_dir / "config.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}

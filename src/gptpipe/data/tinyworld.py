@@ -14,7 +14,10 @@ additions. Those facts become:
   are wrong values, true-but-irrelevant facts, or off-style replies. Every fact is covered (a reward
   model does not generalize to facts it never judged); held-out pairs use a new question phrasing
   and new rejected answers.
-- ``rl_prompts``: prompts with their known right answer (``answer``) for RL and accuracy checks.
+- ``rl_prompts``: prompts with their known right answer (``answer``) for RL and accuracy checks, asked with the
+  phrasing SFT never saw (where the SFT model is wrong often enough for RL to learn from). ``train`` asks about
+  half of the facts of each kind, ``eval`` about the other half; ``unseen`` asks the ``eval`` half with a fifth
+  phrasing that appears nowhere else (not even in pretraining): how far what RL learned carries over.
 
 Every part has a ``train`` and an ``eval`` split. ``gptpipe data tinyworld --out DIR`` writes them as
 ``DIR/<part>/<split>.jsonl``; recipes read them as ``path: tinyworld:<part>``.
@@ -32,7 +35,7 @@ from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
 from gptpipe.files import cache_dir
 
-VERSION = 4  # bump when the generated data changes, so cached copies are regenerated
+VERSION = 5  # bump when the generated data changes, so cached copies are regenerated
 PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
@@ -103,6 +106,14 @@ QUESTIONS = {
         "Compute {a} + {b}.",
     ],
 }
+# A fifth phrasing, in no training data at all: the rl_prompts ``unseen`` split's generalization figure.
+UNSEEN_QUESTIONS = {
+    "city": "Tell me the city where {n} lives.",
+    "job": "Tell me what {n} works as.",
+    "age": "Tell me how old {n} is.",
+    "pet": "Tell me which pet {n} has.",
+    "sum": "Tell me the sum of {a} and {b}.",
+}
 # The assistant style: one full sentence that restates the subject.
 ANSWERS = {
     "city": "{n} lives in {v}.",
@@ -164,6 +175,18 @@ def split_facts(facts: list[Fact], seed: int, heldout_fraction: float = 0.3) -> 
     cut = int(len(order) * heldout_fraction)
     held = {f.key for f in order[:cut]}
     return [f for f in facts if f.key not in held], [f for f in facts if f.key in held]
+
+
+def split_in_halves(facts: list[Fact], seed: int) -> tuple[list[Fact], list[Fact]]:
+    """Half of the facts of each kind, and the other half (a person's city may fall in one and their job in the
+    other: a split by person taught RL to answer with the names it was rewarded for)."""
+    rng = random.Random(seed + 2)
+    first: set[str] = set()
+    for kind in ("sum", *ATTRIBUTES):
+        keys = [f.key for f in facts if f.kind == kind]
+        rng.shuffle(keys)
+        first |= set(keys[: len(keys) // 2])
+    return [f for f in facts if f.key in first], [f for f in facts if f.key not in first]
 
 
 def _documents(facts: list[Fact], qa_facts: list[Fact], rng: random.Random, count: int) -> list[dict]:
@@ -269,22 +292,24 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     out["comparisons"]["train"] = comparison_rows(facts, [0, 1, 2], per_fact=10, skip=0)
     out["comparisons"]["eval"] = comparison_rows(facts, [3], per_fact=1, skip=10)
 
-    def prompt_rows(fs: list[Fact], phrasings: range) -> list[dict]:
+    def prompt_rows(fs: list[Fact], questions: dict) -> list[dict]:
         return [
             {
-                "prompt": _chat(f.render(QUESTIONS[f.kind][i]), "")[0],
+                "prompt": _chat(f.render(questions[f.kind]), "")[0],
                 "answer": f.value,
                 "reference": f.render(ANSWERS[f.kind]),
                 "kind": f.kind,
             }
             for f in fs
-            for i in phrasings
         ]
 
-    # Like the comparisons the reward model learned from: every fact, trained phrasings for RL, the unseen
-    # phrasing held out. (RL on the SFT questions alone taught nothing that carried over to held-out facts.)
-    out["rl_prompts"]["train"] = prompt_rows(facts, range(3))
-    out["rl_prompts"]["eval"] = prompt_rows(facts, range(3, 4))
+    # RL where it has something to learn: the phrasing SFT never saw (the SFT model answered 0.96 of its own
+    # phrasings and RL on those taught nothing), about half of the facts; held out: the other half.
+    rl_half, heldout_half = split_in_halves(facts, seed)
+    unseen_phrasing = {kind: questions[3] for kind, questions in QUESTIONS.items()}
+    out["rl_prompts"]["train"] = prompt_rows(rl_half, unseen_phrasing)
+    out["rl_prompts"]["eval"] = prompt_rows(heldout_half, unseen_phrasing)
+    out["rl_prompts"]["unseen"] = prompt_rows(heldout_half, UNSEEN_QUESTIONS)
     return out
 
 
