@@ -8,6 +8,7 @@ that final/ loads with plain transformers (or peft)."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from conftest import REPO, reward_overrides, rl_overrides, sft_overrides, small_pretrain
 
 from gptpipe.cli import run
+from gptpipe.tracking import read_metrics
 
 pytestmark = [
     pytest.mark.gpu,
@@ -169,3 +171,38 @@ def test_flash_attention(gpu_base, tmp_path):
     args = ["model.attn_implementation=flash_attention_2", "model.dtype=bfloat16", "padding_free=true"]
     run(["train", SFT, *sft_overrides(gpu_base, out), *args, *BF16])
     assert evidence(out)["eval_loss_after"] < evidence(out)["eval_loss_before"]
+
+
+def test_ppo_resumes_bit_identical_on_a_gpu(gpu_base, tmp_path):
+    """Generation samples from the CUDA RNG: a PPO run resumed from its checkpoint repeats every later
+    iteration's figures exactly, because checkpoints hold the CUDA RNG states too (one process, fp32)."""
+    sft = tmp_path / "sft"
+    run(["train", SFT, *sft_overrides(gpu_base, sft, max_steps=40, eval_steps=40)])
+    reward = tmp_path / "reward"
+    run(["train", REWARD, *reward_overrides(sft / "final", reward)])
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = {"max_steps": 4, "save_steps": 2}
+    run(
+        [
+            "train",
+            str(REPO / "recipes/tiny/rl.yaml"),
+            *rl_overrides(sft / "final", reward / "final", whole, **args),
+        ]
+    )
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")  # as if stopped after its checkpoint
+    run(
+        [
+            "train",
+            str(REPO / "recipes/tiny/rl.yaml"),
+            *rl_overrides(sft / "final", reward / "final", resumed, **args),
+        ]
+    )
+
+    def later(run_dir):  # iterations 3 and 4, without the wall-clock phase timings
+        return [
+            {k: v for k, v in r.items() if not k.startswith("time_")}
+            for r in read_metrics(run_dir)
+            if r["step"] > 2
+        ]
+
+    assert later(resumed) == later(whole) and len(later(whole)) == 2

