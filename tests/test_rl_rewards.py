@@ -20,11 +20,12 @@ def right_answer(prompts, completions, answer, **columns):
     return [1.0 if answers_in_first_sentence(c[-1]["content"], a) else 0.0 for c, a in zip(completions, answer)]
 """
 # A reward that pays for wrong answers: the hack, made on purpose (the alarm's test).
-WRONG_ANSWER = (
-    RIGHT_ANSWER.replace("right_answer", "wrong_answer")
-    .replace("1.0 if", "0.0 if")
-    .replace("else 0.0", "else 1.0")
-)
+WRONG_ANSWER = """from gptpipe.data.answers import answers_in_first_sentence
+
+
+def wrong_answer(prompts, completions, answer, **columns):
+    return [0.0 if answers_in_first_sentence(c[-1]["content"], a) else 1.0 for c, a in zip(completions, answer)]
+"""
 RECIPES = {"ppo": "rl-verifiable.yaml", "grpo": "grpo-verifiable.yaml"}
 # Seeds 0-2 and 42 (make test's), 1 thread: gain PPO 0.115-0.277, GRPO 0.085-0.424 (seed 42's SFT model gained
 # 0.06-0.085 whatever GRPO was given: 150 steps, lr 2e-4, beta 0); KL PPO 1.18-1.76, GRPO 0.77-3.04.

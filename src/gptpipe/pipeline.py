@@ -256,9 +256,10 @@ def run_pipeline(
         run_stage(plan.cfg)
 
     out = Path(pipe.output_dir)
-    card = report_card([(p.name, p.kind, Path(p.cfg.output_dir)) for p in planned])
+    stages = [(p.name, p.kind, Path(p.cfg.output_dir)) for p in planned]
+    card = report_card(stages)
     text = f"# Pipeline report card: {path}\n\n{card}\n\nEach stage's own report: `<stage>/report.md`.\n"
-    verdicts = rl_verdicts([(p.name, p.kind, Path(p.cfg.output_dir)) for p in planned])
+    verdicts = rl_verdicts(stages)
     text += f"\n{verdicts}\n" if verdicts else ""
     if is_main_process():
         if pipe.compare is not None:

@@ -204,9 +204,8 @@ def ppo_update(models: PPOModels, e: Experience, s: PPOSettings, generator) -> t
             accumulate_gradients(models, e, minibatch, s, stats)
             if models.joint:  # the engine clipped and stepped at the last micro-batch
                 continue
-            if not all_finite(
-                [models.clip_grad_norm(s.max_grad_norm)]
-            ):  # the gradients are already averaged: every process agrees
+            norm = models.clip_grad_norm(s.max_grad_norm)
+            if not all_finite([norm]):  # the gradients are already averaged: every process agrees
                 if not s.skip_nonfinite:
                     raise NonFiniteUpdate("the gradient norm (from the losses or the probability ratio)")
                 skipped += 1  # drop this minibatch's update

@@ -96,8 +96,7 @@ class PPOTrainer:
         self.callbacks = load_callbacks(args.callbacks)
         self.logger = StepLogger(args, self.is_main)
         self.step, self.skipped = 0, 0
-        self.hacking: RewardHackingWatch | None = None  # set by watch()
-        self.watched, self.hacking_step = None, None
+        self.watched, self.hacking = None, RewardHackingWatch()  # set by watch()
 
     def _prepare(self, policy, reference, critic, deepspeed: bool) -> tuple[PPOModels, list]:
         args, accelerator = self.args, self.accelerator
@@ -159,7 +158,6 @@ class PPOTrainer:
             if self.is_main:
                 print(f"[rl] warning: {alarm}", file=sys.stderr, flush=True)
         self.logger.log(record)
-        self.hacking_step = self.step if alarm and self.hacking_step is None else self.hacking_step
         return bool(alarm) and self.args.stop_on_reward_hacking
 
     def train(self, resume_from: Path | None = None) -> int:
@@ -180,7 +178,8 @@ class PPOTrainer:
                     cb.on_step_end(self.args, state, control)
                 self._log(stats)
                 if self._watch_step():
-                    self._say(f"[rl] stopped at step {self.step}: stop_on_reward_hacking")
+                    if self.is_main:
+                        print(f"[rl] stopped at step {self.step}: stop_on_reward_hacking", flush=True)
                     break
                 preempted = stop.agreed(
                     self.accelerator.device
@@ -221,17 +220,6 @@ class PPOTrainer:
             scheduler.step()
         self.step += 1
         return stats
-
-    def watch_evidence(self) -> dict:
-        """For eval.json: when the alarm first rang, and the most accurate evaluation (step, accuracy)."""
-        if self.hacking is None or self.hacking.best is None:
-            return {}
-        found = {"best_accuracy_step": self.hacking.best[0], "best_watched_accuracy": self.hacking.best[1]}
-        return found | ({"reward_hacking_step": self.hacking_step} if self.hacking_step is not None else {})
-
-    def _say(self, message: str) -> None:
-        if self.is_main:
-            print(message, flush=True)
 
     def _log(self, stats: dict) -> None:
         step, args = self.step, self.args

@@ -123,7 +123,7 @@ def main(cfg: RLConfig, run: Run) -> dict:
         "train_steps": step,
         "world_size": world,
         "kl_coef_final": trainer.kl_controller.beta,
-        **trainer.watch_evidence(),
+        **trainer.hacking.evidence(),
         "seconds": run.seconds(),
     }
     tmp = run.final_dir()
