@@ -89,8 +89,8 @@ def test_tinyworld_is_deterministic_and_holds_out_questions():
     train_p = {r["prompt"][0]["content"] for r in one["comparisons"]["train"]}
     assert not train_p & {r["prompt"][0]["content"] for r in one["comparisons"]["eval"]}
     assert {r["mistake"] for r in one["comparisons"]["train"]} == {"wrong_value", "off_style", "irrelevant"}
-    # RL prompts ask with the phrasing SFT never saw; train and eval ask about different facts, the unseen split
-    # about the eval half with a phrasing in no training data at all.
+    # RL prompts ask with a phrasing in no training data; train and eval ask about different facts, the unseen
+    # split about the eval half with a phrasing in no data at all, RL's included.
     rl = one["rl_prompts"]
     asked = {split: {r["prompt"][0]["content"] for r in rl[split]} for split in rl}
     sft_asked = {m["messages"][0]["content"] for part in ("train", "eval") for m in one["sft"][part]}
@@ -99,6 +99,8 @@ def test_tinyworld_is_deterministic_and_holds_out_questions():
     assert not facts["train"] & facts["eval"] and facts["eval"] == facts["unseen"]
     assert sum(r["kind"] == "sum" for r in rl["train"]) == 50
     texts = corpus + " ".join(r["prompt"][0]["content"] for part in one["comparisons"].values() for r in part)
+    assert not any(q in texts for q in asked["train"] | asked["eval"])
+    texts += " ".join(asked["train"] | asked["eval"])
     assert not any(q in texts for q in asked["unseen"]) and len(asked["unseen"]) == 130
 
 

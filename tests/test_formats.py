@@ -60,6 +60,43 @@ def test_prompt_completion_strings_and_messages():
     assert convert_one("prompt_completion", msgs)["messages"] == [*msgs["prompt"], *msgs["completion"]]
 
 
+def test_content_given_as_text_parts_is_joined(tmp_path):
+    """The OpenAI / HF multimodal chat shape: content as a list of parts (next to plain strings in the same file);
+    text parts joined with newlines, in SFT and in comparisons alike; any other part names its row."""
+    from gptpipe.config import DataSource
+    from gptpipe.data.preferences import convert_pairs
+    from gptpipe.data.sources import load_source
+
+    parts = [{"type": "text", "text": "Where does Bosu live?"}, {"type": "text", "text": "One city."}]
+    rows = [
+        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "Dublin."}]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                {"role": "assistant", "content": "A cat."},
+            ]
+        },
+    ]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chats = load_source(DataSource(path=str(path)))
+    converted = formats.convert(chats.select([0]), "messages", str(path))[0]["messages"]
+    assert (
+        converted[0]["content"] == "Where does Bosu live?\nOne city." and converted[1]["content"] == "Dublin."
+    )
+    with pytest.raises(
+        UserError, match="row 1: field 'messages.0.content.0': a image_url part; gptpipe trains"
+    ):
+        formats.convert(chats, "messages", str(path))
+    pair = {"prompt": [{"role": "user", "content": parts}], "chosen": "Dublin.", "rejected": "Paris."}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
+    pairs = load_source(DataSource(path=str(tmp_path / "pairs.jsonl")))
+    assert (
+        convert_pairs(pairs, "preference", "pairs.jsonl")[0]["chosen"][0]["content"]
+        == converted[0]["content"]
+    )
+
+
 @pytest.mark.parametrize(
     "fmt, row, message",
     [

@@ -80,6 +80,11 @@ def test_stages_are_wired_to_the_previous_final(tmp_path):
     assert cfg["rl"].reward_model == str(runs / "reward/final") and cfg["rl"].kl_coef == 0.2
     with pytest.raises(UserError, match="expected STAGE.key=value with STAGE one of"):
         load_pipeline(write_pipeline(tmp_path, stages), ["dpo.beta=0.1"])
+    preference = [{"recipe": str(TINY / f"{s}.yaml")} for s in ("sft", "dpo", "kto")]
+    _, planned = load_pipeline(write_pipeline(tmp_path, preference), ["dpo.beta=0.3"])
+    cfg = {p.name: p.cfg for p in planned}
+    assert cfg["dpo"].model.name_or_path == cfg["kto"].model.name_or_path == str(runs / "sft/final")
+    assert cfg["dpo"].beta == 0.3
 
 
 def test_rank_stage_feeds_the_reward_stage_its_comparisons(tmp_path):

@@ -113,3 +113,33 @@ def test_shared_dpo_demo_converts():
     pairs = pairs_of("sharegpt_preference", rows, invalid="drop")
     assert len(pairs) >= 0.95 * len(rows)
     assert all(c[-1]["role"] == "assistant" and c[:-1] == r[:-1] for c, r, _ in pairs)
+
+
+def test_kto_reads_unpaired_rows_and_comparisons_split_in_two():
+    """KTO's rows: prompt, completion (messages), label. Format unpaired as it is (strings become messages); any
+    comparison format split into its chosen reply (desirable) and its rejected one (undesirable); bad rows named."""
+    from gptpipe.data.preferences import convert_unpaired
+
+    rows = [
+        {"prompt": "2+2?", "completion": "4", "label": True},
+        {"prompt": "2+2?", "completion": "5", "label": False},
+    ]
+    out = convert_unpaired(Dataset.from_list(rows), None, "kto.jsonl")
+    assert out[0] == {"prompt": [msg(U, "2+2?")], "completion": [msg(A, "4")], "label": True}
+    assert out[1]["label"] is False
+    split = convert_unpaired(
+        Dataset.from_list([{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]), None, "p.jsonl"
+    )
+    assert sorted((r["completion"][0]["content"], r["label"]) for r in split) == [("4", True), ("5", False)]
+    assert all(r["prompt"] == [msg(U, "2+2?")] for r in split)
+    words = [{"prompt": "2+2?", "completion": "4", "label": "yes"}]
+    with pytest.raises(
+        UserError, match=r"kto.jsonl: row 0: field 'label': expected true \(a desirable reply\)"
+    ):
+        convert_unpaired(Dataset.from_list(words), "unpaired", "kto.jsonl")
+    bad = [*rows, {"prompt": "2+2?", "completion": None, "label": True}]
+    with pytest.raises(UserError, match="kto.jsonl: row 2: field 'completion': is missing or empty"):
+        convert_unpaired(Dataset.from_list(bad), "unpaired", "kto.jsonl")
+    assert len(convert_unpaired(Dataset.from_list(bad), "unpaired", "kto.jsonl", invalid="drop")) == 2
+    with pytest.raises(UserError, match="format unpaired needs field 'label'"):
+        convert_unpaired(Dataset.from_list([{"prompt": "x", "completion": "y"}]), "unpaired", "kto.jsonl")

@@ -78,3 +78,29 @@ def test_each_rl_stage_gets_a_verdict_with_its_reason(tmp_path):
     assert "improved (answer accuracy 0.62 -> 0.74): reward functions rewarded" in verdicts["grpo"]
     assert verdicts["rloo"].startswith("- **rloo**: unchanged")  # under one prompt in a hundred
     assert rl_verdicts(stages[:1]) == ""
+
+
+def test_the_run_report_plots_reward_against_accuracy_with_the_alarms(tmp_path):
+    """The watched evaluations (eval/*) on one plot, two scales; the generalization figure a row of its own."""
+    from gptpipe.report import write_run_report
+
+    folder = _run(
+        tmp_path / "rl",
+        {
+            "answer_accuracy_before": 0.6,
+            "answer_accuracy_after": 0.5,
+            "generalization_answer_accuracy_before": 0.2,
+            "generalization_answer_accuracy_after": 0.3,
+        },
+        {},
+    )
+    records = [
+        {"step": s, "eval/reward": r, "eval/answer_accuracy": a, "eval/rm_agreement": 0.7}
+        for s, r, a in ((5, 0.1, 0.6), (10, 0.4, 0.5), (15, 0.9, 0.4))
+    ]
+    records[-1]["reward_hacking"] = 1.0
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = write_run_report(folder).read_text()
+    assert (folder / "plots" / "reward_vs_accuracy.png").stat().st_size > 1000
+    assert "plots/reward_vs_accuracy.png" in report
+    assert "| generalization_answer_accuracy | 0.2 | 0.3 |" in report

@@ -27,9 +27,10 @@ def wrong_answer(prompts, completions, answer, **columns):
     return [0.0 if answers_in_first_sentence(c[-1]["content"], a) else 1.0 for c, a in zip(completions, answer)]
 """
 RECIPES = {"ppo": "rl-verifiable.yaml", "grpo": "grpo-verifiable.yaml"}
-# Seeds 0-2 and 42 (make test's), 1 thread: gain PPO 0.115-0.277, GRPO 0.085-0.424 (seed 42's SFT model gained
-# 0.06-0.085 whatever GRPO was given: 150 steps, lr 2e-4, beta 0); KL PPO 1.18-1.76, GRPO 0.77-3.04.
-GAIN = {"ppo": 0.05, "grpo": 0.04}
+# The tests' SFT models answer 0.02-0.25 of the RL prompts (a phrasing in no training data). Seeds 0-2 and 42
+# (make test's), 1 thread: gain PPO 0.077-0.146 at learning_rate 5e-5 (the recipe's 2e-5: 0.023-0.377, 0.023 on
+# seeds 1 and 42), GRPO 0.115-0.354; KL PPO 1.78-3.51, GRPO 1.91-2.47.
+GAIN = {"ppo": 0.04, "grpo": 0.08}
 
 
 def overrides(tiny_sft, out, reward_funcs, **extra):
@@ -37,20 +38,28 @@ def overrides(tiny_sft, out, reward_funcs, **extra):
     return as_overrides(settings, {"save_steps": 1000, "logging_steps": 5}, **extra)
 
 
-# PPO iterations (the recipe's 60 halved) and GRPO steps (the recipe's 100: at 60, seed 0 gained only 0.015).
+# PPO iterations (the recipe's 60 halved, at 5e-5) and GRPO steps (the recipe's 100: at 60, seed 0 once gained
+# only 0.015).
 STEPS = {"ppo": 30, "grpo": 100}
+SETTINGS = {"ppo": {"learning_rate": "5e-5"}, "grpo": {}}
 
 
 @pytest.mark.learning
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_a_verifiable_reward_raises_held_out_answer_accuracy(algorithm, tiny_sft, tmp_path):
     """The answer check as a reward function in a file (TRL's signature), no reward model: PPO (critic from the
-    policy) and GRPO raise answer accuracy on held-out facts asked with the phrasing SFT never saw."""
+    policy) and GRPO raise answer accuracy on held-out facts asked in a phrasing no training data has."""
     (tmp_path / "check.py").write_text(RIGHT_ANSWER)
     out = tmp_path / algorithm
     reward = f"{tmp_path / 'check.py'}:right_answer"
     recipe = str(REPO / "recipes/tiny" / RECIPES[algorithm])
-    run(["train", recipe, *overrides(tiny_sft, out, reward, max_steps=STEPS[algorithm])])
+    run(
+        [
+            "train",
+            recipe,
+            *overrides(tiny_sft, out, reward, max_steps=STEPS[algorithm], **SETTINGS[algorithm]),
+        ]
+    )
     e = json.loads((out / "eval.json").read_text())
     evidence = {k: v for k, v in e.items() if k.endswith(("_before", "_after"))}
     with learning_checks() as check:
@@ -60,6 +69,7 @@ def test_a_verifiable_reward_raises_held_out_answer_accuracy(algorithm, tiny_sft
         check.at_most("KL to the SFT model after", e["kl_after"], 8.0, evidence)
     logged = read_metrics(out)
     assert any("rewards/right_answer" in key for r in logged for key in r)  # each function logged
+    assert "generalization_answer_accuracy_after" in e  # the unseen phrasing, measured apart
 
 
 def test_ppo_adds_reward_functions_to_the_reward_model_weighted(tiny_sft, tiny_reward, tmp_path):
@@ -99,17 +109,24 @@ def test_a_reward_function_that_misbehaves_stops_the_run_naming_it(algorithm, ti
     assert "Traceback" not in err and not (out / "eval.json").exists()
 
 
-def test_reward_hacking_alarm_rings_and_stops_the_run(tiny_sft, tmp_path, capsys):
-    """PPO paid for wrong answers: its reward rises while held-out answer accuracy falls. Every eval_steps the
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_reward_hacking_alarm_rings_and_stops_the_run(algorithm, tiny_sft, tmp_path, capsys):
+    """RL paid for wrong answers: its reward rises while held-out answer accuracy falls. Every eval_steps the
     watched prompts are evaluated (eval/* in metrics.jsonl); the alarm rings (a warning, a reward_hacking record,
-    eval.json says when) and stop_on_reward_hacking ends the run there."""
+    eval.json says when), stop_on_reward_hacking ends the run there, the most accurate policy is kept in best/
+    and each checkpoint keeps the evaluations so far (a resumed run's alarm compares with them)."""
+    from transformers import AutoModelForCausalLM
+
+    from gptpipe.rlhf import WATCH_FILE
+
     (tmp_path / "hack.py").write_text(WRONG_ANSWER)
-    out = tmp_path / "ppo"
+    asked = trained_phrasing_prompts(tmp_path / "asked.jsonl")  # answered right often: room to get worse
+    out = tmp_path / algorithm
     watch = {"eval_steps": 2, "hacking_window": 2, "watch_prompts": 32, "stop_on_reward_hacking": "true"}
-    args = overrides(
-        tiny_sft, out, f"{tmp_path / 'hack.py'}:wrong_answer", max_steps=30, eval_prompts=32, **watch
-    )
-    run(["train", str(REPO / "recipes/tiny/rl-verifiable.yaml"), *args])
+    watch |= {"keep_best_model": "true", "save_steps": 4, "max_steps": 30, "eval_prompts": 32}
+    watch |= {"datasets": asked, "eval_datasets": asked, "generalization_datasets": "[]"}
+    args = overrides(tiny_sft, out, f"{tmp_path / 'hack.py'}:wrong_answer", **watch)
+    run(["train", str(REPO / "recipes/tiny" / RECIPES[algorithm]), *args])
     e = json.loads((out / "eval.json").read_text())
     logged = read_metrics(out)
     evaluations = [r for r in logged if "eval/answer_accuracy" in r]
@@ -118,6 +135,27 @@ def test_reward_hacking_alarm_rings_and_stops_the_run(tiny_sft, tmp_path, capsys
     assert [r["step"] for r in logged if r.get("reward_hacking")] == [e["train_steps"]]
     assert e["answer_accuracy_after"] < e["answer_accuracy_before"] and e["reward_after"] > e["reward_before"]
     assert "[rl] warning: reward hacking: from step" in capsys.readouterr().err
+    best = max(evaluations, key=lambda r: r["eval/answer_accuracy"])  # the first of the most accurate
+    assert e["best_accuracy_step"] == best["step"] and (out / "best" / "config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(out / "best")  # a plain Hugging Face model
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, "save_steps 4: at least one checkpoint before the alarm"
+    kept = json.loads((checkpoints[-1] / WATCH_FILE).read_text())
+    step = int(checkpoints[-1].name.split("-")[1])
+    assert [h[0] for h in kept["history"]] == [r["step"] for r in evaluations if r["step"] <= step]
+
+
+def trained_phrasing_prompts(path) -> str:
+    """Every tiny-world fact asked in SFT's first phrasing, with its answer, as a data source override."""
+    import random
+
+    from gptpipe.data import tinyworld
+
+    facts = tinyworld.make_world(0)
+    random.Random(0).shuffle(facts)
+    rows = [{"prompt": f.render(tinyworld.QUESTIONS[f.kind][0]), "answer": f.value} for f in facts]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"[{{path: {path}}}]"
 
 
 def test_the_alarm_compares_reward_and_accuracy_a_window_apart():
@@ -128,3 +166,26 @@ def test_the_alarm_compares_reward_and_accuracy_a_window_apart():
     alarm = watch.add(8, reward=0.4, accuracy=0.5)  # reward 0.2 -> 0.4, accuracy 0.7 -> 0.5 since step 4
     assert alarm and "from step 4 to 8" in alarm and "most accurate: 0.70 at step 4" in alarm
     assert watch.add(10, reward=0.1, accuracy=0.4) is None  # the reward fell too: no hacking, just worse
+    again = RewardHackingWatch(window=2, tolerance=0.05)
+    again.load_state(json.loads(json.dumps(watch.state())))  # what a checkpoint keeps
+    assert again.history == watch.history and again.best == (4, 0.7) and again.rang_at == 8
+
+
+def test_the_alarm_rings_when_the_reward_model_stops_telling_right_from_wrong():
+    """Accuracy holds but the reward model's agreement with the answer check falls while its reward rises."""
+    watch = RewardHackingWatch(window=1, tolerance=0.05, agreement_tolerance=0.1)
+    assert watch.add(5, reward=0.1, accuracy=0.5, agreement=0.9) is None
+    assert watch.add(10, reward=0.3, accuracy=0.5, agreement=0.85) is None  # within the tolerance
+    alarm = watch.add(15, reward=0.6, accuracy=0.5, agreement=0.6)
+    assert alarm and "agreement with the answer check fell 0.85 -> 0.60" in alarm
+    record, rang, best = RewardHackingWatch(window=1).observe(3, {"reward": 1.0, "kl": 0.2})
+    assert record == {"step": 3, "eval/reward": 1.0, "eval/kl": 0.2} and rang is None and not best
+
+
+def test_rank_agreement_is_the_share_of_right_replies_scored_above_wrong_ones():
+    from gptpipe.scoring import rank_agreement
+
+    assert rank_agreement([(2.0, True), (1.0, False), (0.0, False)]) == 1.0
+    assert rank_agreement([(0.0, True), (1.0, False)]) == 0.0
+    assert rank_agreement([(1.0, True), (1.0, False), (3.0, True), (2.0, False)]) == pytest.approx(0.625)
+    assert rank_agreement([(1.0, True)]) is None  # nothing wrong to compare with

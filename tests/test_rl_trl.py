@@ -25,9 +25,9 @@ def test_trl_algorithms_raise_held_out_reward(algorithm, tiny_sft, tiny_reward, 
             "reward_model": tiny_reward,
             "max_steps": 60,
             "save_steps": 100,
-            # The recipe's data: tinyworld:rl_prompts, prompts the SFT model gets wrong often (a phrasing SFT never
-            # saw), half of the facts to train on, the other half held out. On SFT's own phrasings it already
-            # answered ~0.96: the training reward stayed flat, and the held-out reward fell on one seed in five.
+            # The recipe's data: tinyworld:rl_prompts, prompts the SFT model gets wrong often (a phrasing in no
+            # training data), half of the facts to train on, the other half held out. On SFT's own phrasings it
+            # already answered ~0.96: the training reward stayed flat, and the held-out reward fell on one seed in five.
         }
     )
     run(["train", str(REPO / f"recipes/tiny/{algorithm}.yaml"), *overrides])
@@ -37,9 +37,10 @@ def test_trl_algorithms_raise_held_out_reward(algorithm, tiny_sft, tiny_reward, 
     assert e["kl_after"] > 0.0, e  # the policy moved
     evidence = {k: v for k, v in e.items() if k.endswith(("_before", "_after"))}
     with learning_checks() as check:
-        # Seeds 0-2, 1 thread: reward gain GRPO 0.39-2.66, RLOO 0.30-2.44; KL GRPO 0.98-2.13, RLOO 0.94-5.24.
-        check.at_least("held-out reward gain", e["reward_after"] - e["reward_before"], 0.1, evidence)
-        check.at_most("KL to the SFT model after", e["kl_after"], 8.0, evidence)  # bounded by the KL penalty
+        # Seeds 0-2, 1 thread (tinyworld v6): reward gain GRPO 3.53-5.20, RLOO 3.58-4.95; KL GRPO 3.41-4.74,
+        # RLOO 5.13-7.05 (the reward model's score rises while answer accuracy falls: README, RL).
+        check.at_least("held-out reward gain", e["reward_after"] - e["reward_before"], 1.0, evidence)
+        check.at_most("KL to the SFT model after", e["kl_after"], 10.0, evidence)  # bounded by the KL penalty
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("reward" in r for r in records)
     AutoModelForCausalLM.from_pretrained(out / "final")

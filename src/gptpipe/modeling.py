@@ -174,6 +174,18 @@ def apply_lora(
     return get_peft_model(model, lora)
 
 
+def frozen_reference(trainer, cfg, tokenizer):
+    """The frozen reference of a TRL trainer's policy (RL's KL, DPO's implicit reward), for the evidence: TRL's
+    own copy when it keeps one, None with LoRA (the policy with its adapter disabled is the reference), else the
+    starting model loaded once more (TRL keeps none at ``beta: 0`` or with ``precompute_ref_log_probs``)."""
+    if cfg.model.lora is not None:
+        return None
+    if getattr(trainer, "ref_model", None) is not None:
+        return trainer.accelerator.unwrap_model(trainer.ref_model)
+    reference = build_model(cfg.model, tokenizer).requires_grad_(False).eval()
+    return reference.to(trainer.accelerator.device)
+
+
 def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 

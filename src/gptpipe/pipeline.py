@@ -189,7 +189,7 @@ def _wiring(kind: str, finals: dict[str, Path], ranks: list[Path], round_: int |
             wired["eval_datasets"] = override_value(
                 [{"path": str(ranks[-1] / "heldout_comparisons.jsonl"), "format": "ranked"}]
             )
-    if kind in ("sft", "reward", "rl"):
+    if kind in ("sft", "reward", "rl", "dpo", "kto"):
         source = finals.get("sft") if kind != "sft" else None
         source = source or finals.get("pretrain")
         if kind == "rl" and round_ is not None:

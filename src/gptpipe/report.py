@@ -27,7 +27,9 @@ HEADLINES = {
     "sft": ["answer_accuracy", "exact_match", "eval_loss"],
     "rank": ["pairs", "kept", "top_score_share"],
     "reward": ["pairwise_accuracy"],
-    "rl": ["reward", "kl", "answer_accuracy"],
+    "rl": ["reward", "kl", "answer_accuracy", "generalization_answer_accuracy", "rm_agreement"],
+    "dpo": ["implicit_reward_accuracy", "preference_accuracy", "kl", "answer_accuracy"],
+    "kto": ["implicit_reward_ranking", "kl", "answer_accuracy"],
 }
 # Logged keys that are bookkeeping rather than learning curves.
 NOT_PLOTTED = ("step", "epoch", "runtime", "per_second", "model_preparation_time", "num_tokens", "total_flos")
@@ -93,6 +95,43 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], folder: Path) -> l
     return written
 
 
+def plot_reward_vs_accuracy(records: list[dict], folder: Path) -> list[Path]:
+    """plots/reward_vs_accuracy.png: the watched evaluations' reward and answer accuracy on one step axis (two
+    scales), the reward-hacking alarms marked; nothing without them (``eval_steps``)."""
+    watched = [r for r in records if "eval/reward" in r and "eval/answer_accuracy" in r]
+    if len(watched) < 2:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in watched]
+    fig, reward_axis = plt.subplots(figsize=(6, 3.5))
+    reward_axis.plot(steps, [r["eval/reward"] for r in watched], color="tab:blue", marker=".")
+    reward_axis.set_xlabel("step")
+    reward_axis.set_ylabel("reward (trained on)", color="tab:blue")
+    accuracy_axis = reward_axis.twinx()
+    accuracy_axis.plot(steps, [r["eval/answer_accuracy"] for r in watched], color="tab:green", marker=".")
+    if any("eval/rm_agreement" in r for r in watched):
+        agreed = [(r["step"], r["eval/rm_agreement"]) for r in watched if "eval/rm_agreement" in r]
+        accuracy_axis.plot(
+            *zip(*agreed, strict=True), color="tab:olive", linestyle="--", label="RM agreement"
+        )
+        accuracy_axis.legend(loc="lower right", fontsize=7)
+    accuracy_axis.set_ylabel("answer accuracy (checked)", color="tab:green")
+    for r in watched:
+        if r.get("reward_hacking"):
+            reward_axis.axvline(r["step"], color="tab:red", alpha=0.5)
+    reward_axis.set_title("watched prompts: reward vs accuracy (red: reward-hacking alarm)", fontsize=9)
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "reward_vs_accuracy.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path]
+
+
 def write_run_report(run_dir: str | Path) -> Path | None:
     """``report.md`` and ``plots/`` for a finished run folder (None when it has no eval.json)."""
     run_dir = Path(run_dir)
@@ -105,7 +144,10 @@ def write_run_report(run_dir: str | Path) -> Path | None:
     lines = [f"# {stage} run: {run_dir}", "", "## Evidence (eval.json)", "", "| metric | before | after |"]
     lines += ["| --- | --- | --- |"]
     lines += [f"| {name} | {fmt(b)} | {fmt(a)} |" for name, b, a in evidence_rows(evidence)]
-    plots = plot_curves(curves(read_metrics(run_dir)), run_dir / "plots")
+    records = read_metrics(run_dir)
+    plots = plot_curves(curves(records), run_dir / "plots") + plot_reward_vs_accuracy(
+        records, run_dir / "plots"
+    )
     if plots:
         lines += ["", "## Training curves (metrics.jsonl)", ""]
         lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
@@ -164,6 +206,11 @@ def rl_verdicts(stages: list[tuple[str, str, Path]]) -> str:
 def _verdict(e: dict, config: dict) -> str:
     before, after = e["answer_accuracy_before"], e["answer_accuracy_after"]
     moved = f"answer accuracy {fmt(before)} -> {fmt(after)}"
+    if "generalization_answer_accuracy_before" in e:
+        moved += (
+            f"; on the generalization prompts {fmt(e['generalization_answer_accuracy_before'])} -> "
+            f"{fmt(e['generalization_answer_accuracy_after'])}"
+        )
     reward = f"reward {fmt(e.get('reward_before'))} -> {fmt(e.get('reward_after'))}"
     judge = "reward functions" if config.get("reward_funcs") else "the reward model"
     if config.get("reward_funcs") and config.get("reward_model"):

@@ -9,21 +9,25 @@ on held-out prompts, the reward model's mean score of greedy responses, their KL
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
 from gptpipe.data import chat_templates
 from gptpipe.data.answers import answers_in_first_sentence
+from gptpipe.data.sources import load_mixture
 from gptpipe.errors import UserError
+from gptpipe.hacking import RewardHackingWatch
 from gptpipe.modeling import is_adapter, merge_adapter, merged_copy
 from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
 from gptpipe.rewards import load_reward_functions, weighted_sum
 from gptpipe.runs import Run
-from gptpipe.scoring import score_ids
+from gptpipe.scoring import rank_agreement, score_ids
 
 
 def prompt_rows(ds, src):
@@ -39,6 +43,23 @@ def prompt_rows(ds, src):
         return {"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p}
 
     return ds.map(to_messages, desc="reading prompts")
+
+
+def generalization_prompts(cfg):
+    """``generalization_datasets``: more held-out prompts (e.g. the tiny world's ``unseen`` phrasing), measured
+    before and after as ``generalization_*``; None without them."""
+    if not cfg.generalization_datasets:
+        return None
+    prompts = load_mixture(cfg.generalization_datasets, [], seed=cfg.seed, prepare=prompt_rows)
+    return prompts.select(range(min(cfg.eval_prompts, len(prompts))))
+
+
+def measure_all(measure, heldout, generalization=None) -> dict:
+    """``measure(prompts)`` on the held-out prompts, and on the generalization prompts with their keys prefixed."""
+    found = measure(heldout)
+    if generalization is not None:
+        found |= {f"generalization_{k}": v for k, v in measure(generalization).items()}
+    return found
 
 
 def reward_functions(cfg) -> list:
@@ -124,8 +145,9 @@ def reward_scorer(reward_model, reward_tokenizer, tokenizer, functions=(), weigh
     column: [...]}``): the reward model's score and each reward function's (``gptpipe.rewards``), weighted.
 
     For the reward model the response is decoded and the conversation re-rendered with its own chat template,
-    so a reward model with a different tokenizer or template scores what it was trained on. ``scorer.means``
-    holds each reward's batch mean from the last call (logged as ``rewards/<name>``).
+    so a reward model with a different tokenizer or template scores what it was trained on. ``scorer.values``
+    holds each reward's values from the last call (the reward model's as ``reward_model``), ``scorer.means``
+    their batch means (logged as ``rewards/<name>``).
     """
 
     def for_batch(batch: dict):
@@ -152,16 +174,17 @@ def reward_scorer(reward_model, reward_tokenizer, tokenizer, functions=(), weigh
                     fn(prompts=messages, completions=completions, completion_ids=completion_ids, **columns)
                 )
                 names.append(fn.__name__)
+            scorer.values = dict(zip(names, per, strict=True))
             scorer.means = {
                 name: sum(v for v in values if v is not None) / max(sum(v is not None for v in values), 1)
-                for name, values in zip(names, per, strict=True)
+                for name, values in scorer.values.items()
             }
             return torch.tensor(weighted_sum(per, weights))
 
         return score
 
     scorer = for_batch
-    scorer.means = {}
+    scorer.means, scorer.values = {}, {}
     return scorer
 
 
@@ -169,7 +192,8 @@ def reward_scorer(reward_model, reward_tokenizer, tokenizer, functions=(), weigh
 def evaluate(
     policy, reference, tokenizer, heldout, scorer, max_new_tokens: int, batch_size: int = 64
 ) -> dict:
-    """Greedy responses to held-out prompts: reward-model score, KL to the reference, answer accuracy.
+    """Greedy responses to held-out prompts: reward-model score, KL to the reference, answer accuracy, and with
+    both a reward model and answers, the reward model's agreement with the answer check (``rank_agreement``).
 
     ``reference=None`` means the policy is a LoRA model whose reference is the same weights, adapter off.
     """
@@ -179,6 +203,7 @@ def evaluate(
     stop_ids = stop_token_ids(tokenizer)
     found: dict[str, float] = {"reward": 0.0, "kl": 0.0}
     answers, right = heldout["answer"] if "answer" in heldout.column_names else None, 0
+    judged: list[tuple[float, bool]] = []  # (reward-model score, right) per reply
     for i in range(0, len(prompts), batch_size):
         rollout = sample(
             policy, prompts[i : i + batch_size], tokenizer.pad_token_id, stop_ids, max_new_tokens, greedy=True
@@ -190,15 +215,91 @@ def evaluate(
         found["kl"] += (logp - ref).sum().item()  # summed over tokens; averaged over prompts below
         if answers is not None:
             replies = decode_responses(tokenizer, rollout)
-            right += sum(
+            ok = [
                 answers_in_first_sentence(r, a)
                 for r, a in zip(replies, answers[i : i + batch_size], strict=True)
-            )
+            ]
+            right += sum(ok)
+            scores = getattr(scorer, "values", {}).get("reward_model")
+            judged += zip(scores, ok, strict=True) if scores is not None else []
     policy.train(was_training)
     found = {k: v / len(prompts) for k, v in found.items()}
     if answers is not None:
         found["answer_accuracy"] = right / len(prompts)
-    return found
+    agreement = rank_agreement(judged)
+    return found | ({"rm_agreement": agreement} if agreement is not None else {})
+
+
+def watch_step(watch: RewardHackingWatch, step: int, found: dict, log, is_main: bool, save_best=None) -> bool:
+    """One evaluation of the watched prompts (``found``, from ``evaluate``): logged as ``eval/*`` with ``log``, a
+    warning when the reward-hacking alarm rings, the policy saved with ``save_best`` when it is the most accurate
+    so far; whether the alarm rang."""
+    record, alarm, best = watch.observe(step, found)
+    if alarm and is_main:
+        print(f"[rl] warning: {alarm}", file=sys.stderr, flush=True)
+    log(record)
+    if best and save_best is not None:
+        save_best()
+    return bool(alarm)
+
+
+def new_watch(cfg, prompts) -> RewardHackingWatch:
+    """The alarm for ``prompts`` watched prompts: accuracy must fall by more than 1.5 of them."""
+    return RewardHackingWatch(cfg.hacking_window, tolerance=1.5 / max(len(prompts), 1))
+
+
+WATCH_FILE = "hacking_watch.json"  # in each checkpoint: the evaluations a resumed run's alarm compares with
+
+
+def save_watch(watch: RewardHackingWatch, checkpoint: Path) -> None:
+    (Path(checkpoint) / WATCH_FILE).write_text(json.dumps(watch.state()))
+
+
+def load_watch(watch: RewardHackingWatch, checkpoint: Path | None) -> None:
+    path = Path(checkpoint) / WATCH_FILE if checkpoint else None
+    if path is not None and path.is_file():
+        watch.load_state(json.loads(path.read_text()))
+
+
+def best_saver(save, output_dir, is_main: bool, wait):
+    """``save_best()``: the policy written by ``save(folder)`` (collective) to ``<output_dir>/best/``, replacing
+    the one before only once it is whole (``keep_best_model``)."""
+    best = Path(output_dir) / "best"
+    tmp = best.with_name(".best.tmp")
+
+    def save_best() -> None:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        wait()
+        save(tmp)
+        wait()
+        if is_main:
+            shutil.rmtree(best, ignore_errors=True)
+            os.replace(tmp, best)
+
+    return save_best
+
+
+class WatchCallback(TrainerCallback):
+    """The reward-hacking alarm in TRL's trainers: every ``eval_steps`` steps, ``check(step)`` (a ``watch_step``);
+    stops training when it rang and ``stop_on_reward_hacking``. Each checkpoint keeps the watch's evaluations."""
+
+    def __init__(self, cfg, watch: RewardHackingWatch, check):
+        self.every, self.stop, self.watch, self.check = (
+            int(cfg.eval_steps or 0),
+            cfg.stop_on_reward_hacking,
+            watch,
+            check,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0 and self.check(state.global_step) and self.stop:
+            print(f"[rl] stopped at step {state.global_step}: stop_on_reward_hacking", flush=True)
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            save_watch(self.watch, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def before_after(before: dict, after: dict) -> dict:
@@ -226,4 +327,9 @@ def evidence_line(stage: str, evidence: dict) -> str:
     )
     if "answer_accuracy_before" in evidence:
         line += f"; answer accuracy {evidence['answer_accuracy_before']:.2f} -> {evidence['answer_accuracy_after']:.2f}"
+    if "generalization_answer_accuracy_before" in evidence:
+        line += (
+            f" (generalization prompts {evidence['generalization_answer_accuracy_before']:.2f} -> "
+            f"{evidence['generalization_answer_accuracy_after']:.2f})"
+        )
     return line

@@ -97,3 +97,15 @@ def score_texts_file(model_dir: str | Path, path: str | Path) -> list[dict]:
             raise UserError(f"{path}: row {i}: expected a 'messages' list or a 'text' string")
     scores = score_ids(model, sequences, tokenizer.pad_token_id)
     return [{"row": i, "score": s} for i, s in enumerate(scores)]
+
+
+def rank_agreement(judged: list[tuple[float, bool]]) -> float | None:
+    """Over (score, right) items: how often a right one scores above a wrong one, over every (right, wrong) pair
+    (ties count half: the AUC); None unless there are both. The reward model's agreement with the answer check
+    (gptpipe.rlhf), KTO's ranking of desirable over undesirable replies (gptpipe.likelihood)."""
+    right = [s for s, ok in judged if ok]
+    wrong = [s for s, ok in judged if not ok]
+    if not right or not wrong:
+        return None
+    wins = sum((r > w) + 0.5 * (r == w) for r in right for w in wrong)
+    return wins / (len(right) * len(wrong))

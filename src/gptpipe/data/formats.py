@@ -67,8 +67,26 @@ def _messages(value, field: str) -> list[dict]:
             raise RowError(
                 f"{field}.{i}.role", f"unknown role {m['role']!r}; expected one of {', '.join(ROLES)}"
             )
-        out.append({"role": m["role"], "content": _text(m.get("content"), f"{field}.{i}.content")})
+        out.append({"role": m["role"], "content": _content(m.get("content"), f"{field}.{i}.content")})
     return out
+
+
+def _content(value, field: str) -> str:
+    """A message's content: a string, or a list of parts (the OpenAI / HF multimodal chat shape,
+    ``[{"type": "text", "text": ...}]``) whose text parts are joined with newlines."""
+    if not isinstance(value, list):
+        return _text(value, field)
+    texts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise RowError(
+                f"{field}.{j}",
+                f"a {kind or type(part).__name__!s} part; gptpipe trains text models and reads text parts "
+                "({type: text, text: ...}) only: drop the part or put what it shows into text",
+            )
+        texts.append(_text(part.get("text"), f"{field}.{j}.text"))
+    return "\n".join(texts)
 
 
 def _tools(row: dict) -> str | None:

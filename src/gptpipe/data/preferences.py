@@ -12,6 +12,10 @@ messages plus one assistant reply) and ``margin`` (how much better chosen is; 0 
 Any format takes an optional ``margin`` column. Bad rows (identical chosen and rejected, a missing
 reply, an empty prompt) stop the run with file, row and field, or with ``invalid_pairs: drop`` are
 dropped and counted.
+
+KTO reads unpaired rows (``convert_unpaired``): format ``unpaired`` (``prompt``, ``completion``, ``label``: true
+for a desirable reply), or any format above, each pair split into its chosen reply (desirable) and its rejected
+one (undesirable) with TRL's ``unpair_preference_dataset``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from itertools import combinations
 
 from datasets import Dataset, Features, Value
+from trl.data_utils import extract_prompt, unpair_preference_dataset
 
 from gptpipe.data.formats import SHAREGPT_ROLES, RowError, _messages, _text, sharegpt_messages
 from gptpipe.errors import UserError
@@ -200,3 +205,46 @@ def tokenize_pairs(
         return out
 
     return ds.map(encode, num_proc=num_proc, desc="tokenizing comparisons")
+
+
+UNPAIRED_FIELDS = ["prompt", "completion", "label"]
+
+
+def convert_unpaired(
+    ds: Dataset, fmt: str | None, where: str, invalid: str = "error", num_proc: int | None = None
+) -> Dataset:
+    """Rows of format ``unpaired``, or of any comparison format -> KTO's conversational rows: ``prompt``
+    (messages), ``completion`` (the reply as messages), ``label`` (desirable)."""
+    fmt = fmt or ("unpaired" if "label" in ds.column_names else guess_format(ds.column_names))
+    if fmt != "unpaired":
+        pairs = convert_pairs(ds, fmt, where, invalid, num_proc).remove_columns("margin")
+        return unpair_preference_dataset(pairs.map(extract_prompt, num_proc=num_proc), num_proc=num_proc)
+    missing = [f for f in UNPAIRED_FIELDS if f not in ds.column_names]
+    if missing:
+        raise UserError(
+            f"{where}: format unpaired needs field {missing[0]!r}, but the columns are {ds.column_names}; "
+            f"map yours with `columns: {{{missing[0]}: <your column>}}` or pick a comparison format"
+        )
+    rows, dropped = [], []
+    for index, row in enumerate(ds):
+        try:
+            if not isinstance(row["label"], bool):
+                raise RowError("label", f"expected true (a desirable reply) or false, got {row['label']!r}")
+            rows.append(
+                {
+                    "prompt": _prompt(row["prompt"]),
+                    "completion": _reply(row["completion"], "completion"),
+                    "label": row["label"],
+                }
+            )
+        except (RowError, TypeError, ValueError) as e:
+            if invalid == "error":
+                raise UserError(
+                    f"{where}: row {index}: {e} (or set invalid_pairs: drop to skip such rows)"
+                ) from None
+            dropped.append(f"row {index}: {e}")
+    if dropped:
+        print(f"warning: {where}: dropped {len(dropped)} invalid rows of {len(ds)}; first: {dropped[0]}")
+    if not rows:
+        raise UserError(f"{where}: no valid rows left")
+    return Dataset.from_list(rows)

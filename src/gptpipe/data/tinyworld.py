@@ -14,10 +14,11 @@ additions. Those facts become:
   are wrong values, true-but-irrelevant facts, or off-style replies. Every fact is covered (a reward
   model does not generalize to facts it never judged); held-out pairs use a new question phrasing
   and new rejected answers.
-- ``rl_prompts``: prompts with their known right answer (``answer``) for RL and accuracy checks, asked with the
-  phrasing SFT never saw (where the SFT model is wrong often enough for RL to learn from). ``train`` asks about
-  half of the facts of each kind, ``eval`` about the other half; ``unseen`` asks the ``eval`` half with a fifth
-  phrasing that appears nowhere else (not even in pretraining): how far what RL learned carries over.
+- ``rl_prompts``: prompts with their known right answer (``answer``) for RL and accuracy checks, asked with a
+  phrasing in no training data ("Tell me how old Anna is."), where the SFT model mostly fails (it answers
+  without the subject: " is 34 years old.") and RL has something to learn. ``train`` asks about half of the
+  facts of each kind, ``eval`` about the other half; ``unseen`` asks the ``eval`` half with yet another
+  phrasing RL never trained on ("Say how old Anna is."): how far what RL learned carries over.
 
 Every part has a ``train`` and an ``eval`` split. ``gptpipe data tinyworld --out DIR`` writes them as
 ``DIR/<part>/<split>.jsonl``; recipes read them as ``path: tinyworld:<part>``.
@@ -35,7 +36,7 @@ from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
 from gptpipe.files import cache_dir
 
-VERSION = 5  # bump when the generated data changes, so cached copies are regenerated
+VERSION = 6  # bump when the generated data changes, so cached copies are regenerated
 PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
@@ -106,13 +107,23 @@ QUESTIONS = {
         "Compute {a} + {b}.",
     ],
 }
-# A fifth phrasing, in no training data at all: the rl_prompts ``unseen`` split's generalization figure.
-UNSEEN_QUESTIONS = {
+# A fifth phrasing, in no training data at all: what the ``rl_prompts`` ask. The SFT model gets 0.18 of them
+# right (it answers without the subject, " lives in Cairo.", and sums go wrong), against 0.62 of the 4th
+# phrasing, which pretraining documents contain: RL has a habit to fix that carries over to held-out facts.
+RL_QUESTIONS = {
     "city": "Tell me the city where {n} lives.",
     "job": "Tell me what {n} works as.",
     "age": "Tell me how old {n} is.",
     "pet": "Tell me which pet {n} has.",
     "sum": "Tell me the sum of {a} and {b}.",
+}
+# A sixth, in no data at all, not even RL's: the ``unseen`` split's generalization figure.
+UNSEEN_QUESTIONS = {
+    "city": "Say which city {n} lives in.",
+    "job": "Say what job {n} has.",
+    "age": "Say how old {n} is.",
+    "pet": "Say what pet {n} keeps.",
+    "sum": "Say what {a} and {b} add up to.",
 }
 # The assistant style: one full sentence that restates the subject.
 ANSWERS = {
@@ -303,12 +314,11 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
             for f in fs
         ]
 
-    # RL where it has something to learn: the phrasing SFT never saw (the SFT model answered 0.96 of its own
+    # RL where it has something to learn: a phrasing in no training data (the SFT model answered 0.96 of its own
     # phrasings and RL on those taught nothing), about half of the facts; held out: the other half.
     rl_half, heldout_half = split_in_halves(facts, seed)
-    unseen_phrasing = {kind: questions[3] for kind, questions in QUESTIONS.items()}
-    out["rl_prompts"]["train"] = prompt_rows(rl_half, unseen_phrasing)
-    out["rl_prompts"]["eval"] = prompt_rows(heldout_half, unseen_phrasing)
+    out["rl_prompts"]["train"] = prompt_rows(rl_half, RL_QUESTIONS)
+    out["rl_prompts"]["eval"] = prompt_rows(heldout_half, RL_QUESTIONS)
     out["rl_prompts"]["unseen"] = prompt_rows(heldout_half, UNSEEN_QUESTIONS)
     return out
 

@@ -42,7 +42,16 @@ from gptpipe.ppo.iteration import (
     ppo_iteration,
 )
 from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController
-from gptpipe.rlhf import encode_prompts, evaluate, stop_token_ids
+from gptpipe.rlhf import (
+    best_saver,
+    encode_prompts,
+    evaluate,
+    load_watch,
+    new_watch,
+    save_watch,
+    stop_token_ids,
+    watch_step,
+)
 from gptpipe.runs import last_checkpoint, mark_complete, rotate_checkpoints
 from gptpipe.tracking import StepLogger, load_callbacks, truncate_metrics
 
@@ -96,7 +105,7 @@ class PPOTrainer:
         self.callbacks = load_callbacks(args.callbacks)
         self.logger = StepLogger(args, self.is_main)
         self.step, self.skipped = 0, 0
-        self.watched, self.hacking = None, RewardHackingWatch()  # set by watch()
+        self.watched, self.hacking, self.save_best = None, RewardHackingWatch(), None  # set by watch()
 
     def _prepare(self, policy, reference, critic, deepspeed: bool) -> tuple[PPOModels, list]:
         args, accelerator = self.args, self.accelerator
@@ -138,9 +147,12 @@ class PPOTrainer:
 
     def watch(self, prompts) -> None:
         """Evaluate on ``prompts`` every ``eval_steps`` iterations, with the reward-hacking alarm when they carry
-        an ``answer`` (gptpipe.hacking)."""
-        self.watched = prompts
-        self.hacking = RewardHackingWatch(self.args.hacking_window, tolerance=1.5 / max(len(prompts), 1))
+        an ``answer`` (gptpipe.hacking); ``keep_best_model``: the most accurate policy in ``best/``."""
+        self.watched, self.hacking = prompts, new_watch(self.args, prompts)
+        if self.args.keep_best_model:
+            wait = self.accelerator.wait_for_everyone
+            save = lambda folder: self._save_policy(folder, "best/")  # noqa: E731
+            self.save_best = best_saver(save, self.output_dir, self.is_main, wait)
 
     def _watch_step(self) -> bool:
         """At an evaluation step: evaluate the watched prompts, log eval/*, warn on reward hacking; whether to
@@ -149,21 +161,14 @@ class PPOTrainer:
         if self.watched is None or not every or self.step % every:
             return False
         found = self.evaluate(self.watched)
-        record = {"step": self.step, **{f"eval/{k}": v for k, v in found.items()}}
-        alarm = None
-        if "answer_accuracy" in found:
-            alarm = self.hacking.add(self.step, found["reward"], found["answer_accuracy"])
-        if alarm:
-            record["reward_hacking"] = 1.0
-            if self.is_main:
-                print(f"[rl] warning: {alarm}", file=sys.stderr, flush=True)
-        self.logger.log(record)
-        return bool(alarm) and self.args.stop_on_reward_hacking
+        rang = watch_step(self.hacking, self.step, found, self.logger.log, self.is_main, self.save_best)
+        return rang and self.args.stop_on_reward_hacking
 
     def train(self, resume_from: Path | None = None) -> int:
         """Run the iterations up to ``max_steps`` (from ``resume_from`` when given); returns the last step."""
         if resume_from:
             self.step = load_checkpoint(resume_from, self.rank, self.state)
+            load_watch(self.hacking, resume_from)
             if self.is_main:
                 truncate_metrics(self.output_dir, self.step)
         stop = faults.StopSignals().install()
@@ -259,6 +264,7 @@ class PPOTrainer:
             cb.on_save(self.args, state, control)
         accelerator.wait_for_everyone()
         if self.is_main:
+            save_watch(self.hacking, folder)
             mark_complete(folder, step, self.world)
             rotate_checkpoints(out, self.args.save_total_limit)
         accelerator.wait_for_everyone()  # no process moves on (or exits) before the checkpoint counts
@@ -266,10 +272,12 @@ class PPOTrainer:
     def save_model(self, folder: Path) -> None:
         """The policy (a full model in the dtype it was loaded in, or the LoRA adapter), its tokenizer and
         generation config; collective (ZeRO-3 gathers the weights), the main process writes."""
+        self._save_policy(folder)
+        self.logger.finish()
+
+    def _save_policy(self, folder: Path, what: str = "final/") -> None:
         out, accelerator = self.output_dir, self.accelerator
-        faults.ensure_disk_space(
-            "rl", out, faults.tensors_bytes(self.policy), "final/", out, accelerator.device
-        )
+        faults.ensure_disk_space("rl", out, faults.tensors_bytes(self.policy), what, out, accelerator.device)
         weights, _ = state_dicts(accelerator, self.models.engine)  # collective under ZeRO-3
         if self.models.engine is None:  # trained on fp32 masters: saved in the dtype the policy was loaded in
             weights = in_dtype(self.policy, self.final_dtype)
@@ -277,7 +285,6 @@ class PPOTrainer:
             self.policy.save_pretrained(folder, state_dict=weights)
             self.tokenizer.save_pretrained(folder)
             self.policy.generation_config.save_pretrained(folder)
-        self.logger.finish()
 
 
 def ppo_settings(args, tokenizer) -> PPOSettings:

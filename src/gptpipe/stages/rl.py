@@ -16,8 +16,9 @@ process (no gradients or optimizer states: 2 bytes/parameter in bf16). Checkpoin
 both optimizers, the KL controller, every process's RNG states and the step (the data order is a
 function of seed and step).
 
-Evidence (``eval.json``, see ``gptpipe.rlhf``): on held-out prompts, the reward model's mean score of
-greedy responses, their KL to the reference and (with an ``answer`` column) answer accuracy, before and after.
+Evidence (``eval.json``, see ``gptpipe.rlhf``): on held-out prompts (and ``generalization_datasets``), the
+reward model's mean score of greedy responses, their KL to the reference and (with an ``answer`` column) answer
+accuracy, before and after; with ``eval_steps``, the reward-hacking alarm's watch (``gptpipe.hacking``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from gptpipe.ppo.value import build_value_model
 from gptpipe.rlhf import (
     before_after,
     check_critic_tokenizer,
+    generalization_prompts,
+    measure_all,
     merge_adapters,
     prompt_rows,
     publish_policy,
@@ -78,6 +81,7 @@ def main(cfg: RLConfig, run: Run) -> dict:
     chat_templates.install(tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path)
     with accelerator.main_process_first():
         train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
+        generalization = generalization_prompts(cfg)
     if heldout is None:
         raise UserError("eval_datasets: PPO needs held-out prompts for its evidence (or set eval_split_size)")
     heldout = heldout.select(range(min(cfg.eval_prompts, len(heldout))))
@@ -105,7 +109,7 @@ def main(cfg: RLConfig, run: Run) -> dict:
         reference.to(accelerator.device)
 
     trainer = PPOTrainer(cfg, policy, reference, critic, scorer, tokenizer, train, accelerator)
-    baseline = run.baseline(lambda: trainer.evaluate(heldout))
+    baseline = run.baseline(lambda: measure_all(trainer.evaluate, heldout, generalization))
     if run.resume_from:
         run.say(f"[rl] resuming from {run.resume_from}")
     world = accelerator.num_processes
@@ -117,7 +121,7 @@ def main(cfg: RLConfig, run: Run) -> dict:
     trainer.watch(heldout.select(range(min(cfg.watch_prompts, len(heldout)))))
     step = trainer.train(run.resume_from)
 
-    evidence = before_after(baseline, trainer.evaluate(heldout))
+    evidence = before_after(baseline, measure_all(trainer.evaluate, heldout, generalization))
     evidence |= {"skipped_nonfinite_steps": trainer.skipped} if trainer.settings.skip_nonfinite else {}
     evidence |= {
         "train_steps": step,

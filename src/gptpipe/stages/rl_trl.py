@@ -11,8 +11,9 @@ coefficient against the reference, the SFT model; ``num_generations`` the group 
 adapter disabled. Interrupted runs resume from the newest checkpoint (TRL/Trainer checkpoints).
 
 Evidence (``eval.json``) is PPO's, from ``gptpipe.rlhf``, so the algorithms compare directly: on held-out
-prompts, the reward model's mean score of greedy responses, their KL to the reference and (with an
-``answer`` column) answer accuracy, before and after.
+prompts (and ``generalization_datasets``), the reward model's mean score of greedy responses, their KL to the
+reference and (with an ``answer`` column) answer accuracy, before and after; with ``eval_steps``, the same
+reward-hacking alarm (a callback).
 """
 
 from __future__ import annotations
@@ -28,21 +29,29 @@ from gptpipe.modeling import (
     apply_lora,
     build_model,
     count_parameters,
+    frozen_reference,
     load_for_inference,
     load_tokenizer,
 )
 from gptpipe.rlhf import (
+    WatchCallback,
     before_after,
+    best_saver,
     evaluate,
+    generalization_prompts,
+    load_watch,
+    measure_all,
     merge_adapters,
+    new_watch,
     prompt_rows,
     publish_policy,
     reward_functions,
     reward_scorer,
     stop_token_ids,
+    watch_step,
 )
 from gptpipe.runs import Run
-from gptpipe.tracking import MetricsLogger, load_callbacks
+from gptpipe.tracking import MetricsLogger, append_metrics, load_callbacks
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 
@@ -56,6 +65,7 @@ def main(cfg, run: Run) -> dict:
     chat_templates.install(tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path)
     with cfg.main_process_first(desc="reading prompts"):
         train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
+        generalization = generalization_prompts(cfg)
     if heldout is None:
         raise UserError(
             f"eval_datasets: {name} needs held-out prompts for its evidence (or set eval_split_size)"
@@ -89,20 +99,22 @@ def main(cfg, run: Run) -> dict:
         callbacks=[MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
     )
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    reference = _reference(trainer, cfg, tokenizer)
+    reference = frozen_reference(trainer, cfg, tokenizer)
     scorer = reward_scorer(reward_model, reward_tokenizer, tokenizer, functions, cfg.reward_weights)
 
-    def measure() -> dict:  # every process measures (ZeRO-3 forwards are collective); the main one writes
-        return evaluate(policy, reference, tokenizer, heldout, scorer, cfg.max_completion_length)
+    def measure(
+        prompts,
+    ) -> dict:  # every process measures (ZeRO-3 forwards are collective); the main one writes
+        return evaluate(policy, reference, tokenizer, prompts, scorer, cfg.max_completion_length)
 
-    baseline = run.baseline(measure)
+    baseline = run.baseline(lambda: measure_all(measure, heldout, generalization))
     if run.resume_from:
         say(f"[{name}] resuming from {run.resume_from}")
+    watch = _watch(cfg, run, trainer, heldout, measure)
     guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
     trainer.train(resume_from_checkpoint=run.resume_checkpoint)
 
-    after = measure()
-    evidence = before_after(baseline, after)
+    evidence = before_after(baseline, measure_all(measure, heldout, generalization)) | watch.evidence()
     evidence |= guard.summary()  # updates dropped by on_nonfinite: skip
     evidence |= {
         "algorithm": name,
@@ -121,12 +133,23 @@ def main(cfg, run: Run) -> dict:
     return evidence
 
 
-def _reference(trainer, cfg, tokenizer):
-    """The frozen reference for the KL evidence: TRL's own copy when it made one (``beta > 0``), none with
-    LoRA (the adapter is disabled instead), else the starting model loaded once more."""
-    if cfg.model.lora is not None:
-        return None
-    if getattr(trainer, "ref_model", None) is not None:
-        return trainer.accelerator.unwrap_model(trainer.ref_model)
-    reference = build_model(cfg.model, tokenizer).requires_grad_(False).eval()
-    return reference.to(trainer.accelerator.device)
+def _watch(cfg, run: Run, trainer, heldout, measure):
+    """The reward-hacking alarm (``eval_steps``; ``gptpipe.hacking``) as a callback: the first ``watch_prompts``
+    held-out prompts measured every ``eval_steps`` steps, logged to metrics.jsonl as ``eval/*``."""
+    watched = heldout.select(range(min(cfg.watch_prompts, len(heldout))))
+    watch = new_watch(cfg, watched)
+    load_watch(watch, run.resume_from)
+    save_best = None
+    if cfg.keep_best_model:
+        save = lambda folder: trainer.save_model(str(folder))  # noqa: E731
+        save_best = best_saver(save, cfg.output_dir, run.is_main, trainer.accelerator.wait_for_everyone)
+
+    def log(record: dict) -> None:
+        if run.is_main:
+            append_metrics(run.output_dir, record)
+
+    def check(step: int) -> bool:
+        return watch_step(watch, step, measure(watched), log, run.is_main, save_best)
+
+    trainer.add_callback(WatchCallback(cfg, watch, check))
+    return watch

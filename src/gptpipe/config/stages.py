@@ -1,127 +1,24 @@
-"""Recipe schema: the per-stage config classes and the settings groups they share.
-
-A recipe names its ``stage:``; its other keys are the fields of that stage's config dataclass. Stages
-that train with a Hugging Face trainer extend that trainer's config class (``PretrainConfig`` extends
-``transformers.TrainingArguments``) instead of re-declaring its fields, and add grouped settings for
-the model (``model:``) and the data (``datasets:``, ``eval_datasets:``). Reading, overriding, checking
-and saving recipes is ``gptpipe.recipe``.
-"""
+"""The per-stage config classes: a recipe names its ``stage:``, its other keys are the fields of that stage's
+class. Stages that train with a Hugging Face trainer extend that trainer's config class (``SFTConfig`` extends
+``trl.SFTConfig``) instead of re-declaring its fields, and add the shared groups of
+``gptpipe.config.settings``."""
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import trl
 from transformers import TrainingArguments
 
-# Config fields that may hold credentials: never written to config.yaml (tokens belong in the environment).
-SECRET_FIELDS = {"hub_token"}
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters (peft): only these small matrices train; the base weights stay frozen."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
-    modules_to_save: list[str] | None = None  # fully trained extra modules, e.g. [score] for a reward head
-
-
-@dataclass
-class QuantizationSettings:
-    """Load the base model in 4 or 8 bits with bitsandbytes (QLoRA when combined with LoRA)."""
-
-    bits: int = 4  # 4 | 8
-    quant_type: str = "nf4"  # 4-bit: nf4 | fp4
-    double_quant: bool = True  # 4-bit: quantize the quantization constants too (saves ~0.4 bit/parameter)
-    compute_dtype: str = "bfloat16"  # dtype of the matmuls on dequantized weights
-    quant_storage: str | None = None  # 4-bit storage dtype; set to the model dtype for FSDP (e.g. bfloat16)
-
-
-@dataclass
-class ModelConfig:
-    """Which model to train: a Hugging Face id or local path, or a new Llama built from the sizes below."""
-
-    name_or_path: str | None = None  # HF Hub id or local folder; None builds a new model from the sizes below
-    tokenizer: str | None = None  # tokenizer id or folder; defaults to name_or_path
-    revision: str | None = None
-    dtype: str = (
-        "auto"  # auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype; float32 from scratch)
-    )
-    attn_implementation: str | None = None  # sdpa | eager | flash_attention_2; None lets transformers pick
-    trust_remote_code: bool = False
-    # From-scratch Llama sizes (used only when name_or_path is None); the vocabulary comes from the tokenizer.
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None  # None: same as num_attention_heads (no grouped-query attention)
-    max_position_embeddings: int = 1024
-    rope_theta: float = 10000.0
-    tie_word_embeddings: bool = True  # tiny models spend most parameters on embeddings: share them
-    # Memory switches.
-    lora: LoraSettings | None = None  # e.g. lora: {r: 16, alpha: 32}
-    quantization: QuantizationSettings | None = None  # e.g. quantization: {bits: 4}
-    merge_lora: bool = (
-        False  # save final/ as a plain model with the adapter merged in (else final/ is the adapter)
-    )
-
-
-@dataclass
-class DataSource:
-    """One dataset in a mixture: a local file or folder, a Hub dataset id, or ``tinyworld:<part>``."""
-
-    path: str
-    name: str | None = None  # Hub dataset config name
-    split: str = "train"
-    revision: str | None = None
-    data_files: str | list[str] | None = None  # for Hub repos / folders with several files
-    columns: dict[str, str] = field(
-        default_factory=dict
-    )  # our field -> the source's column, e.g. {text: content}
-    weight: float = 1.0  # sampling multiplier in a mixture: 2.0 repeats the source twice, 0.5 takes half
-    max_samples: int | None = None  # keep only the first N rows (quick experiments)
-    sample_by: str = "line"  # .txt files: one row per line | paragraph | document
-    format: str | None = None  # data format; stages that accept several formats read it (pretraining: text)
-
-
-@dataclass
-class DataSettings:
-    """Training and held-out data shared by every stage."""
-
-    datasets: list[DataSource] = field(default_factory=list)
-    eval_datasets: list[DataSource] = field(default_factory=list)
-    eval_split_size: float = 0.0  # with no eval_datasets: fraction of the training mixture held out
-    dataset_num_proc: int | None = None  # processes for tokenization (datasets.map num_proc)
-
-
-@dataclass
-class RunSettings(DataSettings):
-    """Settings every trainer-based stage adds to its Hugging Face config class."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    resume: bool = True  # continue from the newest checkpoint in output_dir; false starts over
-    overwrite: bool = False  # replace a finished run in output_dir (otherwise refused)
-    callbacks: list[str] = field(
-        default_factory=list
-    )  # extra transformers.TrainerCallback classes, "module:Class"
-    # A NaN/inf gradient: stop (naming the step and the last good checkpoint) or skip that update (counted in
-    # eval.json; not under DeepSpeed, which applies updates inside backward). docs/fault-tolerance.md
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_skipped_steps: int = 20  # with on_nonfinite: skip, stop anyway after this many skipped updates
-    slurm_requeue: bool = True  # on SIGUSR1 under Slurm: save a checkpoint, then `scontrol requeue` the job
-    # pretrain and sft: where prepared (tokenized, packed) data is kept; None: $GPTPIPE_CACHE/prepared
-    prepared_data_dir: str | None = None
-
-    def to_dict(self) -> dict:
-        """What HF integrations log (TensorBoard, wandb): the trainer's dict with our nested settings as plain
-        data, so ``to_json_string`` works."""
-        return {k: plain(v) for k, v in super().to_dict().items()}
+from gptpipe.config.settings import (
+    DataSettings,
+    DataSource,
+    LoraSettings,
+    ModelConfig,
+    QuantizationSettings,
+    RunSettings,
+)
 
 
 @dataclass
@@ -200,6 +97,17 @@ class RLSettings(RunSettings):
     reward_quantization: QuantizationSettings | None = None  # frozen reward model in 8 or 4 bits: {bits: 8}
     chat_template: str | None = None
     eval_prompts: int = 128  # held-out prompts scored before and after (greedy)
+    # More held-out prompts, e.g. in a phrasing RL never trained on: measured before and after as generalization_*
+    generalization_datasets: list[DataSource] = field(default_factory=list)
+    # The reward-hacking alarm (gptpipe.hacking): every eval_steps steps, reward, KL, answer accuracy and the
+    # reward model's agreement with the answer check on the first watch_prompts held-out prompts, logged as
+    # eval/*; the reward rising over hacking_window evaluations while accuracy or agreement falls is a warning
+    # and a `reward_hacking` record, and stops the run when asked. keep_best_model: the policy of the most
+    # accurate evaluation in <output_dir>/best/
+    watch_prompts: int = 32
+    hacking_window: int = 3
+    stop_on_reward_hacking: bool = False
+    keep_best_model: bool = False
 
 
 # The TrainingArguments keys gptpipe's PPO trainer reads (gptpipe.stages.rl, gptpipe.ppo, and the runner's
@@ -261,12 +169,6 @@ class RLConfig(RLSettings, TrainingArguments):
     # missing_eos_penalty (TRL's key, e.g. 1.0)
     missing_eos_score: float | None = None
     missing_eos_penalty: float | None = None
-    # The reward-hacking alarm (gptpipe.hacking): every eval_steps iterations, reward, KL and answer accuracy on the
-    # first watch_prompts held-out prompts, logged as eval/*; the reward rising over hacking_window evaluations
-    # while accuracy falls is a warning and a `reward_hacking` record, and stops the run when asked
-    watch_prompts: int = 32
-    hacking_window: int = 3
-    stop_on_reward_hacking: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -300,6 +202,41 @@ class RLOOConfig(RLSettings, trl.RLOOConfig):
 
 
 @dataclass
+class PreferenceSettings(RunSettings):
+    """What the preference stages (DPO, KTO) add to TRL's config: the comparisons' template and checks, and the
+    RL stages' answer-accuracy evidence. The reference is the starting model (with ``model.lora``, the same
+    weights with the adapter disabled: no second copy)."""
+
+    chat_template: str | None = None  # None: the tokenizer's own; or chatml | gptpipe | a .jinja file
+    invalid_pairs: Literal["error", "drop"] = (
+        "error"  # on identical chosen/rejected, missing reply, empty prompt
+    )
+    # Held-out prompts with an `answer` (e.g. tinyworld:rl_prompts): answer accuracy and KL to the reference of
+    # greedy replies, before and after, measured as the RL stages measure them (gptpipe.rlhf)
+    prompt_datasets: list[DataSource] = field(default_factory=list)
+    eval_prompts: int = 128
+    max_new_tokens: int = 32
+
+
+@dataclass
+class DPOConfig(PreferenceSettings, trl.DPOConfig):
+    """Direct preference optimization with ``trl.DPOTrainer`` on the comparisons the reward stage reads (every
+    ``trl.DPOConfig`` key applies: ``beta``, ``loss_type``, ``precompute_ref_log_probs``...)."""
+
+    stage: ClassVar[str] = "dpo"
+    module: ClassVar[str] = "gptpipe.stages.dpo"
+
+
+@dataclass
+class KTOConfig(PreferenceSettings, trl.KTOConfig):
+    """KTO with ``trl.KTOTrainer``: unpaired replies labeled desirable or not (``unpaired`` rows, or comparisons
+    split into both); every ``trl.KTOConfig`` key applies (``beta``, ``desirable_weight``...)."""
+
+    stage: ClassVar[str] = "kto"
+    module: ClassVar[str] = "gptpipe.stages.kto"
+
+
+@dataclass
 class RankConfig(DataSettings):
     """On-policy comparisons: the model's own samples for each prompt (``datasets``), ranked by a labeler or
     by human rankings into ``final/comparisons.jsonl`` (``ranked`` format) for the reward stage."""
@@ -329,22 +266,8 @@ STAGE_CONFIGS: dict[str, type] = {
     "rank": RankConfig,
     "reward": RewardConfig,
     "rl": RLConfig,
+    "dpo": DPOConfig,
+    "kto": KTOConfig,
 }
 # `stage: rl` recipes pick their class by `algorithm:`.
 RL_CONFIGS: dict[str, type] = {"ppo": RLConfig, "grpo": GRPOConfig, "rloo": RLOOConfig}
-
-
-def plain(obj: Any) -> Any:
-    """A config (nested dataclasses, enums, paths) as plain YAML/JSON-able data, secrets left out."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = [f for f in dataclasses.fields(obj) if f.init and f.name not in SECRET_FIELDS]
-        return {f.name: plain(getattr(obj, f.name)) for f in fields}
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)

@@ -1,0 +1,56 @@
+"""Recipe schema: the per-stage config classes (``gptpipe.config.stages``) and the settings groups they share
+(``gptpipe.config.settings``). Reading, overriding, checking and saving recipes is ``gptpipe.recipe``."""
+
+from gptpipe.config.settings import (
+    SECRET_FIELDS,
+    DataSettings,
+    DataSource,
+    LoraSettings,
+    ModelConfig,
+    QuantizationSettings,
+    RunSettings,
+    plain,
+)
+from gptpipe.config.stages import (
+    PPO_TRAINING_KEYS,
+    RL_CONFIGS,
+    STAGE_CONFIGS,
+    DPOConfig,
+    GRPOConfig,
+    KTOConfig,
+    PreferenceSettings,
+    PretrainConfig,
+    RankConfig,
+    RewardConfig,
+    RLConfig,
+    RLOOConfig,
+    RLSettings,
+    SFTConfig,
+    TokenizerConfig,
+)
+
+__all__ = [
+    "PPO_TRAINING_KEYS",
+    "RL_CONFIGS",
+    "SECRET_FIELDS",
+    "STAGE_CONFIGS",
+    "DPOConfig",
+    "DataSettings",
+    "DataSource",
+    "GRPOConfig",
+    "KTOConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "PreferenceSettings",
+    "PretrainConfig",
+    "QuantizationSettings",
+    "RLConfig",
+    "RLOOConfig",
+    "RLSettings",
+    "RankConfig",
+    "RewardConfig",
+    "RunSettings",
+    "SFTConfig",
+    "TokenizerConfig",
+    "plain",
+]
