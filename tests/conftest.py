@@ -117,6 +117,21 @@ def as_overrides(*layers: dict, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in merged.items()]
 
 
+def trained_phrasing_prompts(path: Path) -> Path:
+    """Every tiny-world fact asked in SFT's first phrasing, with its answer (``prompt``, ``answer`` rows): prompts
+    the tests' SFT models answer often (the RL prompts' phrasing, in no training data, they rarely do)."""
+    import json
+    import random
+
+    from gptpipe.data import tinyworld
+
+    facts = tinyworld.make_world(0)
+    random.Random(0).shuffle(facts)
+    rows = [{"prompt": f.render(tinyworld.QUESTIONS[f.kind][0]), "answer": f.value} for f in facts]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def sft_overrides(base: Path, output_dir: Path, **extra) -> list[str]:
     """Overrides that point the tiny SFT recipe at a base model and shrink it for tests."""
     target = {"output_dir": output_dir, "model.name_or_path": base, "answer_datasets": "[]"}

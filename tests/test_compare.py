@@ -1,6 +1,7 @@
 """The same prompts across stages: base vs SFT side by side, diversity figures, reproducible sampling."""
 
 import pytest
+from conftest import trained_phrasing_prompts
 
 from gptpipe.compare import CompareSettings, compare_models, distinct_n, markdown
 from gptpipe.config import DataSource
@@ -16,9 +17,10 @@ def test_distinct_n_counts_repeats_within_each_prompt():
 
 
 @pytest.fixture(scope="module")
-def compared(tiny_base, tiny_sft):
+def compared(tiny_base, tiny_sft, tmp_path_factory):
+    asked = trained_phrasing_prompts(tmp_path_factory.mktemp("compare") / "asked.jsonl")
     settings = CompareSettings(
-        prompts=DataSource(path="tinyworld:rl_prompts", split="eval"),
+        prompts=DataSource(path=str(asked)),  # questions the SFT model answers; the RL prompts it rarely does
         num_prompts=3,
         diversity_prompts=12,
         samples=4,

@@ -158,7 +158,10 @@ def test_rounds_repeat_rank_reward_rl_each_from_the_last_policy(tiny_sft, tmp_pa
     """Iterated on-policy RLHF, 2 tiny rounds: round 2 samples and continues round 1's RL policy, its reward model
     learns from both rounds' comparisons and is held out on the current policy's samples; a report card row per
     stage and round, and a verdict per RL round."""
-    prompts = {"path": "tinyworld:rl_prompts", "max_samples": 8}
+    prompts = {
+        "path": "tinyworld:rl_prompts",
+        "max_samples": 32,
+    }  # 8 left no held-out pair on seed 42's model
     heldout = {**prompts, "split": "eval"}
     block = [
         {"recipe": _small_recipe(tmp_path, "rank", tiny_sft, datasets=[prompts], eval_datasets=[heldout])},

@@ -6,7 +6,7 @@ run before the first update, naming itself (exit 2)."""
 import json
 
 import pytest
-from conftest import REPO, as_overrides
+from conftest import REPO, as_overrides, trained_phrasing_prompts
 from learning import learning_checks
 
 from gptpipe.cli import main, run
@@ -120,7 +120,9 @@ def test_reward_hacking_alarm_rings_and_stops_the_run(algorithm, tiny_sft, tmp_p
     from gptpipe.rlhf import WATCH_FILE
 
     (tmp_path / "hack.py").write_text(WRONG_ANSWER)
-    asked = trained_phrasing_prompts(tmp_path / "asked.jsonl")  # answered right often: room to get worse
+    asked = (
+        f"[{{path: {trained_phrasing_prompts(tmp_path / 'asked.jsonl')}}}]"  # often right: room to get worse
+    )
     out = tmp_path / algorithm
     watch = {"eval_steps": 2, "hacking_window": 2, "watch_prompts": 32, "stop_on_reward_hacking": "true"}
     watch |= {"keep_best_model": "true", "save_steps": 4, "max_steps": 30, "eval_prompts": 32}
@@ -143,19 +145,6 @@ def test_reward_hacking_alarm_rings_and_stops_the_run(algorithm, tiny_sft, tmp_p
     kept = json.loads((checkpoints[-1] / WATCH_FILE).read_text())
     step = int(checkpoints[-1].name.split("-")[1])
     assert [h[0] for h in kept["history"]] == [r["step"] for r in evaluations if r["step"] <= step]
-
-
-def trained_phrasing_prompts(path) -> str:
-    """Every tiny-world fact asked in SFT's first phrasing, with its answer, as a data source override."""
-    import random
-
-    from gptpipe.data import tinyworld
-
-    facts = tinyworld.make_world(0)
-    random.Random(0).shuffle(facts)
-    rows = [{"prompt": f.render(tinyworld.QUESTIONS[f.kind][0]), "answer": f.value} for f in facts]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return f"[{{path: {path}}}]"
 
 
 def test_the_alarm_compares_reward_and_accuracy_a_window_apart():

@@ -48,7 +48,13 @@ def main(cfg: RankConfig, run: Run) -> dict:
         )
     heldout_stats = {}
     if heldout is not None:  # the same on held-out prompts: a yardstick of judging the model's own samples
-        _, _, heldout_stats = _sample_and_rank(cfg, heldout, tmp, "heldout_", labeler, human)
+        _, held, heldout_stats = _sample_and_rank(cfg, heldout, tmp, "heldout_", labeler, human)
+        if not held:  # a reward stage after this one would find no held-out comparisons to be judged on
+            raise UserError(
+                f"eval_datasets: no held-out comparisons: all {heldout_stats['prompts']} held-out prompts' samples "
+                "tied or were unranked; give more held-out prompts, sample more (num_samples) or at a higher "
+                "temperature"
+            )
     evidence = {
         **stats,
         "samples": len(samples),
