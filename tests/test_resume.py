@@ -1,5 +1,5 @@
 """Kill a run hard after a checkpoint, rerun the same command: it resumes and every later logged loss, the
-final weights and the evidence equal the uninterrupted run's bit for bit (CPU). SFT and reward here;
+final weights and the evidence equal the uninterrupted run's bit for bit (CPU). SFT, reward and DPO here;
 pretraining and PPO, preempted and killed while saving, in test_faults.py."""
 
 import contextlib
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, reward_overrides, sft_overrides, small_pretrain
+from conftest import REPO, as_overrides, reward_overrides, sft_overrides, small_pretrain
 from safetensors.torch import load_file
 
 from gptpipe.runs import last_checkpoint
@@ -166,3 +166,24 @@ def test_resume_from_checkpoint_continues_another_runs_checkpoint(tokenizer_dir,
         train(
             ["train", PRETRAIN, *small_pretrain(tokenizer_dir, tmp_path / "x"), "resume_from_checkpoint=nope"]
         )
+
+
+def test_dpo_kill_and_resume_is_bit_identical(tiny_sft, tmp_path):
+    def args(out):
+        settings = {"output_dir": out, "model.name_or_path": tiny_sft, "max_steps": 8, "logging_steps": 1}
+        settings |= {"save_steps": 4, "eval_prompts": 8, "disable_tqdm": "true"}
+        settings |= {
+            "datasets.0.max_samples": 256,
+            "eval_datasets.0.max_samples": 32,
+        }  # the steps are the test
+        return as_overrides(settings)
+
+    check_kill_and_resume(
+        tmp_path,
+        str(REPO / "recipes/tiny/dpo.yaml"),
+        args,
+        steps=8,
+        checkpoint=4,
+        kill_at=6,
+        keys=("loss", "grad_norm"),
+    )
