@@ -52,6 +52,25 @@ def test_human_rankings_by_sample_number(tmp_path):
         ranking.rank_samples(samples("a", "b"), rankings=ranking.read_rankings(path))
 
 
+def test_rejection_sampling_keeps_each_prompts_best_sample_above_min_score(tmp_path):
+    """best.jsonl for SFT: the first sample of each prompt's top score (ties too: all tied is still a best), when it
+    reaches min_score; with human rankings, the top-ranked one."""
+    rows = samples("bb", "a", "cccc", "dd") + samples("x", "y", id=1) + samples("z", id=2)
+    best = ranking.best_samples(rows, by_length, None)
+    assert [b["messages"] for b in best] == [
+        [*PROMPT, {"role": "assistant", "content": c}] for c in ("cccc", "x", "z")
+    ]
+    assert [
+        b["messages"][-1]["content"] for b in ranking.best_samples(rows, by_length, None, min_score=2)
+    ] == ["cccc"]
+    path = tmp_path / "rankings.jsonl"
+    path.write_text(json.dumps({"id": 0, "ranking": [1, 0]}) + "\n")
+    ranked_by_people = ranking.best_samples(rows, None, ranking.read_rankings(path))
+    assert [b["messages"][-1]["content"] for b in ranked_by_people] == [
+        "a"
+    ]  # prompts 1, 2: nobody ranked them
+
+
 def test_tinyworld_labeler_prefers_the_house_style_right_answer():
     rows = samples(
         "Anna is 34 years old.",
@@ -90,6 +109,8 @@ def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tiny_reward, tmp_
     evidence = json.loads((out / "eval.json").read_text())
     assert evidence["prompts"] == 24 and evidence["samples"] == 96 and evidence["pairs"] >= 1
     assert evidence["heldout_prompts"] == 16
+    best = (out / "final" / "best.jsonl").read_text().splitlines()  # rejection sampling's SFT conversations
+    assert len(best) == evidence["best_samples"] <= evidence["prompts"]
     rows = [json.loads(line) for line in (out / "final/comparisons.jsonl").read_text().splitlines()]
     assert len(rows) == evidence["kept"] and all(len(r["responses"]) >= 2 for r in rows)
     samples_file = [json.loads(line) for line in (out / "final/samples.jsonl").read_text().splitlines()]

@@ -168,6 +168,7 @@ def load_pipeline(
             produced |= {
                 str(finals[kind] / "comparisons.jsonl"),
                 str(finals[kind] / "heldout_comparisons.jsonl"),
+                str(finals[kind] / "best.jsonl"),
             }
             comparisons.append(finals[kind])
     return pipe, planned

@@ -252,6 +252,9 @@ class RankConfig(DataSettings):
     top_p: float = 1.0
     batch_size: int = 32
     labeler: str | None = None  # "module:function", e.g. gptpipe.data.tinyworld:label
+    # Rejection sampling: each prompt's best sample (with a labeler, when its score is at least min_score) as an
+    # SFT conversation in final/best.jsonl (format messages), for an SFT stage after this one
+    min_score: float | None = None
     rankings: str | None = (
         None  # or a jsonl file of human rankings: {id, ranking: [sample numbers, best first]}
     )

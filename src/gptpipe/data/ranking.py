@@ -148,6 +148,38 @@ def rank_samples(
     return ranked, stats
 
 
+def best_samples(
+    samples: list[dict], labeler: Labeler | None, rankings: dict | None, min_score: float | None = None
+) -> list[dict]:
+    """Rejection sampling: each prompt's best sample as an SFT conversation (``{"messages": prompt + reply}``).
+    With a labeler that scores, the first sample of the top score, kept when that score is at least
+    ``min_score``; with a ranking (the labeler's or people's), its first sample. Prompts whose best reply is
+    empty, or that nobody ranked, give none."""
+    best = []
+    for key, rows in group_by_prompt(samples).items():
+        if rankings is not None and rows[0]["id"] not in rankings:
+            continue
+        top = None
+        result = labeler(rows) if labeler is not None else None
+        if result is not None and not isinstance(result, dict):
+            scores = [float(s) for s in result]
+            i = max(range(len(rows)), key=lambda j: scores[j])  # the first of the top score
+            top = rows[i] if min_score is None or scores[i] >= min_score else None
+        else:
+            ordered = order_group(rows, labeler, rankings and rankings[rows[0]["id"]], f"prompt {key}")
+            top = ordered[0] if ordered else None
+        if top is not None and top["completion"].strip():
+            best.append(
+                {
+                    "messages": [
+                        *rows[0]["prompt"],
+                        {"role": "assistant", "content": top["completion"].strip()},
+                    ]
+                }
+            )
+    return best
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

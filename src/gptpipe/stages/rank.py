@@ -9,6 +9,9 @@ labeler (``labeler: module:function``) or a file of human rankings (``rankings:`
 every sample. In a pipeline the reward stage after this one trains on them. With ``eval_datasets``, held-out
 prompts are sampled and ranked the same way into ``final/heldout_comparisons.jsonl``; the pipeline's report card
 scores every reward model of its run folder on them (how well each judges the model's own samples).
+``final/best.jsonl`` holds each prompt's best sample as an SFT conversation (rejection sampling; with a labeler,
+when it scored at least ``min_score``): an SFT stage after this one can train on it next to the demonstrations
+(``recipes/tiny/pipeline-rejection.yaml``).
 
 Evidence (``eval.json``): prompts kept and dropped (all samples tied), pairs, the share of samples the labeler
 put at the top score, and the mean number of distinct responses per kept prompt.
@@ -41,6 +44,8 @@ def main(cfg: RankConfig, run: Run) -> dict:
         prompts = prompts.select(range(min(cfg.max_prompts, len(prompts))))
     tmp = run.final_dir()
     samples, ranked, stats = _sample_and_rank(cfg, prompts, tmp, "", labeler, human)
+    best = ranking.best_samples(samples, labeler, human, cfg.min_score)  # rejection sampling, for SFT
+    ranking.write_jsonl(best, tmp / "best.jsonl")
     if not ranked:
         raise UserError(
             f"no comparisons: all {stats['prompts']} prompts' samples tied or were unranked; sample more "
@@ -58,6 +63,7 @@ def main(cfg: RankConfig, run: Run) -> dict:
     evidence = {
         **stats,
         "samples": len(samples),
+        "best_samples": len(best),
         "responses_per_prompt": sum(len(r["responses"]) for r in ranked) / len(ranked),
         **{f"heldout_{k}": v for k, v in heldout_stats.items() if k in ("prompts", "kept", "pairs")},
         "seconds": run.seconds(),
