@@ -95,6 +95,14 @@ def test_content_given_as_text_parts_is_joined(tmp_path):
         convert_pairs(pairs, "preference", "pairs.jsonl")[0]["chosen"][0]["content"]
         == converted[0]["content"]
     )
+    from gptpipe.rlhf import prompt_rows  # RL, rank and compare prompts read the same way
+
+    prompts = DataSource(path=str(tmp_path / "pairs.jsonl"))
+    assert prompt_rows(load_source(prompts), prompts)[0]["prompt"] == [converted[0]]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": [{"role": "bot", "content": "x"}]}) + "\n")
+    bad = DataSource(path=str(tmp_path / "bad.jsonl"))
+    with pytest.raises(UserError, match="bad.jsonl: row 0: field 'prompt.0.role': unknown role 'bot'"):
+        prompt_rows(load_source(bad), bad)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from gptpipe.data import chat_templates
 from gptpipe.data.answers import answers_in_first_sentence
+from gptpipe.data.formats import RowError
+from gptpipe.data.formats import _messages as messages
 from gptpipe.data.sources import load_mixture
 from gptpipe.errors import UserError
 from gptpipe.hacking import RewardHackingWatch
@@ -38,11 +40,16 @@ def prompt_rows(ds, src):
             f"{src.path}: no 'prompt' column (columns are {ds.column_names}); map yours with `columns:`"
         )
 
-    def to_messages(row):
+    def to_messages(row, index):  # message lists as the conversational formats read them (content parts too)
         p = row["prompt"]
-        return {"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p}
+        try:
+            return {
+                "prompt": [{"role": "user", "content": p}] if isinstance(p, str) else messages(p, "prompt")
+            }
+        except RowError as e:
+            raise UserError(f"{src.path}: row {index}: {e}") from None
 
-    return ds.map(to_messages, desc="reading prompts")
+    return ds.map(to_messages, with_indices=True, desc="reading prompts")
 
 
 def generalization_prompts(cfg):
