@@ -52,6 +52,21 @@ def reply_logprobs(model, pieces: list[tuple[list[int], list[int]]], pad_token_i
     return sums
 
 
+def implicit_rewards(
+    model, reference, tokenizer, conversations, beta: float
+) -> tuple[list[float], list[float]]:
+    """Each conversation's last reply: (its log-likelihood under ``model``, DPO's implicit reward
+    ``beta * (log model - log reference)``). ``reference=None``: ``model`` with its LoRA adapter disabled."""
+    was_training = model.training
+    model.eval()
+    pieces = [split_reply(tokenizer, c) for c in conversations]
+    ours = reply_logprobs(model, pieces, tokenizer.pad_token_id)
+    with reference_context(model, reference) as frozen:
+        theirs = reply_logprobs(frozen, pieces, tokenizer.pad_token_id)
+    model.train(was_training)
+    return ours, [beta * (a - b) for a, b in zip(ours, theirs, strict=True)]
+
+
 def preference_accuracy(model, reference, tokenizer, pairs, beta: float) -> dict:
     """Over ``pairs`` (rows of ``chosen`` / ``rejected`` conversations):
 
@@ -63,17 +78,10 @@ def preference_accuracy(model, reference, tokenizer, pairs, beta: float) -> dict
 
     ``reference=None``: ``model`` is a LoRA model whose reference is itself with the adapter disabled.
     """
-    was_training = model.training
-    model.eval()
-    pieces = [split_reply(tokenizer, c) for c in pairs["chosen"]]
-    pieces += [split_reply(tokenizer, r) for r in pairs["rejected"]]
-    ours = reply_logprobs(model, pieces, tokenizer.pad_token_id)
-    with reference_context(model, reference) as frozen:
-        theirs = reply_logprobs(frozen, pieces, tokenizer.pad_token_id)
-    model.train(was_training)
     n = len(pairs["chosen"])
+    both = [*pairs["chosen"], *pairs["rejected"]]
+    ours, rewards = implicit_rewards(model, reference, tokenizer, both, beta)
     likelihood = [c - r for c, r in zip(ours[:n], ours[n:], strict=True)]
-    rewards = [beta * (a - b) for a, b in zip(ours, theirs, strict=True)]
     implicit = [c - r for c, r in zip(rewards[:n], rewards[n:], strict=True)]
 
     def share(margins: list[float]) -> float:
@@ -92,14 +100,8 @@ def label_accuracy(model, reference, tokenizer, rows, beta: float) -> dict:
     reply gets a higher implicit reward ``beta * (log model - log reference)`` than an undesirable one, over every
     such pair of replies (ties half: 0.5 for a model equal to its reference; threshold-free, as KTO's own
     reference point moves), and the mean reward of desirable and of undesirable replies."""
-    was_training = model.training
-    model.eval()
-    pieces = [split_reply(tokenizer, p + c) for p, c in zip(rows["prompt"], rows["completion"], strict=True)]
-    ours = reply_logprobs(model, pieces, tokenizer.pad_token_id)
-    with reference_context(model, reference) as frozen:
-        theirs = reply_logprobs(frozen, pieces, tokenizer.pad_token_id)
-    model.train(was_training)
-    rewards = [beta * (a - b) for a, b in zip(ours, theirs, strict=True)]
+    conversations = [p + c for p, c in zip(rows["prompt"], rows["completion"], strict=True)]
+    _, rewards = implicit_rewards(model, reference, tokenizer, conversations, beta)
     labels = rows["label"]
     good = [r for r, label in zip(rewards, labels, strict=True) if label]
     bad = [r for r, label in zip(rewards, labels, strict=True) if not label]
