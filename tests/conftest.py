@@ -43,6 +43,7 @@ def shared_run(tmp_path_factory, name: str, train: Callable[[Path], None]) -> Pa
     workers share it: the first to ask trains it (the other waits on the lock), so the chain is trained once."""
     root = tmp_path_factory.getbasetemp()
     root = root.parent if WORKER else root  # the session's folder, above each worker's own
+    root = Path(os.environ.get("GPTPIPE_TEST_SHARED", root))  # kept between sessions (docs/testing.md)
     out = root / f"shared-{name}"
     with FileLock(f"{out}.lock"):
         if not (out / ".complete").exists():

@@ -35,6 +35,8 @@ def test_kto_ranks_held_out_desirable_replies_higher_and_keeps_answers(tiny_sft,
         drop = e["answer_accuracy_before"] - e["answer_accuracy_after"]
         check.at_most("held-out answer accuracy drop", drop, 0.05, evidence)
     assert e["desirable_reward_after"] > e["undesirable_reward_after"]
+    # The held-out comparisons scored pair by pair too, as DPO's are (the same pairs the ranking splits)
+    assert e["implicit_reward_accuracy_before"] == 0.5 and e["implicit_reward_accuracy_after"] > 0.5
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 

@@ -29,7 +29,7 @@ from gptpipe.rlhf import prompt_rows
 from gptpipe.runs import is_finished
 from gptpipe.scoring import score_pairs_file
 
-MODEL_STAGES = ("pretrain", "sft", "rl", "dpo", "kto")  # stage kinds whose final/ is a causal LM
+MODEL_STAGES = ("pretrain", "sft", "rl", "dpo", "kto", "distill")  # stage kinds whose final/ is a causal LM
 
 
 @dataclass

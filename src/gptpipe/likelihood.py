@@ -34,7 +34,7 @@ def reply_logprobs(model, pieces: list[tuple[list[int], list[int]]], pad_token_i
     for i in range(0, len(pieces), batch_size):
         batch = pieces[i : i + batch_size]
         prompt_ids, prompt_mask = left_pad([p for p, _ in batch], pad_token_id)
-        width = max(len(r) for _, r in batch)
+        width = max(max(len(r) for _, r in batch), 1)  # a reply cut away entirely: one masked token
         replies = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         reply_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, (_, reply) in enumerate(batch):
@@ -53,13 +53,17 @@ def reply_logprobs(model, pieces: list[tuple[list[int], list[int]]], pad_token_i
 
 
 def implicit_rewards(
-    model, reference, tokenizer, conversations, beta: float
+    model, reference, tokenizer, conversations, beta: float, max_length: int | None = None
 ) -> tuple[list[float], list[float]]:
     """Each conversation's last reply: (its log-likelihood under ``model``, DPO's implicit reward
-    ``beta * (log model - log reference)``). ``reference=None``: ``model`` with its LoRA adapter disabled."""
+    ``beta * (log model - log reference)``). ``reference=None``: ``model`` with its LoRA adapter disabled.
+    ``max_length``: prompt and reply cut to that many tokens, keeping the start, as TRL's trainers cut them (a
+    reply cut away entirely counts 0)."""
     was_training = model.training
     model.eval()
     pieces = [split_reply(tokenizer, c) for c in conversations]
+    if max_length is not None:
+        pieces = [(p[:max_length], r[: max(max_length - len(p), 0)]) for p, r in pieces]
     ours = reply_logprobs(model, pieces, tokenizer.pad_token_id)
     with reference_context(model, reference) as frozen:
         theirs = reply_logprobs(frozen, pieces, tokenizer.pad_token_id)
@@ -67,7 +71,9 @@ def implicit_rewards(
     return ours, [beta * (a - b) for a, b in zip(ours, theirs, strict=True)]
 
 
-def preference_accuracy(model, reference, tokenizer, pairs, beta: float) -> dict:
+def preference_accuracy(
+    model, reference, tokenizer, pairs, beta: float, max_length: int | None = None
+) -> dict:
     """Over ``pairs`` (rows of ``chosen`` / ``rejected`` conversations):
 
     - ``preference_accuracy``, ``preference_margin``: the share where ``model`` finds the chosen reply more
@@ -80,7 +86,7 @@ def preference_accuracy(model, reference, tokenizer, pairs, beta: float) -> dict
     """
     n = len(pairs["chosen"])
     both = [*pairs["chosen"], *pairs["rejected"]]
-    ours, rewards = implicit_rewards(model, reference, tokenizer, both, beta)
+    ours, rewards = implicit_rewards(model, reference, tokenizer, both, beta, max_length)
     likelihood = [c - r for c, r in zip(ours[:n], ours[n:], strict=True)]
     implicit = [c - r for c, r in zip(rewards[:n], rewards[n:], strict=True)]
 
@@ -95,13 +101,13 @@ def preference_accuracy(model, reference, tokenizer, pairs, beta: float) -> dict
     }
 
 
-def label_accuracy(model, reference, tokenizer, rows, beta: float) -> dict:
+def label_accuracy(model, reference, tokenizer, rows, beta: float, max_length: int | None = None) -> dict:
     """Over unpaired ``rows`` (``prompt``, ``completion`` as messages, ``label``: desirable): how often a desirable
     reply gets a higher implicit reward ``beta * (log model - log reference)`` than an undesirable one, over every
     such pair of replies (ties half: 0.5 for a model equal to its reference; threshold-free, as KTO's own
     reference point moves), and the mean reward of desirable and of undesirable replies."""
     conversations = [p + c for p, c in zip(rows["prompt"], rows["completion"], strict=True)]
-    _, rewards = implicit_rewards(model, reference, tokenizer, conversations, beta)
+    _, rewards = implicit_rewards(model, reference, tokenizer, conversations, beta, max_length)
     labels = rows["label"]
     good = [r for r, label in zip(rewards, labels, strict=True) if label]
     bad = [r for r, label in zip(rewards, labels, strict=True) if not label]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -184,6 +185,51 @@ def frozen_reference(trainer, cfg, tokenizer):
         return trainer.accelerator.unwrap_model(trainer.ref_model)
     reference = build_model(cfg.model, tokenizer).requires_grad_(False).eval()
     return reference.to(trainer.accelerator.device)
+
+
+def output_size(name: str, revision=None, remote_code=False) -> int:
+    """The size of a model's output layer (its config's ``vocab_size``; a LoRA folder's base's), read from its
+    config alone."""
+    if is_adapter(name):
+        from peft import PeftConfig
+
+        name = PeftConfig.from_pretrained(name).base_model_name_or_path
+    config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=remote_code)
+    return config.get_text_config().vocab_size
+
+
+def check_same_vocabulary(key: str, name: str, cfg: ModelConfig, tokenizer, revision=None, remote_code=False):
+    """Refuse a model (``key: name``, e.g. a distillation teacher) whose tokenizer or output layer differs from
+    the model ``cfg`` (with ``tokenizer``): token-by-token comparisons of the two would be meaningless. Reads
+    tokenizers and configs only, before any weights load."""
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"{key}: {name} does not exist; train that model first or fix the path")
+    try:
+        theirs = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=remote_code)
+        their_size = output_size(name, revision, remote_code)
+    except OSError as e:
+        raise UserError(f"{key}: could not load {name!r}: {e}") from None
+    fix = "pick one of the student's model family (the same tokenizer), or train on its replies with the sft stage"
+    ours, their_vocab = tokenizer.get_vocab(), theirs.get_vocab()
+    if ours != their_vocab:
+        token = next((t for t in sorted(ours) if their_vocab.get(t) != ours[t]), None) or next(
+            t for t in sorted(their_vocab) if t not in ours
+        )
+        raise UserError(
+            f"{key}: {name} has another tokenizer than the student's ({len(their_vocab)} tokens against "
+            f"{len(ours)}; {token!r} is id {ours.get(token)} for the student, {their_vocab.get(token)} for it): the "
+            f"two models' next-token distributions are compared id by id; {fix}"
+        )
+    our_size = (
+        output_size(model_path(cfg), cfg.revision, cfg.trust_remote_code)
+        if cfg.name_or_path
+        else len(tokenizer)
+    )
+    if their_size != our_size:
+        raise UserError(
+            f"{key}: {name} has an output layer of {their_size} tokens, the student {our_size} (the same "
+            f"tokenizer, padded differently): the two distributions must have one size; {fix}"
+        )
 
 
 def is_adapter(path: str | Path) -> bool:

@@ -6,7 +6,8 @@
 A pipeline file names an ``output_dir`` and its ``stages`` (recipes, relative to the pipeline file, with
 optional per-stage ``overrides``). Each stage writes to ``<output_dir>/<name>`` and is wired to the stages
 before it: pretraining reads the tokenizer stage's tokenizer, SFT the pretrained model, the reward model
-starts from the SFT model, RL from the SFT model with the reward model as judge. A key set explicitly
+starts from the SFT model, RL from the SFT model with the reward model as judge, distillation's student from
+the newest pretrained model (a second pretrain stage after SFT) with the SFT model as teacher. A key set explicitly
 (in the stage's ``overrides`` or on the command line) is never rewired.
 
 Iterated on-policy RLHF (InstructGPT, Llama 2): an entry ``{rounds: N, stages: [rank, reward, rl]}`` repeats its
@@ -199,6 +200,11 @@ def _wiring(kind: str, finals: dict[str, Path], ranks: list[Path], round_: int |
             wired["model.name_or_path"] = str(source)
     if kind == "rl" and "reward" in finals:
         wired["reward_model"] = str(finals["reward"])
+    if kind == "distill":  # the student: the newest pretrained model; the teacher: the SFT model
+        if "pretrain" in finals:
+            wired["model.name_or_path"] = str(finals["pretrain"])
+        if "sft" in finals:
+            wired["teacher_model_name_or_path"] = str(finals["sft"])
     return wired
 
 

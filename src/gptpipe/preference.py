@@ -1,18 +1,44 @@
-"""What the preference stages (DPO ``gptpipe.stages.dpo``, KTO ``gptpipe.stages.kto``) share: their held-out
-prompts, the starting policy, the evidence measured before and after, and publishing the policy.
+"""What the stages that train a policy with one TRL trainer beside a frozen model share (DPO
+``gptpipe.stages.dpo`` and KTO ``gptpipe.stages.kto`` beside their reference, distillation
+``gptpipe.stages.distill`` beside its teacher): their held-out prompts, the starting policy, the evidence
+measured before and after, and publishing the policy.
 
-The evidence compares with the RL stages': answer accuracy and KL to the reference of greedy replies to
-``prompt_datasets``, with the same code (``gptpipe.rlhf.evaluate``); next to each stage's own preference
-figures (``gptpipe.likelihood``).
+The evidence compares with the RL stages': answer accuracy and KL (to the reference, or the teacher) of greedy
+replies to held-out prompts, with the same code (``gptpipe.rlhf.evaluate``); next to each stage's own figures
+(``gptpipe.likelihood``).
 """
 
 from __future__ import annotations
 
+from transformers import TrainerCallback
+
 from gptpipe import faults
-from gptpipe.data.sources import load_mixture
+from gptpipe.data import preferences
+from gptpipe.data.sources import describe, load_mixture
 from gptpipe.modeling import apply_lora, build_model, frozen_reference, merge_adapter
-from gptpipe.rlhf import before_after, evaluate, prompt_rows, reward_scorer, stop_token_ids
+from gptpipe.rlhf import before_after, evaluate, prompt_rows, stop_token_ids
 from gptpipe.runs import Run
+
+
+def as_pairs(cfg):
+    """A ``prepare`` for comparison sources (any format the reward stage reads): TRL's conversational pairs,
+    ``chosen`` and ``rejected`` message lists (the prompt implicit in both: TRL splits it off)."""
+
+    def prepare(ds, src):
+        converted = preferences.convert_pairs(
+            ds, src.format, describe(src), cfg.invalid_pairs, cfg.dataset_num_proc
+        )
+        return converted.remove_columns("margin")
+
+    return prepare
+
+
+def heldout_pairs(cfg):
+    """The ``eval_datasets`` as pairs when each names a comparison format (KTO's held-out comparisons, scored
+    pair by pair as DPO's are), else None."""
+    if not cfg.eval_datasets or any(s.format in (None, "unpaired") for s in cfg.eval_datasets):
+        return None
+    return load_mixture(cfg.eval_datasets, [], seed=cfg.seed, prepare=as_pairs(cfg))
 
 
 def heldout_prompts(cfg):
@@ -31,30 +57,43 @@ def starting_policy(cfg, tokenizer):
     return apply_lora(policy, cfg.model)
 
 
-def train_measured(run: Run, trainer, cfg, tokenizer, prompts, own) -> tuple[dict, object]:
+def train_measured(
+    run: Run, trainer, cfg, tokenizer, prompts, own, teacher=None, max_new_tokens=None
+) -> tuple[dict, object]:
     """Train with TRL's ``trainer`` (resuming when the run does), measured before and after: the stage's own
-    figures, ``own(policy, reference)``, and with prompts answer accuracy and KL. Every process measures (ZeRO-3
-    forwards are collective); the main one writes. Returns (evidence, the trained policy)."""
+    figures, ``own(policy, reference)``, and with prompts answer accuracy and KL to the frozen reference (to
+    ``teacher`` when given: distillation). Every process measures (ZeRO-3 forwards are collective); the main one
+    writes. Returns (evidence, the trained policy)."""
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    copies = int(getattr(trainer, "ref_model", None) is not None)  # TRL's second model (none with LoRA)
-    reference = frozen_reference(trainer, cfg, tokenizer)
-    no_reward = reward_scorer(None, None, tokenizer)  # the answer check is the evidence here, not a reward
+    copies = {"reference_copies": int(getattr(trainer, "ref_model", None) is not None)}  # none with LoRA
+    reference = frozen_reference(trainer, cfg, tokenizer) if teacher is None else teacher
+    max_new_tokens = max_new_tokens or cfg.max_new_tokens
 
     def measure() -> dict:
         found = own(policy, reference)
-        if prompts is not None:
-            replies = evaluate(policy, reference, tokenizer, prompts, no_reward, cfg.max_new_tokens)
-            found |= {k: v for k, v in replies.items() if k != "reward"}
+        if prompts is not None:  # the answer check is the evidence here, not a reward
+            found |= evaluate(policy, reference, tokenizer, prompts, None, max_new_tokens)
         return found
 
-    baseline = run.baseline(measure)
+    # Measured once training begins: under ZeRO-3 the policy's weights are shards until the Trainer builds its
+    # engine (in train()), and only then does a forward gather them. A resumed run reads baseline.json.
+    baseline = {}
+    trainer.add_callback(_OnTrainBegin(lambda: baseline.update(run.baseline(measure))))
     if run.resume_from:
         run.say(f"[{cfg.stage}] resuming from {run.resume_from}")
     guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
     trainer.train(resume_from_checkpoint=run.resume_checkpoint)
     evidence = before_after(baseline, measure()) | guard.summary()
-    evidence |= {"reference_copies": copies, "train_steps": trainer.state.global_step}
+    evidence |= (copies if teacher is None else {}) | {"train_steps": trainer.state.global_step}
     return evidence, policy
+
+
+class _OnTrainBegin(TrainerCallback):
+    def __init__(self, call):
+        self.call = call
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.call()
 
 
 def publish(run: Run, trainer, policy, evidence: dict, line: str) -> None:

@@ -29,7 +29,8 @@ HEADLINES = {
     "reward": ["pairwise_accuracy"],
     "rl": ["reward", "kl", "answer_accuracy", "generalization_answer_accuracy", "rm_agreement"],
     "dpo": ["implicit_reward_accuracy", "preference_accuracy", "kl", "answer_accuracy"],
-    "kto": ["implicit_reward_ranking", "kl", "answer_accuracy"],
+    "kto": ["implicit_reward_ranking", "implicit_reward_accuracy", "kl", "answer_accuracy"],
+    "distill": ["answer_accuracy", "teacher_answer_accuracy", "kl"],
 }
 # Logged keys that are bookkeeping rather than learning curves.
 NOT_PLOTTED = ("step", "epoch", "runtime", "per_second", "model_preparation_time", "num_tokens", "total_flos")

@@ -202,20 +202,22 @@ def evaluate(
     """Greedy responses to held-out prompts: reward-model score, KL to the reference, answer accuracy, and with
     both a reward model and answers, the reward model's agreement with the answer check (``rank_agreement``).
 
-    ``reference=None`` means the policy is a LoRA model whose reference is the same weights, adapter off.
+    ``reference=None`` means the policy is a LoRA model whose reference is the same weights, adapter off;
+    ``scorer=None``: no reward (stages whose evidence is the answer check alone).
     """
     was_training = policy.training
     policy.eval()
     prompts = encode_prompts(tokenizer, heldout["prompt"])
     stop_ids = stop_token_ids(tokenizer)
-    found: dict[str, float] = {"reward": 0.0, "kl": 0.0}
+    found: dict[str, float] = {"reward": 0.0, "kl": 0.0} if scorer is not None else {"kl": 0.0}
     answers, right = heldout["answer"] if "answer" in heldout.column_names else None, 0
     judged: list[tuple[float, bool]] = []  # (reward-model score, right) per reply
     for i in range(0, len(prompts), batch_size):
         rollout = sample(
             policy, prompts[i : i + batch_size], tokenizer.pad_token_id, stop_ids, max_new_tokens, greedy=True
         )
-        found["reward"] += scorer(heldout[i : i + batch_size])(rollout).sum().item()
+        if scorer is not None:
+            found["reward"] += scorer(heldout[i : i + batch_size])(rollout).sum().item()
         logp, _ = response_logprobs(policy, rollout)
         with reference_context(policy, reference) as ref_model:
             ref, _ = response_logprobs(ref_model, rollout)

@@ -237,6 +237,21 @@ class KTOConfig(PreferenceSettings, trl.KTOConfig):
 
 
 @dataclass
+class DistillConfig(RunSettings, trl.DistillationConfig):
+    """On-policy distillation with ``trl.DistillationTrainer``: the student (``model``) samples replies to the
+    prompts and learns the teacher's next-token distribution at every token of them (generalized JSD: ``beta``
+    0 forward KL, 1 reverse KL). The teacher (``teacher_model_name_or_path``: any model folder or Hub id) must
+    share the student's vocabulary. Every ``trl.DistillationConfig`` key applies."""
+
+    stage: ClassVar[str] = "distill"
+    module: ClassVar[str] = "gptpipe.stages.distill"
+    chat_template: str | None = None  # None: the tokenizer's own; or chatml | gptpipe | a .jinja file
+    eval_prompts: int = (
+        128  # held-out prompts (with an `answer`: answer accuracy) replied to greedily, before/after
+    )
+
+
+@dataclass
 class RankConfig(DataSettings):
     """On-policy comparisons: the model's own samples for each prompt (``datasets``), ranked by a labeler or
     by human rankings into ``final/comparisons.jsonl`` (``ranked`` format) for the reward stage."""
@@ -271,6 +286,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "rl": RLConfig,
     "dpo": DPOConfig,
     "kto": KTOConfig,
+    "distill": DistillConfig,
 }
 # `stage: rl` recipes pick their class by `algorithm:`.
 RL_CONFIGS: dict[str, type] = {"ppo": RLConfig, "grpo": GRPOConfig, "rloo": RLOOConfig}

@@ -36,8 +36,8 @@ from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
 from gptpipe.files import cache_dir
 
-VERSION = 6  # bump when the generated data changes, so cached copies are regenerated
-PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts")
+VERSION = 7  # bump when the generated data changes, so cached copies are regenerated
+PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts", "questions")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
 JOBS = ["baker", "doctor", "farmer", "teacher", "pilot", "painter", "singer", "driver", "writer", "nurse"]
@@ -320,6 +320,12 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     out["rl_prompts"]["train"] = prompt_rows(rl_half, RL_QUESTIONS)
     out["rl_prompts"]["eval"] = prompt_rows(heldout_half, RL_QUESTIONS)
     out["rl_prompts"]["unseen"] = prompt_rows(heldout_half, UNSEEN_QUESTIONS)
+    # SFT's questions as prompts with their answers (stages that sample their own replies: distillation): train,
+    # the SFT facts in SFT's three phrasings; eval, SFT's held-out questions (the SFT stage's answer accuracy).
+    out["questions"]["train"] = [
+        row for i in range(3) for row in prompt_rows(train_facts, {k: q[i] for k, q in QUESTIONS.items()})
+    ]
+    out["questions"]["eval"] = prompt_rows(heldout_facts, {k: q[0] for k, q in QUESTIONS.items()})
     return out
 
 

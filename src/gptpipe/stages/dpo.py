@@ -24,11 +24,18 @@ from transformers import set_seed
 from trl import DPOTrainer
 
 from gptpipe.config import DPOConfig
-from gptpipe.data import chat_templates, preferences
-from gptpipe.data.sources import describe, load_train_eval
+from gptpipe.data import chat_templates
+from gptpipe.data.sources import load_train_eval
 from gptpipe.likelihood import preference_accuracy
 from gptpipe.modeling import count_parameters, load_tokenizer
-from gptpipe.preference import answers_line, heldout_prompts, publish, starting_policy, train_measured
+from gptpipe.preference import (
+    answers_line,
+    as_pairs,
+    heldout_prompts,
+    publish,
+    starting_policy,
+    train_measured,
+)
 from gptpipe.runs import Run
 from gptpipe.tracking import MetricsLogger, load_callbacks
 
@@ -41,14 +48,8 @@ def main(cfg: DPOConfig, run: Run) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     chat_templates.install(tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path)
 
-    def pairs(ds, src):  # TRL's conversational preference rows (implicit prompt: TRL splits it off)
-        converted = preferences.convert_pairs(
-            ds, src.format, describe(src), cfg.invalid_pairs, cfg.dataset_num_proc
-        )
-        return converted.remove_columns("margin")
-
     with cfg.main_process_first(desc="preparing comparisons"):
-        train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=pairs)
+        train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=as_pairs(cfg))
         prompts = heldout_prompts(cfg)
 
     set_seed(cfg.seed)
@@ -71,7 +72,7 @@ def main(cfg: DPOConfig, run: Run) -> dict:
         cfg,
         tokenizer,
         prompts,
-        lambda m, ref: preference_accuracy(m, ref, tokenizer, heldout, cfg.beta),
+        lambda m, ref: preference_accuracy(m, ref, tokenizer, heldout, cfg.beta, cfg.max_length),
     )
     evidence |= {
         "train_pairs": len(train),

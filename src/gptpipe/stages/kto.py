@@ -10,8 +10,8 @@ model and the frozen reference is the SFT model (with ``model.lora``, the adapte
 
 Evidence (``eval.json``, ``gptpipe.likelihood``), before and after: on held-out labeled replies, how often the
 implicit reward ranks a desirable reply above an undesirable one (over all such pairs; 0.5 before) and the mean
-reward of desirable and undesirable replies;
-with ``prompt_datasets``, answer accuracy and KL to the reference as the RL and DPO stages measure them.
+reward of desirable and undesirable replies; when the held-out data are comparisons, also DPO's figures on
+them (the implicit reward ranking each pair's chosen reply first); with ``prompt_datasets``, answer accuracy and KL to the reference as the RL and DPO stages measure them.
 """
 
 from __future__ import annotations
@@ -22,9 +22,16 @@ from trl import KTOTrainer
 from gptpipe.config import KTOConfig
 from gptpipe.data import chat_templates, preferences
 from gptpipe.data.sources import describe, load_train_eval
-from gptpipe.likelihood import label_accuracy
+from gptpipe.likelihood import label_accuracy, preference_accuracy
 from gptpipe.modeling import count_parameters, load_tokenizer
-from gptpipe.preference import answers_line, heldout_prompts, publish, starting_policy, train_measured
+from gptpipe.preference import (
+    answers_line,
+    heldout_pairs,
+    heldout_prompts,
+    publish,
+    starting_policy,
+    train_measured,
+)
 from gptpipe.runs import Run
 from gptpipe.tracking import MetricsLogger, load_callbacks
 
@@ -44,6 +51,7 @@ def main(cfg: KTOConfig, run: Run) -> dict:
 
     with cfg.main_process_first(desc="preparing labeled replies"):
         train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=unpaired)
+        pairs = heldout_pairs(cfg)  # held-out comparisons: also DPO's pair accuracy, to set KTO beside DPO
         prompts = heldout_prompts(cfg)
     # KTO's sampler is sequential (each reply's KL completion is its batch neighbour's), so the data order is
     # the training order: shuffled here, or comparisons split in two train on every chosen reply first.
@@ -71,7 +79,14 @@ def main(cfg: KTOConfig, run: Run) -> dict:
         cfg,
         tokenizer,
         prompts,
-        lambda m, ref: label_accuracy(m, ref, tokenizer, heldout, cfg.beta),
+        lambda m, ref: (
+            label_accuracy(m, ref, tokenizer, heldout, cfg.beta, cfg.max_length)
+            | (
+                preference_accuracy(m, ref, tokenizer, pairs, cfg.beta, cfg.max_length)
+                if pairs is not None
+                else {}
+            )
+        ),
     )
     evidence |= {
         "train_replies": len(train),
@@ -84,6 +99,12 @@ def main(cfg: KTOConfig, run: Run) -> dict:
     line = (
         f"[kto] held-out replies: desirable ranked above undesirable by the implicit reward "
         f"{evidence['implicit_reward_ranking_before']:.3f} -> {evidence['implicit_reward_ranking_after']:.3f}"
+        + (
+            f", chosen over rejected {evidence['implicit_reward_accuracy_before']:.3f} -> "
+            f"{evidence['implicit_reward_accuracy_after']:.3f}"
+            if pairs is not None
+            else ""
+        )
         + answers_line(evidence)
     )
     publish(run, trainer, policy, evidence, line)
