@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 		echo "setup: no GPU found, installing CPU-only torch $(if $(LOCK),from $(LOCK),$(TORCH_VERSION))"; \
 		$(BIN)/pip install --retries 1 $(PIP_LOCK) "torch$(if $(LOCK),,==$(TORCH_VERSION))" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install $(PIP_LOCK) -e ".[dev,quant]"
+	$(BIN)/pip install $(PIP_LOCK) -e ".[dev,quant,eval]"
 	DS_BUILD_OPS=0 $(BIN)/pip install $(PIP_LOCK) --no-build-isolation "deepspeed>=0.19"  # ops compile on first use, not now
 	@# DeepSpeed on CPU (the distributed tests) compiles its shared-memory op on first use: once, here.
 	-@command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1
@@ -41,7 +41,7 @@ requirements/cpu.txt requirements/cuda.txt:
 
 # Regenerate both locks from pyproject.toml's ranges (newest releases), then `make test` to prove them.
 # The torch pin (requirements/torch-*.in) is moved by hand; the CUDA lock is resolved for Linux x86_64.
-UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra dev --extra quant --extra deepspeed --python $(BIN)/python \
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra dev --extra quant --extra eval --extra deepspeed --python $(BIN)/python \
 	--python-version 3.11 --no-build-isolation-package deepspeed --upgrade --quiet
 # Where the CPU build of torch is found: this workplace's wheel folder, else the PyTorch CPU index's torch page.
 TORCH_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,$(TORCH_CPU_INDEX)/torch/)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from gptpipe.cli import main, run
 
 DISTILL = str(REPO / "recipes/tiny/distill.yaml")
-STEPS, GAIN = 100, 0.1
+STEPS, CLOSED = 200, 0.25
 
 
 def distill_overrides(student, teacher, out, **extra) -> list[str]:
@@ -25,17 +25,25 @@ def distill_overrides(student, teacher, out, **extra) -> list[str]:
 @pytest.mark.learning
 def test_distillation_moves_the_student_toward_the_teacher(tiny_base, tiny_sft, tmp_path):
     out = tmp_path / "distill"
-    run(["train", DISTILL, *distill_overrides(tiny_base, tiny_sft, out, max_steps=STEPS)])
+    run(
+        [
+            "train",
+            DISTILL,
+            *distill_overrides(tiny_base, tiny_sft, out, max_steps=STEPS, per_device_train_batch_size=16),
+        ]
+    )
     e = json.loads((out / "eval.json").read_text())
     sft = json.loads((tiny_sft.parent / "eval.json").read_text())
     # The same 78 held-out questions, the same answer check: the teacher scores what the SFT stage measured
     assert e["teacher_answer_accuracy"] == pytest.approx(sft["answer_accuracy_after"], abs=1.5 / 78)
     evidence = {k: v for k, v in e.items() if k.endswith(("_before", "_after")) or k.startswith("teacher")}
     with learning_checks() as check:
-        # Seeds 0-2, 1 thread, 100 steps: answer accuracy 0.00-0.01 -> 0.15-0.21 (teachers 0.28-0.73; 200 steps
-        # 0.23-0.41; lr 2e-3 no faster); KL to the teacher 61-70 -> 2.2-3.4 (after / before 0.03-0.05)
-        gain = e["answer_accuracy_after"] - e["answer_accuracy_before"]
-        check.at_least("held-out answer accuracy gain", gain, GAIN, evidence)
+        # Seeds 0-2 and 42, 1 thread, 200 steps of 16 prompts: answer accuracy 0.00-0.05 -> 0.13-0.37, teachers
+        # 0.28-0.76: 0.36-0.49 of the gap closed (100 steps of 32: seed 42 gained nothing, seeds 0-2 0.15-0.21);
+        # KL to the teacher 57-70 -> 1.3-2.8 (after / before 0.02-0.04)
+        gap = e["teacher_answer_accuracy"] - e["answer_accuracy_before"]
+        closed = (e["answer_accuracy_after"] - e["answer_accuracy_before"]) / max(gap, 1e-9)
+        check.at_least("share of the answer-accuracy gap to the teacher closed", closed, CLOSED, evidence)
         check.at_most("KL to the teacher, after over before", e["kl_after"] / e["kl_before"], 0.2, evidence)
     assert e["train_steps"] == STEPS and "reference_copies" not in e
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

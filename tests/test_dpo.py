@@ -74,7 +74,8 @@ def test_dpo_trains_on_the_shared_llama_factory_comparisons(tiny_sft, tmp_path):
     run(["train", DPO, *dpo_overrides(tiny_sft, out, **extra, **sources)])
     e = json.loads((out / "eval.json").read_text())
     assert (e["train_pairs"], e["heldout_pairs"], e["train_steps"]) == (72, 24, 2), e
-    assert e["implicit_reward_accuracy_before"] == 0.5 and e["implicit_reward_accuracy_after"] != 0.5
+    # Measured on the pairs whose replies fit max_length: the policy moved away from its reference
+    assert e["implicit_reward_margin_before"] == 0.0 and e["implicit_reward_margin_after"] != 0.0
 
 
 @pytest.mark.parametrize(
@@ -116,7 +117,7 @@ def test_dpo_under_ddp_and_zero3_with_two_processes_matches_one_process(tiny_sft
     few = "[{path: tinyworld:comparisons, split: %s, format: preference, max_samples: %d}]"
     # DPO's loss alone: the recipe's NLL term is a token mean per process, which two processes average unweighted
     small = {"max_steps": 4, "logging_steps": 1, "prompt_datasets": "[]", "loss_type": "[sigmoid]"}
-    small |= {"datasets": few % ("train", 256), "eval_datasets": few % ("eval", 64)}
+    small |= {"datasets": few % ("train", 128), "eval_datasets": few % ("eval", 32)}
 
     def overrides(out, batch, *extra):
         return [*dpo_overrides(tiny_sft, out, per_device_train_batch_size=batch, **small), *extra]

@@ -167,7 +167,7 @@ LAYERS = [
         "data.preferences",
         "data.ranking",
     ]
-    + ["data.tinyworld", "data"],
+    + ["data.tinyworld", "data", "benchmark_tasks"],
     ["data.sources", "recipe", "data.prepared"],
     [
         "modeling",
@@ -181,7 +181,7 @@ LAYERS = [
         "distributed",
         "ppo",
     ],
-    ["rlhf", "preference", "compare", "ppo.trainer"],
+    ["rlhf", "preference", "compare", "export", "benchmarks", "ppo.trainer"],
     ["stages"],
     ["runner"],
     ["pipeline", "sweep"],

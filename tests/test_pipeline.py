@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 from conftest import REPO
+from transformers import AutoModelForCausalLM
 
 from gptpipe.cli import run
 from gptpipe.errors import UserError
@@ -48,13 +49,14 @@ def write_pipeline(tmp_path, stages, **extra):
     return path
 
 
-def small_pipeline(tmp_path):
+def small_pipeline(tmp_path, benchmarks: dict | None = None, **extra):
+    """tokenizer -> pretrain -> sft, shrunk; ``benchmarks``: settings both models add (eval_tasks...)."""
     return write_pipeline(
         tmp_path,
         [
             {"recipe": str(TINY / "tokenizer.yaml")},
-            {"recipe": str(TINY / "pretrain.yaml"), "overrides": SMALL_PRETRAIN},
-            {"recipe": str(TINY / "sft.yaml"), "overrides": SMALL_SFT},
+            {"recipe": str(TINY / "pretrain.yaml"), "overrides": {**SMALL_PRETRAIN, **(benchmarks or {})}},
+            {"recipe": str(TINY / "sft.yaml"), "overrides": {**SMALL_SFT, **(benchmarks or {})}},
         ],
         compare={
             "prompts": {"path": "tinyworld:rl_prompts", "split": "eval"},
@@ -63,6 +65,7 @@ def small_pipeline(tmp_path):
             "samples": 2,
             "max_new_tokens": 8,
         },
+        **extra,
     )
 
 
@@ -101,11 +104,21 @@ def test_rank_stage_feeds_the_reward_stage_its_comparisons(tmp_path):
 
 
 def test_pipeline_skips_resumes_refuses_and_reruns(tmp_path, capsys):
-    pipeline = small_pipeline(tmp_path)
+    benchmarks = {"eval_tasks": ["tinyworld"], "eval_tasks_limit": 8}  # lm-eval on both models, 8 questions
+    pipeline = small_pipeline(tmp_path, benchmarks, export={"out": str(tmp_path / "exported")})
     runs = tmp_path / "runs"
     run(["pipeline", str(pipeline)])
     out = capsys.readouterr().out
+    # The pipeline ends in an export of its last model: the SFT model, with its card and lm-eval scores
+    exported_card = (tmp_path / "exported/README.md").read_text()
+    assert f"exported {runs / 'sft'}" in out and "tokenizer -> pretrain -> sft" in exported_card
+    assert "| tinyworld | answer_accuracy |" in exported_card
+    AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     card = (runs / "report.md").read_text()
+    for stage in ("pretrain", "sft"):  # the base model as plain text, the SFT model through its chat template
+        found = json.loads((runs / stage / "eval-tinyworld.json").read_text())
+        assert found["chat_template"] is (stage == "sft") and found["limit"] == 8
+    assert card.count("| lm-eval tinyworld answer_accuracy |") == 2, card
     for stage, metric in [("tokenizer", "bytes_per_token"), ("pretrain", "perplexity"), ("sft", "eval_loss")]:
         assert f"| {stage} | {metric} |" in card, card
         assert (runs / stage / "report.md").is_file()

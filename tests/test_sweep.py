@@ -125,3 +125,20 @@ def test_sweep_errors_name_the_key(tokenizer_dir, tmp_path):
         load_sweep(
             write_sweep(tmp_path, tokenizer_dir, random={"learning_rate": {"low": 1e-4, "high": 1e-2}})
         )
+
+
+def test_trials_rank_by_an_lm_eval_score(tokenizer_dir, tmp_path):
+    """metric: lm_eval.<task>.<metric> reads the scores a trial's eval_tasks wrote (eval-*.json)."""
+    import json
+
+    from gptpipe.sweep import read_metric
+
+    cfg = load_sweep(write_sweep(tmp_path, tokenizer_dir, metric="lm_eval.tinyworld.answer_accuracy"))
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    scores = {"tinyworld": {"answer_accuracy": 0.75, "answer_accuracy_stderr": 0.05}}
+    (trial / "eval-tinyworld.json").write_text(json.dumps({"results": scores}))
+    assert read_metric(cfg, trial) == 0.75
+    cfg.metric = "lm_eval.mmlu.acc"
+    with pytest.raises(UserError, match="lm_eval.mmlu.acc.*no such score"):
+        read_metric(cfg, trial)

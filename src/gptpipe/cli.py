@@ -11,6 +11,8 @@ gptpipe generate MODEL --prompts FILE    sample replies for a file of prompts (j
 gptpipe rank SAMPLES --labeler MOD:FN    rank generated samples into comparisons (or --rankings FILE)
 gptpipe score MODEL --pairs FILE         a reward model's pairwise accuracy on a preference file
 gptpipe score MODEL --texts FILE         a reward model's score of each conversation or text
+gptpipe eval MODEL --tasks T1,T2        lm-evaluation-harness tasks on a model folder (eval-<tasks>.json beside it)
+gptpipe export RUN --out DIR             a plain Hugging Face folder with a model card (--merge-lora, --dtype)
 """
 
 from __future__ import annotations
@@ -116,6 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default=None, help="preference | sharegpt_preference | ranked (default: guessed)"
     )
     score.add_argument("--max-length", type=int, default=None)
+
+    bench = sub.add_parser("eval", help="lm-evaluation-harness tasks on a model folder (a run's final/)")
+    bench.add_argument("model")
+    bench.add_argument(
+        "--tasks", required=True, help="comma-separated: lm-eval tasks, task YAML files or folders, tinyworld"
+    )
+    bench.add_argument("--num-fewshot", type=int, default=None)
+    bench.add_argument("--limit", type=float, default=None, help="examples per task (below 1: a fraction)")
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--chat-template", action="store_true", help="render requests with the chat template")
+
+    export = sub.add_parser(
+        "export", help="a finished model as a plain Hugging Face folder with a model card"
+    )
+    export.add_argument("source", help="a run folder (e.g. runs/tiny/rl), its final/, or a model folder")
+    export.add_argument("--out", required=True, help="the folder to write (appears complete or not at all)")
+    export.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base")
+    export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: as stored")
+    export.add_argument(
+        "--push-to-hub", metavar="ORG/NAME", default=None, help="upload (HF_TOKEN from the environment)"
+    )
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: a private repository")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
 
@@ -254,6 +279,20 @@ def run(argv: list[str] | None = None) -> None:
         else:
             for row in score_texts_file(args.model, args.texts):
                 print(json.dumps(row))
+    elif args.command == "eval":
+        from gptpipe.benchmarks import evaluate
+
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        tasks = [t for t in args.tasks.split(",") if t]
+        _, out = evaluate(args.model, tasks, args.num_fewshot, limit, args.batch_size, args.chat_template)
+        print(f"scores: {out}")
+    elif args.command == "export":
+        from gptpipe.export import export
+
+        out = export(
+            args.source, args.out, args.merge_lora, args.dtype, args.push_to_hub, args.private, args.overwrite
+        )
+        print(f"exported {args.source} to {out} (model card: {out / 'README.md'})")
     elif args.command == "data":
         from gptpipe.data import tinyworld
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from gptpipe.errors import UserError
 from gptpipe.ppo.rollout import Rollout, left_pad, reference_context, response_logprobs
 from gptpipe.scoring import rank_agreement
 
@@ -52,23 +53,36 @@ def reply_logprobs(model, pieces: list[tuple[list[int], list[int]]], pad_token_i
     return sums
 
 
-def implicit_rewards(
-    model, reference, tokenizer, conversations, beta: float, max_length: int | None = None
-) -> tuple[list[float], list[float]]:
-    """Each conversation's last reply: (its log-likelihood under ``model``, DPO's implicit reward
-    ``beta * (log model - log reference)``). ``reference=None``: ``model`` with its LoRA adapter disabled.
-    ``max_length``: prompt and reply cut to that many tokens, keeping the start, as TRL's trainers cut them (a
-    reply cut away entirely counts 0)."""
+def reply_pieces(
+    tokenizer, conversations, max_length: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """Each conversation's (prompt ids, last reply ids); with ``max_length``, the two cut to that many tokens
+    keeping the start, as TRL's trainers cut them (a reply may be cut away entirely: TRL drops those rows)."""
+    pieces = [split_reply(tokenizer, c) for c in conversations]
+    if max_length is None:
+        return pieces
+    return [(p[:max_length], r[: max(max_length - len(p), 0)]) for p, r in pieces]
+
+
+def implicit_rewards(model, reference, tokenizer, pieces, beta: float) -> tuple[list[float], list[float]]:
+    """Each (prompt ids, reply ids): (the reply's log-likelihood under ``model``, DPO's implicit reward
+    ``beta * (log model - log reference)``). ``reference=None``: ``model`` with its LoRA adapter disabled."""
     was_training = model.training
     model.eval()
-    pieces = [split_reply(tokenizer, c) for c in conversations]
-    if max_length is not None:
-        pieces = [(p[:max_length], r[: max(max_length - len(p), 0)]) for p, r in pieces]
     ours = reply_logprobs(model, pieces, tokenizer.pad_token_id)
     with reference_context(model, reference) as frozen:
         theirs = reply_logprobs(frozen, pieces, tokenizer.pad_token_id)
     model.train(was_training)
     return ours, [beta * (a - b) for a, b in zip(ours, theirs, strict=True)]
+
+
+def _measurable(kept: list[int], what: str, max_length) -> list[int]:
+    if not kept:
+        raise UserError(
+            f"held-out {what}: every one is longer than max_length ({max_length}) before its reply starts, so "
+            "none can be measured (TRL drops such rows from training too); raise max_length"
+        )
+    return kept
 
 
 def preference_accuracy(
@@ -82,11 +96,17 @@ def preference_accuracy(
       ``beta * (log model - log reference)`` of each reply (ties count half: a model equal to its reference
       scores 0.5, chance).
 
-    ``reference=None``: ``model`` is a LoRA model whose reference is itself with the adapter disabled.
+    ``reference=None``: ``model`` is a LoRA model whose reference is itself with the adapter disabled. A pair
+    whose reply ``max_length`` cuts away entirely is left out, as TRL leaves it out of training.
     """
-    n = len(pairs["chosen"])
-    both = [*pairs["chosen"], *pairs["rejected"]]
-    ours, rewards = implicit_rewards(model, reference, tokenizer, both, beta, max_length)
+    chosen = reply_pieces(tokenizer, pairs["chosen"], max_length)
+    rejected = reply_pieces(tokenizer, pairs["rejected"], max_length)
+    kept = [i for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)) if c[1] and r[1]]
+    kept = _measurable(kept, "pairs", max_length)
+    n = len(kept)
+    ours, rewards = implicit_rewards(
+        model, reference, tokenizer, [chosen[i] for i in kept] + [rejected[i] for i in kept], beta
+    )
     likelihood = [c - r for c, r in zip(ours[:n], ours[n:], strict=True)]
     implicit = [c - r for c, r in zip(rewards[:n], rewards[n:], strict=True)]
 
@@ -107,8 +127,10 @@ def label_accuracy(model, reference, tokenizer, rows, beta: float, max_length: i
     such pair of replies (ties half: 0.5 for a model equal to its reference; threshold-free, as KTO's own
     reference point moves), and the mean reward of desirable and of undesirable replies."""
     conversations = [p + c for p, c in zip(rows["prompt"], rows["completion"], strict=True)]
-    _, rewards = implicit_rewards(model, reference, tokenizer, conversations, beta, max_length)
-    labels = rows["label"]
+    pieces = reply_pieces(tokenizer, conversations, max_length)
+    kept = _measurable([i for i, (_, r) in enumerate(pieces) if r], "replies", max_length)
+    _, rewards = implicit_rewards(model, reference, tokenizer, [pieces[i] for i in kept], beta)
+    labels = [rows["label"][i] for i in kept]
     good = [r for r, label in zip(rewards, labels, strict=True) if label]
     bad = [r for r, label in zip(rewards, labels, strict=True) if not label]
     return {

@@ -26,12 +26,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from gptpipe import compare
 from gptpipe.compare import MODEL_STAGES, CompareSettings, reward_models_on_own_samples
 from gptpipe.errors import UserError
+from gptpipe.export import export
 from gptpipe.recipe import (
     apply_override,
     build_dataclass,
@@ -42,7 +44,7 @@ from gptpipe.recipe import (
     read_yaml,
 )
 from gptpipe.report import report_card, rl_verdicts
-from gptpipe.runner import is_main_process, run_stage
+from gptpipe.runner import is_main_process, run_benchmarks, run_stage
 from gptpipe.runs import is_finished
 
 # Settings that say how to run, not what to compute: changing them does not make a finished stage stale.
@@ -53,6 +55,9 @@ RUN_ONLY_KEYS = {
     "report_to",
     "logging_steps",
     "dataloader_num_workers",
+    "eval_tasks",  # benchmarks run on the finished model (gptpipe.benchmarks), no retraining
+    "eval_tasks_num_fewshot",
+    "eval_tasks_limit",
 }
 
 
@@ -90,10 +95,21 @@ def _expand_rounds(path: Path, stages: list[PipelineStage]) -> list[tuple[Pipeli
 
 
 @dataclass
+class ExportSettings:
+    """``export:`` after the stages: the last model stage's final/ as a plain folder with a model card."""
+
+    out: str  # the folder to write (relative: to the working folder)
+    merge_lora: bool = True
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None  # None: as stored
+    stage: str | None = None  # which stage's model (default: the last one whose final/ is a model)
+
+
+@dataclass
 class PipelineConfig:
     output_dir: str
     stages: list[PipelineStage] = field(default_factory=list)
     compare: CompareSettings | None = None  # the same prompts to every trained model (gptpipe.compare)
+    export: ExportSettings | None = None  # gptpipe.export, once every stage finished
 
 
 @dataclass
@@ -258,6 +274,8 @@ def run_pipeline(
             plan.cfg.overwrite = True
         elif is_finished(run_dir):
             print(f"[pipeline] {plan.name}: finished with the same settings: skipped ({run_dir})")
+            if is_main_process():
+                run_benchmarks(plan.cfg)  # tasks added since it finished
             continue
         print(f"[pipeline] {plan.name}: {'rerun' if i >= first_rerun else 'run'} -> {run_dir}", flush=True)
         run_stage(plan.cfg)
@@ -280,4 +298,20 @@ def run_pipeline(
         print(
             f"\n{card}\n\n{verdicts}\n\n[pipeline] report card: {out / 'report.md'} ({time.time() - start:.0f} s)"
         )
+        if pipe.export is not None:
+            _export(pipe.export, planned)
     return out / "report.md"
+
+
+def _export(settings: ExportSettings, planned: list[PlannedStage]) -> None:
+    names = [p.name for p in planned]
+    if settings.stage is not None and settings.stage not in names:
+        raise UserError(
+            f"export.stage: {settings.stage!r} is not a stage of this pipeline; the stages are {names}"
+        )
+    models = [p for p in planned if (p.name == settings.stage if settings.stage else p.kind in MODEL_STAGES)]
+    if not models:
+        raise UserError(f"export: no stage of this pipeline makes a model to export (stages {names})")
+    source = Path(models[-1].cfg.output_dir)
+    folder = export(source, settings.out, settings.merge_lora, settings.dtype, overwrite=True)
+    print(f"[pipeline] exported {source} to {folder}")

@@ -168,6 +168,17 @@ def headline(stage: str, evidence: dict) -> list[tuple[str, object, object]]:
     return [rows[k] for k in HEADLINES.get(stage, []) if k in rows]
 
 
+def benchmark_scores(run_dir: Path) -> dict:
+    """The lm-evaluation-harness scores in a run folder (``eval-*.json``, ``gptpipe eval``): {task: {metric:
+    value}}, standard errors left out."""
+    scores: dict = {}
+    for path in sorted(Path(run_dir).glob("eval-*.json")):
+        for task, metrics in (json.loads(path.read_text()).get("results") or {}).items():
+            kept = {k: v for k, v in metrics.items() if not k.endswith("_stderr")}
+            scores.setdefault(task, {}).update(kept)
+    return scores
+
+
 def report_card(stages: list[tuple[str, str, Path]]) -> str:
     """Markdown table for a pipeline: (name, stage kind, run folder) per stage, in order."""
     lines = ["| stage | evidence | before | after | time (s) |", "| --- | --- | --- | --- | --- |"]
@@ -178,9 +189,13 @@ def report_card(stages: list[tuple[str, str, Path]]) -> str:
             continue
         evidence = json.loads(path.read_text())
         seconds = fmt(evidence.get("seconds"))
-        for i, (metric, before, after) in enumerate(
-            headline(kind, evidence) or [("(see eval.json)", None, None)]
-        ):
+        rows = headline(kind, evidence) or [("(see eval.json)", None, None)]
+        rows += [
+            (f"lm-eval {task} {metric}", None, value)
+            for task, metrics in benchmark_scores(run_dir).items()
+            for metric, value in metrics.items()
+        ]
+        for i, (metric, before, after) in enumerate(rows):
             lines.append(
                 f"| {name if i == 0 else ''} | {metric} | {fmt(before)} | {fmt(after)} | {seconds if i == 0 else ''} |"
             )

@@ -21,6 +21,8 @@ from pathlib import Path
 from accelerate.state import PartialState
 from accelerate.utils import broadcast_object_list
 
+from gptpipe.benchmarks import evaluate, results_path
+from gptpipe.compare import MODEL_STAGES
 from gptpipe.distributed import start_distributed
 from gptpipe.errors import UserError
 from gptpipe.faults import note_stage
@@ -36,6 +38,11 @@ POLL_SECONDS = 1.0
 
 def run_stage(cfg) -> dict:
     """Run the stage ``cfg`` names (``cfg.module``'s ``main``) with everything around it; returns its evidence."""
+    if getattr(cfg, "eval_tasks", None) and cfg.stage not in MODEL_STAGES:
+        raise UserError(
+            f"eval_tasks: the {cfg.stage} stage's final/ is not a causal language model (lm-eval scores those: "
+            f"{', '.join(MODEL_STAGES)}); remove eval_tasks from this recipe"
+        )
     note_stage(cfg)
     layout = start_distributed(cfg)
     start_tracking(cfg)
@@ -46,10 +53,27 @@ def run_stage(cfg) -> dict:
         share = _from_main_process if layout.get("world_size", 1) > 1 else None
         evidence = main(cfg, Run.open(cfg, is_main_process(), share))
     if is_main_process():
+        run_benchmarks(cfg)
         report = write_run_report(cfg.output_dir)
         if report:
             print(f"[{cfg.stage}] report: {report}")
     return evidence
+
+
+def run_benchmarks(cfg) -> None:
+    """The stage's ``eval_tasks`` on its ``final/`` (``gptpipe.benchmarks``), unless scores newer than the
+    model's evidence are there."""
+    tasks = getattr(cfg, "eval_tasks", None)
+    if not tasks:
+        return
+    final = Path(cfg.output_dir) / "final"
+    found, evidence = results_path(final, tasks), Path(cfg.output_dir) / "eval.json"
+    if found.is_file() and found.stat().st_mtime_ns >= evidence.stat().st_mtime_ns:
+        return
+    limit = cfg.eval_tasks_limit
+    limit = int(limit) if limit is not None and limit >= 1 else limit
+    print(f"[{cfg.stage}] lm-evaluation-harness: {', '.join(tasks)} on {final}", flush=True)
+    evaluate(final, tasks, cfg.eval_tasks_num_fewshot, limit, chat_template=cfg.stage != "pretrain")
 
 
 def is_main_process() -> bool:

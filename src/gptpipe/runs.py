@@ -182,6 +182,8 @@ def clear_run_dir(out: Path) -> None:
             "merged",  # RL's merged copies of adapter inputs (gptpipe.rlhf.merge_adapters)
         }:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif child.name.startswith("eval-") and child.suffix == ".json":  # the old model's lm-eval scores
+            child.unlink()
         elif child.name.startswith(
             (".final.tmp", ".eval.json.tmp", ".baseline.json.tmp")
         ):  # incl. .final.tmp.merged

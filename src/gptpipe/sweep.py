@@ -26,6 +26,7 @@ from pathlib import Path
 from gptpipe.errors import Preempted, UserError
 from gptpipe.pipeline import load_pipeline, run_pipeline
 from gptpipe.recipe import build_dataclass, load_recipe, override_value, read_yaml, validate_recipe
+from gptpipe.report import benchmark_scores
 from gptpipe.runner import run_stage
 from gptpipe.runs import is_finished
 
@@ -33,7 +34,8 @@ from gptpipe.runs import is_finished
 @dataclass
 class SweepConfig:
     base: str  # a recipe or a pipeline file, relative to the sweep file
-    metric: str  # an eval.json key (pipelines: STAGE.key, e.g. sft.answer_accuracy_after)
+    # an eval.json key (pipelines: STAGE.key, e.g. sft.answer_accuracy_after), or lm_eval.<task>.<metric> (eval_tasks)
+    metric: str
     output_dir: str
     direction: str = "maximize"  # maximize | minimize
     grid: dict = field(default_factory=dict)  # dotted key -> list of values (every combination)
@@ -150,9 +152,24 @@ def trial_command(cfg: SweepConfig, params: dict, folder: Path) -> list[str]:
     return ["gptpipe", "train", cfg.base, *assignments, f"output_dir={folder}"]
 
 
+def _metric_stage(cfg: SweepConfig) -> tuple[str, str]:
+    """(the pipeline stage, the key): ``STAGE.key`` for pipelines, ``key`` for a recipe."""
+    stage, _, key = cfg.metric.partition(".") if is_pipeline(cfg.base) else ("", "", cfg.metric)
+    return stage, key
+
+
 def read_metric(cfg: SweepConfig, folder: Path) -> float:
-    stage, _, key = cfg.metric.rpartition(".") if is_pipeline(cfg.base) else ("", "", cfg.metric)
-    path = folder / stage / "eval.json" if stage else folder / "eval.json"
+    stage, key = _metric_stage(cfg)
+    run = folder / stage if stage else folder
+    if key.startswith("lm_eval."):  # lm_eval.<task>.<metric>: the run's eval_tasks scores (eval-*.json)
+        task, _, metric = key.removeprefix("lm_eval.").rpartition(".")
+        scores = benchmark_scores(run)
+        if metric not in scores.get(task, {}):
+            raise UserError(
+                f"metric: {key!r}: no such score in {run}/eval-*.json (eval_tasks); it has {scores}"
+            )
+        return float(scores[task][metric])
+    path = run / "eval.json"
     evidence = json.loads(path.read_text())
     if key not in evidence:
         raise UserError(f"metric: {key!r} is not in {path}; it has {sorted(evidence)}")
@@ -161,7 +178,7 @@ def read_metric(cfg: SweepConfig, folder: Path) -> float:
 
 def run_trial(cfg: SweepConfig, params: dict, folder: Path) -> float:
     """Train one trial in this process (or find it finished) and return its metric."""
-    finished = folder / (cfg.metric.rpartition(".")[0] if is_pipeline(cfg.base) else "")
+    finished = folder / _metric_stage(cfg)[0]
     if not is_finished(finished):
         values = {**cfg.overrides, **params}
         assignments = [f"{k}={override_value(v)}" for k, v in values.items()]

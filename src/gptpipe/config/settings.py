@@ -109,6 +109,12 @@ class RunSettings(DataSettings):
     slurm_requeue: bool = True  # on SIGUSR1 under Slurm: save a checkpoint, then `scontrol requeue` the job
     # pretrain and sft: where prepared (tokenized, packed) data is kept; None: $GPTPIPE_CACHE/prepared
     prepared_data_dir: str | None = None
+    # lm-evaluation-harness tasks run on final/ once the stage finished (gptpipe eval; eval-<tasks>.json in the
+    # run folder, rows in the report cards): e.g. [tinyworld] or [mmlu, gsm8k]. Chat template for every stage
+    # but pretraining; eval_tasks_limit: examples per task (below 1: a fraction)
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_num_fewshot: int | None = None
+    eval_tasks_limit: float | None = None
 
     def to_dict(self) -> dict:
         """What HF integrations log (TensorBoard, wandb): the trainer's dict with our nested settings as plain
