@@ -116,7 +116,7 @@ def test_dpo_under_ddp_and_zero3_with_two_processes_matches_one_process(tiny_sft
     pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
     few = "[{path: tinyworld:comparisons, split: %s, format: preference, max_samples: %d}]"
     # DPO's loss alone: the recipe's NLL term is a token mean per process, which two processes average unweighted
-    small = {"max_steps": 4, "logging_steps": 1, "prompt_datasets": "[]", "loss_type": "[sigmoid]"}
+    small = {"max_steps": 2, "logging_steps": 1, "prompt_datasets": "[]", "loss_type": "[sigmoid]"}
     small |= {"datasets": few % ("train", 128), "eval_datasets": few % ("eval", 32)}
 
     def overrides(out, batch, *extra):
@@ -131,7 +131,7 @@ def test_dpo_under_ddp_and_zero3_with_two_processes_matches_one_process(tiny_sft
         assert two.returncode == 0, two.stderr[-3000:]
     one = json.loads((tmp_path / "one/eval.json").read_text())
     losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r}
-    assert sorted(losses) == [1, 2, 3, 4]
+    assert sorted(losses) == [1, 2]
     for name, engine in (("ddp", "MULTI_CPU"), ("zero3", "DEEPSPEED")):
         layout = json.loads((tmp_path / name / "distributed.json").read_text())
         assert layout["world_size"] == 2 and layout["distributed_type"] == engine, layout

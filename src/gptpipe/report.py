@@ -174,7 +174,7 @@ def benchmark_scores(run_dir: Path) -> dict:
     scores: dict = {}
     for path in sorted(Path(run_dir).glob("eval-*.json")):
         for task, metrics in (json.loads(path.read_text()).get("results") or {}).items():
-            kept = {k: v for k, v in metrics.items() if not k.endswith("_stderr")}
+            kept = {k: v for k, v in metrics.items() if not k.endswith("_stderr") and k != "sample_len"}
             scores.setdefault(task, {}).update(kept)
     return scores
 
