@@ -217,11 +217,9 @@ TRAINED_MODELS = {"tiny_base", "tiny_sft", "tiny_reward"}
 
 # Under pytest-xdist (`make test`: -n 2) the tests run in this order: those that need the SFT model first (the
 # worker that gets them trains the base and SFT models from the start), then those that need no trained model
-# (the other worker, meanwhile), then the SFT model's learning tests (the longest: pytest-xdist hands each worker
-# the first quarter of its share at once, and the first worker's chunk of every SFT test outlasted the rest), the
-# base model's (trained by then), the reward model's last. Any order is correct (the models are shared under a
-# lock, see shared_run); this one keeps both workers busy.
-QUEUE = ("sft", None, "sft-learning", "base", "reward")
+# (the other worker, meanwhile), the base model's (trained by then), the reward model's last. Any order is
+# correct (the models are shared under a lock, see shared_run); this one keeps both workers busy.
+QUEUE = ("sft", None, "base", "reward")
 
 
 def _chain_part(names: set) -> str | None:
@@ -243,6 +241,4 @@ def pytest_collection_modifyitems(config, items):
         if TRAINED_MODELS & names:
             item.add_marker(pytest.mark.slow)
         part[item] = _chain_part(names)
-        if part[item] == "sft" and item.get_closest_marker("learning"):
-            part[item] = "sft-learning"
     items.sort(key=lambda item: QUEUE.index(part[item]))  # stable: file order within each part
