@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from gptpipe.errors import UserError
-from gptpipe.modeling import DTYPES, is_adapter, merged_copy
+from gptpipe.modeling import DTYPES, adapter_base, is_adapter, merged_copy
 from gptpipe.report import benchmark_scores, fmt, headline
 from gptpipe.rlhf import stop_token_ids
 
@@ -111,9 +111,7 @@ def base_model(chain: list[dict], folder: Path) -> str:
     if chain and chain[0]["stage"] in ("tokenizer", "pretrain"):
         return "none (pretrained from scratch by gptpipe)"
     if is_adapter(folder):
-        return json.loads((folder / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path", "unknown"
-        )
+        return adapter_base(folder)
     return "unknown"
 
 
@@ -164,7 +162,7 @@ def model_card(name: str, folder: Path, chain: list[dict], merged: bool, scores:
 def _auto_class(folder: Path):
     config_dir = folder
     if is_adapter(folder):
-        config_dir = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        config_dir = adapter_base(folder)
     architectures = AutoConfig.from_pretrained(config_dir).architectures or []
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     return AutoModelForSequenceClassification if classifier else AutoModelForCausalLM

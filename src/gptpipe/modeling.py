@@ -191,9 +191,7 @@ def output_size(name: str, revision=None, remote_code=False) -> int:
     """The size of a model's output layer (its config's ``vocab_size``; a LoRA folder's base's), read from its
     config alone."""
     if is_adapter(name):
-        from peft import PeftConfig
-
-        name = PeftConfig.from_pretrained(name).base_model_name_or_path
+        name = adapter_base(name)
     config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=remote_code)
     return config.get_text_config().vocab_size
 
@@ -236,6 +234,13 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def adapter_base(path: str | Path) -> str:
+    """The base model a LoRA adapter folder was trained on (its ``base_model_name_or_path``)."""
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+
+
 def _head_kwargs(auto_class) -> dict:
     """A reward model is a sequence classifier with one output: say so whenever one is loaded."""
     return {"num_labels": 1} if auto_class is AutoModelForSequenceClassification else {}
@@ -256,10 +261,10 @@ def merge_adapter(adapter_dir: str | Path, auto_class=AutoModelForCausalLM) -> P
 def merged_copy(adapter_dir: str | Path, out: str | Path, auto_class=AutoModelForCausalLM) -> Path:
     """Write ``adapter_dir`` with its adapter merged into its base as a plain model folder ``out`` (the
     adapter folder stays), with its tokenizer and generation config; returns ``out``."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
     adapter_dir, out = Path(adapter_dir), Path(out)
-    base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    base_name = adapter_base(adapter_dir)
     base = auto_class.from_pretrained(base_name, dtype=torch.float32, **_head_kwargs(auto_class))
     PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(out)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
