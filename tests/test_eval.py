@@ -13,13 +13,26 @@ pytest.importorskip("lm_eval", reason="make setup installs lm-eval (the eval ext
 
 
 def test_tinyworld_task_scores_the_sft_model_as_its_own_evidence(tiny_sft, capsys):
-    main(["eval", str(tiny_sft), "--tasks", "tinyworld", "--chat-template", "--batch-size", "64"])
+    """With no flag, the SFT model's requests are rendered with its chat template (its tokenizer has one)."""
+    main(["eval", str(tiny_sft), "--tasks", "tinyworld", "--batch-size", "64"])
     found = json.loads((tiny_sft.parent / "eval-tinyworld.json").read_text())
     accuracy = found["results"]["tinyworld"]["answer_accuracy"]
     own = json.loads((tiny_sft.parent / "eval.json").read_text())["answer_accuracy_after"]
     assert abs(accuracy - own) <= 0.05, (accuracy, own)  # 78 questions: one is 0.013
     assert found["chat_template"] is True and found["lm_eval_version"]
-    assert "| tinyworld | answer_accuracy |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| tinyworld | answer_accuracy |" in out and "rendered with the model's chat template" in out
+
+
+def test_the_chat_template_is_the_default_except_for_a_pretraining_runs_model(tiny_base, tiny_sft):
+    from transformers import AutoTokenizer
+
+    from gptpipe.benchmarks import uses_chat_template
+
+    for folder, expected in ((tiny_sft, True), (tiny_base, False)):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer.chat_template  # the tiny tokenizer carries its template from the start
+        assert uses_chat_template(folder, tokenizer) is expected, folder
 
 
 def _stopped(argv, capsys) -> str:

@@ -54,14 +54,16 @@ def test_preempted_then_killed_while_saving_resumes_bit_identical(tokenizer_dir,
 
 
 def test_ppo_preempted_then_killed_while_saving_resumes_bit_identical(tiny_sft, tiny_reward, tmp_path):
+    """With PPO-ptx: the ptx rows of each update are a function of the step, so the resumed run takes the same."""
+
     def args(out):
-        return rl_overrides(tiny_sft, tiny_reward, out, max_steps=5, save_steps=3, save_total_limit=1)
+        ptx = {"ptx_coef": 1.0, "ptx_datasets": "[{path: tinyworld:sft}]"}
+        return rl_overrides(tiny_sft, tiny_reward, out, max_steps=5, save_steps=3, save_total_limit=1, **ptx)
 
     preempt = (SIGNAL, {"GPTPIPE_TEST_SIGNAL_AT_STEP": 2}, 75, 2, 2)
     kill_on_save = (KILL_ON_SAVE, {"GPTPIPE_TEST_KILL_ON_SAVE": 3}, -9, 2, 3)
-    check_interrupted_runs(
-        tmp_path, RL, args, 5, [preempt, kill_on_save], ("reward", "kl", "policy_loss", "value_loss")
-    )
+    compared = ("reward", "kl", "policy_loss", "value_loss", "ptx_loss")
+    check_interrupted_runs(tmp_path, RL, args, 5, [preempt, kill_on_save], compared)
 
 
 def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(

@@ -26,18 +26,23 @@ def by_length(rows):  # a known labeler: longer is better
 
 
 def test_a_labeler_orders_each_prompt_and_ties_are_not_compared():
-    rows = samples("bb", "a", "cccc", "dd") + samples("x", "y", id=1)  # prompt 1: a tie only
+    rows = samples("bb", "a", "cccc", "dd", "a") + samples("x", "y", id=1)  # prompt 1: a tie only
     ranked, stats = ranking.rank_samples(rows, by_length)
+    # every distinct text kept ("a" twice counts once), "dd" beside "bb" with the same score
     assert ranked == [
-        {"id": 0, "prompt": PROMPT, "responses": ["cccc", "bb", "a"]}
-    ]  # "dd" ties "bb": dropped
-    assert stats == {"prompts": 2, "kept": 1, "dropped_fewer_than_two": 1, "unranked": 0, "pairs": 3}
-    pairs = from_ranked(ranked[0])  # what the reward stage makes of it: every better/worse pair
+        {"id": 0, "prompt": PROMPT, "responses": ["cccc", "bb", "dd", "a"], "scores": [4, 2, 2, 1]}
+    ]
+    assert stats == {"prompts": 2, "kept": 1, "dropped_fewer_than_two": 1, "unranked": 0, "pairs": 5}
+    pairs = from_ranked(ranked[0])  # what the reward stage makes of it: every pair with a winner
     assert [(c[-1]["content"], r[-1]["content"]) for c, r in pairs] == [
         ("cccc", "bb"),
+        ("cccc", "dd"),
         ("cccc", "a"),
         ("bb", "a"),
-    ]
+        ("dd", "a"),
+    ]  # bb and dd tie: not a pair
+    with pytest.raises(ValueError, match="scores"):  # scores must come best first, one per response
+        from_ranked({**ranked[0], "scores": [1, 2, 2, 4]})
 
 
 def test_human_rankings_by_sample_number(tmp_path):
@@ -115,9 +120,9 @@ def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tiny_reward, tmp_
     assert len(rows) == evidence["kept"] and all(len(r["responses"]) >= 2 for r in rows)
     samples_file = [json.loads(line) for line in (out / "final/samples.jsonl").read_text().splitlines()]
     by_text = {(s["id"], s["completion"]): s for s in samples_file}
-    for row in rows:  # best first by the tiny world's labeler, with the real answers
+    for row in rows:  # best first by the tiny world's labeler, with the real answers, ties marked
         scored = label([by_text[(row["id"], c)] for c in row["responses"]])
-        assert scored == sorted(scored, reverse=True) and len(set(scored)) == len(scored)
+        assert scored == sorted(scored, reverse=True) == row["scores"] and len(set(scored)) >= 2
 
     # The report card's section: every finished reward run of the folder scored on the held-out comparisons.
     heldout = out / "final/heldout_comparisons.jsonl"

@@ -1,17 +1,18 @@
-"""The report card's RL verdicts: one plain line per RL stage that checked answers, saying whether answer
-accuracy rose and why, read from the stage's eval.json and config.yaml."""
+"""The report card's verdicts: one plain line per stage after SFT that checked answers, saying whether it made a
+better assistant as a whole (the new skill rose, the retained skills stayed) and why, read from the stage's
+eval.json and config.yaml."""
 
 import json
 
 import yaml
 
-from gptpipe.report import rl_verdicts
+from gptpipe.report import assistant_verdicts
 
 
-def _run(folder, evidence: dict, config: dict):
+def _run(folder, evidence: dict, config: dict, stage: str = "rl"):
     folder.mkdir(parents=True)
     (folder / "eval.json").write_text(json.dumps(evidence))
-    (folder / "config.yaml").write_text(yaml.safe_dump({"stage": "rl", **config}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"stage": stage, **config}))
     return folder
 
 
@@ -46,10 +47,45 @@ def test_each_rl_stage_gets_a_verdict_with_its_reason(tmp_path):
                 {
                     "answer_accuracy_before": 0.62,
                     "answer_accuracy_after": 0.74,
+                    "retained_answer_accuracy_before": 0.885,
+                    "retained_answer_accuracy_after": 0.87,
                     "reward_before": 0.62,
                     "reward_after": 0.74,
                 },
                 check,
+            ),
+        ),
+        (
+            "ppo-taxed",
+            "rl",
+            _run(
+                tmp_path / "taxed",
+                {
+                    "answer_accuracy_before": 0.185,
+                    "answer_accuracy_after": 0.631,
+                    "retained_answer_accuracy_before": 0.885,
+                    "retained_answer_accuracy_after": 0.705,
+                    "generalization_answer_accuracy_before": 0.177,
+                    "generalization_answer_accuracy_after": 0.3,
+                    "reward_before": 0.185,
+                    "reward_after": 0.631,
+                },
+                check,
+            ),
+        ),
+        (
+            "dpo",
+            "dpo",
+            _run(
+                tmp_path / "dpo",
+                {
+                    "answer_accuracy_before": 0.185,
+                    "answer_accuracy_after": 0.162,
+                    "retained_answer_accuracy_before": 0.885,
+                    "retained_answer_accuracy_after": 0.936,
+                },
+                {},
+                "dpo",
             ),
         ),
         (
@@ -69,15 +105,24 @@ def test_each_rl_stage_gets_a_verdict_with_its_reason(tmp_path):
         ("ppo-toy", "rl", _run(tmp_path / "toy", {"reward_before": 0.0, "reward_after": 1.0}, rm)),
         ("missing", "rl", tmp_path / "never-ran"),
     ]
-    lines = rl_verdicts(stages).splitlines()
-    assert lines[0].startswith("Did RL make a better assistant")
+    lines = assistant_verdicts(stages).splitlines()
+    assert lines[0].startswith("Did each stage make a better assistant")
     verdicts = {line.split("**")[1]: line for line in lines if line.startswith("- **")}
-    assert set(verdicts) == {"rl", "grpo", "rloo"}  # SFT is no RL stage; no accuracy, or no run: no verdict
-    assert "did not improve (answer accuracy 0.59 -> 0.47) although its reward rose" in verdicts["rl"]
+    # SFT is judged on its own; no accuracy, or no run: no verdict
+    assert set(verdicts) == {"rl", "grpo", "ppo-taxed", "dpo", "rloo"}
+    assert "did not improve (new skill 0.59 -> 0.47) although its reward rose" in verdicts["rl"]
     assert "reward hacking" in verdicts["rl"] and "the reward model scores" in verdicts["rl"]
-    assert "improved (answer accuracy 0.62 -> 0.74): reward functions rewarded" in verdicts["grpo"]
+    # within 0.03 of the retained accuracy it started with: a better assistant
+    assert "improved, a better assistant (new skill 0.62 -> 0.74; retained 0.885 -> 0.87)" in verdicts["grpo"]
+    taxed = verdicts["ppo-taxed"]
+    assert (
+        "improved the new skill (new skill 0.185 -> 0.631; retained 0.885 -> 0.705; unseen phrasing" in taxed
+    )
+    assert "alignment tax" in taxed and "fell 0.18 " in taxed and "better assistant" not in taxed
+    assert "no new skill (new skill 0.185 -> 0.162; retained 0.885 -> 0.936)" in verdicts["dpo"]
+    assert "alignment tax" not in verdicts["dpo"] + verdicts["grpo"]
     assert verdicts["rloo"].startswith("- **rloo**: unchanged")  # under one prompt in a hundred
-    assert rl_verdicts(stages[:1]) == ""
+    assert assistant_verdicts(stages[:1]) == ""
 
 
 def test_the_run_report_plots_reward_against_accuracy_with_the_alarms(tmp_path):

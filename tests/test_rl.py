@@ -35,6 +35,8 @@ def test_ppo_runs_and_reports_reward_kl_and_accuracy(tiny_sft, tiny_reward, tmp_
     assert e["kl_before"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert e["kl_after"] != 0.0 and e["train_steps"] == 6
     assert {"reward_before", "reward_after", "answer_accuracy_before", "answer_accuracy_after"} <= e.keys()
+    # the recipe's whole-assistant sets: SFT's held-out questions (retained) and the unseen phrasing
+    assert {"retained_answer_accuracy_before", "generalization_answer_accuracy_after"} <= e.keys()
     records = [json.loads(line) for line in (tmp_path / "rl/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward" in r] == [1, 2, 3, 4, 5, 6]
     watched = [
@@ -75,14 +77,15 @@ def test_ppo_with_a_lora_policy_uses_the_disabled_adapter_as_reference(tiny_sft,
 @pytest.mark.distributed
 def test_ppo_under_ddp_and_deepspeed_zero3_with_two_processes(tiny_sft, tiny_reward, tmp_path):
     """DDP through accelerate_configs/cpu_ddp.yaml, then a real ZeRO-3 engine (policy and critic as one
-    module; reference and reward model as inference engines) on the same seeds: the same first rollout and
-    losses, a whole policy saved, and a resume from a ZeRO-3 checkpoint that repeats the last iteration.
+    module; reference and reward model as inference engines) on the same seeds, both with PPO-ptx: the same
+    first rollout and losses, a whole policy saved, and a resume from a ZeRO-3 checkpoint that repeats the last iteration.
     The DDP run is first preempted by a SIGTERM that only one process receives, then rerun."""
     pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
 
-    def args(out, **extra):
+    def args(out, **extra):  # with PPO-ptx on the SFT data: its term under DDP and in the ZeRO-3 engine
         settings = {"max_steps": 3, "per_device_train_batch_size": 4, "eval_prompts": 8, "save_steps": 2}
+        settings |= {"ptx_coef": 1.0, "ptx_datasets": "[{path: tinyworld:sft}]"}
         return [*rl_overrides(tiny_sft, tiny_reward, out, **settings, **extra), "use_cpu=true"]
 
     ddp = tmp_path / "ddp"
@@ -131,7 +134,11 @@ def test_ppo_under_ddp_and_deepspeed_zero3_with_two_processes(tiny_sft, tiny_rew
     assert layout == {**layout, "world_size": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
     first_ddp, first_zero3 = (read_metrics(d)[0] for d in (ddp, zero3))
     assert first_zero3["reward"] == pytest.approx(first_ddp["reward"], abs=1e-5)  # same seeds, same samples
-    for key in ("policy_loss", "value_loss"):  # both paths clip both models together (test_ppo_distributed)
+    for key in (
+        "policy_loss",
+        "value_loss",
+        "ptx_loss",
+    ):  # both clip both models together (test_ppo_distributed)
         assert first_zero3[key] == pytest.approx(first_ddp[key], rel=0.05, abs=1e-3), key
     policy = AutoModelForCausalLM.from_pretrained(zero3 / "final")
     assert sum(p.numel() for p in policy.parameters()) == sum(

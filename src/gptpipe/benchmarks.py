@@ -1,15 +1,18 @@
 """Benchmarks with lm-evaluation-harness: its own tasks and its Python API (``lm_eval.simple_evaluate``), on any
 model folder a stage wrote.
 
-    gptpipe eval runs/tiny/sft/final --tasks tinyworld --chat-template
-    gptpipe eval runs/smollm2-1.7b/sft/final --tasks mmlu,gsm8k --num-fewshot 5 --batch-size 16 --chat-template
+    gptpipe eval runs/tiny/sft/final --tasks tinyworld
+    gptpipe eval runs/smollm2-1.7b/sft/final --tasks mmlu,gsm8k --num-fewshot 5 --batch-size 16
+    gptpipe eval runs/tiny/pretrain/final --tasks tinyworld --no-chat-template     # base-model style
 
 Tasks are lm-eval's (``mmlu``, ``gsm8k``, ``hellaswag``, ``ifeval``... which read their data from the Hub),
 task YAML files or folders of them, and gptpipe's ``tinyworld`` (``gptpipe/benchmark_tasks``: the tiny world's
 held-out questions, scored by the stages' own answer check), which runs offline. The model is loaded as the
 stages load it (a full model or a LoRA adapter, its generation config) and handed to lm-eval's ``HFLM``;
-``chat_template`` renders each request with the model's chat template (an SFT or RL model), without it the
-model reads plain text (a base model). Scores go to ``eval-<tasks>.json`` beside the model (in the run folder
+``chat_template`` renders each request with the model's chat template; by default (None) it does whenever the
+tokenizer has one and the folder is not a pretraining run's (every SFT, RL, DPO... folder): an assistant scored
+on plain-text requests answers another task (the verifiable PPO model: 0.19 instead of 0.705). ``False`` gives
+base-model style requests. Scores go to ``eval-<tasks>.json`` beside the model (in the run folder
 for a run's ``final/``), which report cards and model cards read.
 """
 
@@ -103,7 +106,7 @@ def evaluate(
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     batch_size: int = 8,
-    chat_template: bool = False,
+    chat_template: bool | None = None,
 ) -> tuple[dict, Path]:
     """Run lm-eval's ``tasks`` on the model folder; returns ({task: {metric: value}}, the results file)."""
     if not tasks:
@@ -114,6 +117,13 @@ def evaluate(
 
     manager, names = task_manager(tasks)
     policy, tokenizer = load_for_inference(folder)
+    if chat_template is None:
+        chat_template = uses_chat_template(folder, tokenizer)
+        print(
+            "[eval] requests rendered with the model's chat template (--no-chat-template: plain text)"
+            if chat_template
+            else "[eval] requests as plain text: a base model, or no chat template (--chat-template to force it)"
+        )
     lm = HFLM(pretrained=policy, tokenizer=tokenizer, batch_size=batch_size)
     try:
         found = lm_eval.simple_evaluate(
@@ -154,6 +164,16 @@ def evaluate(
     )
     print(scores_table(scores))
     return scores, out
+
+
+def uses_chat_template(folder: Path, tokenizer) -> bool:
+    """The default: the tokenizer's chat template when it has one, unless the folder is a pretraining run's
+    output (a base model reads plain text, although the tiny tokenizer carries a template from the start)."""
+    config = folder.parent / "config.yaml" if folder.name == "final" else None
+    if config is not None and config.is_file():
+        if (yaml.safe_load(config.read_text()) or {}).get("stage") == "pretrain":
+            return False
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def scores_table(scores: dict) -> str:

@@ -127,7 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-fewshot", type=int, default=None)
     bench.add_argument("--limit", type=float, default=None, help="examples per task (below 1: a fraction)")
     bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--chat-template", action="store_true", help="render requests with the chat template")
+    bench.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render requests with the model's chat template (default: when its tokenizer has one, except for a "
+        "pretraining run's model); --no-chat-template: plain text, base-model style",
+    )
 
     export = sub.add_parser(
         "export", help="a finished model as a plain Hugging Face folder with a model card"

@@ -43,7 +43,7 @@ from gptpipe.recipe import (
     override_value,
     read_yaml,
 )
-from gptpipe.report import report_card, rl_verdicts
+from gptpipe.report import assistant_verdicts, report_card
 from gptpipe.runner import is_main_process, run_benchmarks, run_stage
 from gptpipe.runs import is_finished
 
@@ -284,7 +284,7 @@ def run_pipeline(
     stages = [(p.name, p.kind, Path(p.cfg.output_dir)) for p in planned]
     card = report_card(stages)
     text = f"# Pipeline report card: {path}\n\n{card}\n\nEach stage's own report: `<stage>/report.md`.\n"
-    verdicts = rl_verdicts(stages)
+    verdicts = assistant_verdicts(stages)
     text += f"\n{verdicts}\n" if verdicts else ""
     if is_main_process():
         if pipe.compare is not None:

@@ -16,7 +16,15 @@ from gptpipe import faults
 from gptpipe.data import preferences
 from gptpipe.data.sources import describe, load_mixture
 from gptpipe.modeling import apply_lora, build_model, frozen_reference, merge_adapter
-from gptpipe.rlhf import before_after, evaluate, prompt_rows, stop_token_ids
+from gptpipe.rlhf import (
+    before_after,
+    evaluate,
+    judged_prompts,
+    measure_all,
+    prompt_rows,
+    stop_token_ids,
+    whole_assistant_line,
+)
 from gptpipe.runs import Run
 
 
@@ -62,18 +70,18 @@ def train_measured(
 ) -> tuple[dict, object]:
     """Train with TRL's ``trainer`` (resuming when the run does), measured before and after: the stage's own
     figures, ``own(policy, reference)``, and with prompts answer accuracy and KL to the frozen reference (to
-    ``teacher`` when given: distillation). Every process measures (ZeRO-3 forwards are collective); the main one
+    ``teacher`` when given: distillation), on ``generalization_datasets`` and ``retained_datasets`` too. Every process measures (ZeRO-3 forwards are collective); the main one
     writes. Returns (evidence, the trained policy)."""
     policy = trainer.accelerator.unwrap_model(trainer.model)
     copies = {"reference_copies": int(getattr(trainer, "ref_model", None) is not None)}  # none with LoRA
     reference = frozen_reference(trainer, cfg, tokenizer) if teacher is None else teacher
     max_new_tokens = max_new_tokens or cfg.max_new_tokens
 
-    def measure() -> dict:
-        found = own(policy, reference)
-        if prompts is not None:  # the answer check is the evidence here, not a reward
-            found |= evaluate(policy, reference, tokenizer, prompts, None, max_new_tokens)
-        return found
+    judged = judged_prompts(cfg)  # the whole assistant: generalization and retained prompts
+
+    def measure() -> dict:  # the answer check is the evidence here, not a reward
+        answered = lambda p: evaluate(policy, reference, tokenizer, p, None, max_new_tokens)  # noqa: E731
+        return own(policy, reference) | measure_all(answered, prompts, judged)
 
     # Measured once training begins: under ZeRO-3 the policy's weights are shards until the Trainer builds its
     # engine (in train()), and only then does a forward gather them. A resumed run reads baseline.json.
@@ -118,5 +126,5 @@ def answers_line(e: dict) -> str:
         return ""
     return (
         f"; answer accuracy {e['answer_accuracy_before']:.2f} -> {e['answer_accuracy_after']:.2f}, "
-        f"KL to reference {e['kl_after']:.3f}"
+        f"KL to reference {e['kl_after']:.3f}" + whole_assistant_line(e)
     )

@@ -20,6 +20,8 @@ import yaml
 from gptpipe.files import redact
 from gptpipe.tracking import read_metrics
 
+# Every stage after SFT: the new skill, what it had to keep, the skill in a phrasing no training data has.
+WHOLE_ASSISTANT = ["answer_accuracy", "retained_answer_accuracy", "generalization_answer_accuracy"]
 # Per stage, the evidence that proves it did its job (eval.json keys without _before/_after), in order.
 HEADLINES = {
     "tokenizer": ["bytes_per_token", "roundtrip_lossless", "vocab_size"],
@@ -27,10 +29,10 @@ HEADLINES = {
     "sft": ["answer_accuracy", "exact_match", "eval_loss"],
     "rank": ["pairs", "kept", "top_score_share"],
     "reward": ["pairwise_accuracy"],
-    "rl": ["reward", "kl", "answer_accuracy", "generalization_answer_accuracy", "rm_agreement"],
-    "dpo": ["implicit_reward_accuracy", "preference_accuracy", "kl", "answer_accuracy"],
-    "kto": ["implicit_reward_ranking", "implicit_reward_accuracy", "kl", "answer_accuracy"],
-    "distill": ["answer_accuracy", "teacher_answer_accuracy", "kl"],
+    "rl": ["reward", "kl", *WHOLE_ASSISTANT, "rm_agreement"],
+    "dpo": ["implicit_reward_accuracy", "preference_accuracy", "kl", *WHOLE_ASSISTANT],
+    "kto": ["implicit_reward_ranking", "implicit_reward_accuracy", "kl", *WHOLE_ASSISTANT],
+    "distill": [*WHOLE_ASSISTANT, "teacher_answer_accuracy", "kl"],
 }
 # Logged keys that are bookkeeping rather than learning curves.
 NOT_PLOTTED = ("step", "epoch", "runtime", "per_second", "model_preparation_time", "num_tokens", "total_flos")
@@ -202,47 +204,80 @@ def report_card(stages: list[tuple[str, str, Path]]) -> str:
     return "\n".join(lines)
 
 
-def rl_verdicts(stages: list[tuple[str, str, Path]]) -> str:
-    """One plain line per finished RL stage that checked answers: did answer accuracy rise, and why (from its
-    evidence and what its reward was)."""
+# The stages judged as a whole assistant: everything after SFT that changes the policy.
+POLICY_STAGES = ("rl", "dpo", "kto", "distill")
+TAX_TOLERANCE = 0.03  # retained accuracy may fall this much (about 2 of SFT's 78 held-out questions) and still count as kept
+
+
+def assistant_verdicts(stages: list[tuple[str, str, Path]]) -> str:
+    """One plain line per finished stage after SFT that checked answers: did it make a better assistant as a
+    whole (the new skill rose and what it had to keep stayed within ``TAX_TOLERANCE``), and if not, why (from
+    its evidence and what its reward was)."""
     lines = []
     for name, kind, run_dir in stages:
         path = run_dir / "eval.json"
-        if kind != "rl" or not path.is_file():
+        if kind not in POLICY_STAGES or not path.is_file():
             continue
         e, config = json.loads(path.read_text()), _read_config(run_dir)
         if "answer_accuracy_after" not in e:
             continue
-        lines.append(f"- **{name}**: {_verdict(e, config)}")
+        lines.append(f"- **{name}**: {_verdict(e, config, kind)}")
     if not lines:
         return ""
-    return "Did RL make a better assistant (held-out answer accuracy)?\n\n" + "\n".join(lines)
+    return (
+        "Did each stage make a better assistant (new skill up; retained skills within "
+        f"{TAX_TOLERANCE}; unseen phrasing shown)?\n\n" + "\n".join(lines)
+    )
 
 
-def _verdict(e: dict, config: dict) -> str:
+def _moved(e: dict, key: str, label: str) -> str:
+    if f"{key}_before" not in e:
+        return ""
+    return f"; {label} {fmt(e[f'{key}_before'])} -> {fmt(e[f'{key}_after'])}"
+
+
+def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
     before, after = e["answer_accuracy_before"], e["answer_accuracy_after"]
-    moved = f"answer accuracy {fmt(before)} -> {fmt(after)}"
-    if "generalization_answer_accuracy_before" in e:
-        moved += (
-            f"; on the generalization prompts {fmt(e['generalization_answer_accuracy_before'])} -> "
-            f"{fmt(e['generalization_answer_accuracy_after'])}"
+    moved = f"new skill {fmt(before)} -> {fmt(after)}"
+    moved += _moved(e, "retained_answer_accuracy", "retained")
+    moved += _moved(e, "generalization_answer_accuracy", "unseen phrasing")
+    tolerance = 0.01  # about one held-out prompt in a hundred: less is noise
+    kept = "retained_answer_accuracy_before" not in e or (
+        e["retained_answer_accuracy_after"] >= e["retained_answer_accuracy_before"] - TAX_TOLERANCE
+    )
+    tax = (
+        ""
+        if kept
+        else (
+            f" It paid an alignment tax: what it had to keep fell "
+            f"{fmt(e['retained_answer_accuracy_before'] - e['retained_answer_accuracy_after'])} "
+            "(more than " + str(TAX_TOLERANCE) + "); mix the retained prompts into datasets: or set ptx_coef "
+            "(PPO-ptx) (README, RL)."
         )
+    )
+    if kind != "rl":  # preference and distillation stages: no reward to explain
+        if after - before > tolerance:
+            return (f"better assistant ({moved})." if kept else f"gained the new skill ({moved}).") + tax
+        return f"no new skill ({moved}).{tax}"
     reward = f"reward {fmt(e.get('reward_before'))} -> {fmt(e.get('reward_after'))}"
     judge = "reward functions" if config.get("reward_funcs") else "the reward model"
     if config.get("reward_funcs") and config.get("reward_model"):
         judge = "the reward model and reward functions"
-    tolerance = 0.01  # about one held-out prompt in a hundred: less is noise
     if after - before > tolerance:
-        return f"improved ({moved}): {judge} rewarded the right answers ({reward})."
+        lead = "improved, a better assistant" if kept else "improved the new skill"
+        return f"{lead} ({moved}): {judge} rewarded the right answers ({reward}).{tax}"
     rose = e.get("reward_after", 0) > e.get("reward_before", 0)
     if after - before < -tolerance and rose:
         return (
             f"did not improve ({moved}) although its reward rose ({reward}): the policy learned what {judge} "
-            "scores highly, which is not the right answer (reward hacking; README, RL)."
+            f"scores highly, which is not the right answer (reward hacking; README, RL).{tax}"
         )
     if after - before < -tolerance:
-        return f"did not improve ({moved}) and its reward fell too ({reward}): the update went wrong; lower the learning rate."
-    return f"unchanged ({moved}, {reward})."
+        return (
+            f"did not improve ({moved}) and its reward fell too ({reward}): the update went wrong; lower the "
+            f"learning rate.{tax}"
+        )
+    return f"unchanged ({moved}, {reward}).{tax}"
 
 
 def _read_config(run_dir: Path) -> dict:

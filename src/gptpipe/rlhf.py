@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
-from gptpipe.data import chat_templates
+from gptpipe.data import chat_templates, formats
 from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.data.formats import RowError
 from gptpipe.data.formats import _messages as messages
-from gptpipe.data.sources import load_mixture
+from gptpipe.data.sources import describe, load_mixture
 from gptpipe.errors import UserError
 from gptpipe.hacking import RewardHackingWatch
 from gptpipe.modeling import is_adapter, merge_adapter, merged_copy
@@ -52,21 +52,42 @@ def prompt_rows(ds, src):
     return ds.map(to_messages, with_indices=True, desc="reading prompts")
 
 
-def generalization_prompts(cfg):
-    """``generalization_datasets``: more held-out prompts (e.g. the tiny world's ``unseen`` phrasing), measured
-    before and after as ``generalization_*``; None without them."""
-    if not cfg.generalization_datasets:
-        return None
-    prompts = load_mixture(cfg.generalization_datasets, [], seed=cfg.seed, prepare=prompt_rows)
-    return prompts.select(range(min(cfg.eval_prompts, len(prompts))))
+def judged_prompts(cfg) -> dict:
+    """The whole assistant's other held-out prompts, each set its first ``eval_prompts``: ``generalization``
+    (``generalization_datasets``: the skill in a phrasing no training data has) and ``retained``
+    (``retained_datasets``: what the starting model could already do); only the sets the recipe names."""
+    sets = {}
+    for name, sources in (
+        ("generalization", cfg.generalization_datasets),
+        ("retained", cfg.retained_datasets),
+    ):
+        if sources:
+            prompts = load_mixture(sources, [], seed=cfg.seed, prepare=prompt_rows)
+            sets[name] = prompts.select(range(min(cfg.eval_prompts, len(prompts))))
+    return sets
 
 
-def measure_all(measure, heldout, generalization=None) -> dict:
-    """``measure(prompts)`` on the held-out prompts, and on the generalization prompts with their keys prefixed."""
-    found = measure(heldout)
-    if generalization is not None:
-        found |= {f"generalization_{k}": v for k, v in measure(generalization).items()}
+def measure_all(measure, heldout, judged: dict) -> dict:
+    """``measure(prompts)`` on the held-out prompts (the skill trained), and on each of ``judged_prompts`` with
+    its keys prefixed (``generalization_answer_accuracy``, ``retained_answer_accuracy``...)."""
+    found = measure(heldout) if heldout is not None else {}
+    for name, prompts in judged.items():
+        found |= {f"{name}_{k}": v for k, v in measure(prompts).items()}
     return found
+
+
+def ptx_data(cfg):
+    """PPO-ptx's rows (``ptx_datasets``): conversations in any format SFT reads (``format:``, ``messages`` when
+    the rows have no ``text`` column) or ``text`` documents, one kind per run."""
+
+    def prepare(ds, src):
+        fmt = src.format or ("text" if "text" in ds.column_names else "messages")
+        return formats.convert(ds, fmt, f"ptx_datasets: {describe(src)}", cfg.dataset_num_proc)
+
+    kinds = {(s.format or "") == "text" for s in cfg.ptx_datasets}
+    if len(kinds) > 1:
+        raise UserError("ptx_datasets: mix either text documents or conversations, not both in one run")
+    return load_mixture(cfg.ptx_datasets, [], seed=cfg.seed, prepare=prepare)
 
 
 def reward_functions(cfg) -> list:
@@ -336,9 +357,17 @@ def evidence_line(stage: str, evidence: dict) -> str:
     )
     if "answer_accuracy_before" in evidence:
         line += f"; answer accuracy {evidence['answer_accuracy_before']:.2f} -> {evidence['answer_accuracy_after']:.2f}"
-    if "generalization_answer_accuracy_before" in evidence:
-        line += (
-            f" (generalization prompts {evidence['generalization_answer_accuracy_before']:.2f} -> "
-            f"{evidence['generalization_answer_accuracy_after']:.2f})"
+    return line + whole_assistant_line(evidence)
+
+
+def whole_assistant_line(e: dict) -> str:
+    """The evidence line's retained and unseen-phrasing parts, when measured."""
+    parts = [
+        f"{label} {e[f'{key}_before']:.2f} -> {e[f'{key}_after']:.2f}"
+        for key, label in (
+            ("retained_answer_accuracy", "retained"),
+            ("generalization_answer_accuracy", "unseen phrasing"),
         )
-    return line
+        if f"{key}_before" in e
+    ]
+    return f" ({', '.join(parts)})" if parts else ""

@@ -1,6 +1,6 @@
 """Run under torchrun with 2 CPU processes: one PPO iteration of tiny models (the same rollouts, the same
-minibatch) in several layouts: DeepSpeed ZeRO-2 with gradient_accumulation_steps 1 and 2 (AdamW), and ZeRO-2
-against plain DDP with a gradient norm clipped hard (SGD, where clipping shows in one step). Prints one JSON
+minibatch, the same PPO-ptx rows) in several layouts: DeepSpeed ZeRO-2 with gradient_accumulation_steps 1 and 2
+(AdamW), and ZeRO-2 against plain DDP with a gradient norm clipped hard (SGD, where clipping shows in one step). Prints one JSON
 line: for each layout, the optimizer steps and every parameter's sum (ZeRO-2 keeps whole weights)."""
 
 import json
@@ -20,6 +20,7 @@ from conftest import tiny_llama_config  # noqa: E402
 
 from gptpipe.ppo.iteration import PolicyAndCritic, PPOModels, PPOSettings, ppo_iteration
 from gptpipe.ppo.kl import FixedKLController
+from gptpipe.ppo.ptx import IGNORE, collate
 from gptpipe.ppo.value import build_value_model
 
 PAD, EOS, ROWS = 0, 2, 4  # rows per process
@@ -70,6 +71,7 @@ def one_iteration(folder: str, deepspeed: bool = True, accumulation: int = 1, sg
         minibatches=1,
         gradient_accumulation_steps=accumulation,
         max_grad_norm=clip,
+        ptx_coef=0.5,  # PPO-ptx in every layout: its term must be split and averaged as PPO's loss is
     )
     rank = accelerator.process_index
     prompts = [[1, 3 + (rank + i) % 5, 4 + i % 3] for i in range(ROWS)]
@@ -78,7 +80,12 @@ def one_iteration(folder: str, deepspeed: bool = True, accumulation: int = 1, sg
     def score(rollout):
         return ((rollout.responses == 7) * rollout.response_mask).sum(dim=1).float()
 
-    ppo_iteration(models, score, prompts, FixedKLController(0.05), settings, torch.Generator().manual_seed(0))
+    # Each process its own ptx rows, of different lengths (a prompt unlabeled, as a conversation's)
+    ptx = [([1, 5 + rank, 6, 7, 2], [IGNORE, IGNORE, 6, 7, 2]), ([1, 8, 9 + rank, 2], [1, 8, 9 + rank, 2])]
+    generator = torch.Generator().manual_seed(0)
+    ppo_iteration(
+        models, score, prompts, FixedKLController(0.05), settings, generator, lambda u: collate(ptx, PAD)
+    )
     modules = [engine.module] if deepspeed else [accelerator.unwrap_model(m) for m in (policy, critic)]
     sums = [p.detach().double().sum().item() for m in modules for p in m.parameters()]
     return {"optimizer_steps": engine.global_steps if deepspeed else 1, "sums": sums}

@@ -86,7 +86,21 @@ class RewardConfig(RunSettings, trl.RewardConfig):
 
 
 @dataclass
-class RLSettings(RunSettings):
+class AssistantEvidence(RunSettings):
+    """What every stage after SFT measures besides the skill it trains (its held-out prompts): the whole
+    assistant. ``generalization_datasets``: the skill asked in a phrasing no training data has;
+    ``retained_datasets``: what the starting model could already do and must keep (in the tiny recipes, SFT's
+    held-out questions). Each is answered greedily before and after, as ``generalization_*`` and ``retained_*``
+    (answer accuracy with an ``answer`` column, reward, KL); the report card's verdict names an alignment tax
+    when the retained accuracy falls by more than 0.03."""
+
+    eval_prompts: int = 128  # prompts of each held-out set answered before and after (greedy)
+    generalization_datasets: list[DataSource] = field(default_factory=list)
+    retained_datasets: list[DataSource] = field(default_factory=list)
+
+
+@dataclass
+class RLSettings(AssistantEvidence):
     """What every RL algorithm's recipe adds: the frozen reward model, the template and the evidence size."""
 
     algorithm: str = "ppo"  # ppo (gptpipe's own trainer) | grpo | rloo (TRL's trainers)
@@ -96,9 +110,6 @@ class RLSettings(RunSettings):
     reward_funcs: list[str] = field(default_factory=list)
     reward_quantization: QuantizationSettings | None = None  # frozen reward model in 8 or 4 bits: {bits: 8}
     chat_template: str | None = None
-    eval_prompts: int = 128  # held-out prompts scored before and after (greedy)
-    # More held-out prompts, e.g. in a phrasing RL never trained on: measured before and after as generalization_*
-    generalization_datasets: list[DataSource] = field(default_factory=list)
     # The reward-hacking alarm (gptpipe.hacking): every eval_steps steps, reward, KL, answer accuracy and the
     # reward model's agreement with the answer check on the first watch_prompts held-out prompts, logged as
     # eval/*; the reward rising over hacking_window evaluations while accuracy or agreement falls is a warning
@@ -108,6 +119,24 @@ class RLSettings(RunSettings):
     hacking_window: int = 3
     stop_on_reward_hacking: bool = False
     keep_best_model: bool = False
+    # PPO-ptx (InstructGPT eq. 2), for every algorithm: in every update, ptx_coef x the language-model loss
+    # (token mean) on a batch of ptx_datasets rows: conversations (format messages, alpaca, sharegpt...; the loss
+    # on the final assistant turn, as SFT) or `text` documents (every token, as pretraining). It keeps what SFT
+    # taught while RL trains on new prompts (the alignment tax). 0: no ptx term
+    ptx_coef: float = 0.0
+    ptx_datasets: list[DataSource] = field(default_factory=list)
+    # rows per update and process; None: PPO's minibatch rows, GRPO's/RLOO's prompts per micro-batch
+    ptx_batch_size: int | None = None
+    ptx_max_length: int = 256  # tokens per ptx row (longer rows are cut at the end)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ptx_coef < 0 or (self.ptx_coef > 0) != bool(self.ptx_datasets):
+            raise ValueError(  # build_dataclass reports it with the file
+                f"ptx_coef: {self.ptx_coef} with {len(self.ptx_datasets)} ptx_datasets: PPO-ptx needs both, a "
+                "positive ptx_coef (the tiny recipes: 1.0) and the data to keep (ptx_datasets: "
+                "[{path: tinyworld:sft}]); leave both out for no ptx term"
+            )
 
 
 # The TrainingArguments keys gptpipe's PPO trainer reads (gptpipe.stages.rl, gptpipe.ppo, and the runner's
@@ -202,7 +231,7 @@ class RLOOConfig(RLSettings, trl.RLOOConfig):
 
 
 @dataclass
-class PreferenceSettings(RunSettings):
+class PreferenceSettings(AssistantEvidence):
     """What the preference stages (DPO, KTO) add to TRL's config: the comparisons' template and checks, and the
     RL stages' answer-accuracy evidence. The reference is the starting model (with ``model.lora``, the same
     weights with the adapter disabled: no second copy)."""
@@ -214,7 +243,6 @@ class PreferenceSettings(RunSettings):
     # Held-out prompts with an `answer` (e.g. tinyworld:rl_prompts): answer accuracy and KL to the reference of
     # greedy replies, before and after, measured as the RL stages measure them (gptpipe.rlhf)
     prompt_datasets: list[DataSource] = field(default_factory=list)
-    eval_prompts: int = 128
     max_new_tokens: int = 32
 
 
@@ -237,7 +265,7 @@ class KTOConfig(PreferenceSettings, trl.KTOConfig):
 
 
 @dataclass
-class DistillConfig(RunSettings, trl.DistillationConfig):
+class DistillConfig(AssistantEvidence, trl.DistillationConfig):
     """On-policy distillation with ``trl.DistillationTrainer``: the student (``model``) samples replies to the
     prompts and learns the teacher's next-token distribution at every token of them (generalized JSD: ``beta``
     0 forward KL, 1 reverse KL). The teacher (``teacher_model_name_or_path``: any model folder or Hub id) must
@@ -246,9 +274,6 @@ class DistillConfig(RunSettings, trl.DistillationConfig):
     stage: ClassVar[str] = "distill"
     module: ClassVar[str] = "gptpipe.stages.distill"
     chat_template: str | None = None  # None: the tokenizer's own; or chatml | gptpipe | a .jinja file
-    eval_prompts: int = (
-        128  # held-out prompts (with an `answer`: answer accuracy) replied to greedily, before/after
-    )
 
 
 @dataclass

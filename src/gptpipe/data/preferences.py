@@ -7,7 +7,7 @@ messages plus one assistant reply) and ``margin`` (how much better chosen is; 0 
 | --- | --- |
 | ``preference`` | ``prompt``, ``chosen``, ``rejected`` — strings or message lists; without ``prompt``, chosen and rejected are whole conversations (implicit prompt) |
 | ``sharegpt_preference`` | ``conversations`` ([{from, value}]), ``chosen`` and ``rejected`` ({from, value}); optional ``system`` |
-| ``ranked`` | ``prompt`` and ``responses`` ranked best to worst, expanded to all k(k-1)/2 pairs |
+| ``ranked`` | ``prompt`` and ``responses`` ranked best to worst, expanded to all k(k-1)/2 pairs; optional ``scores`` (one per response, ties allowed: tied responses are not paired) |
 
 Any format takes an optional ``margin`` column. Bad rows (identical chosen and rejected, a missing
 reply, an empty prompt) stop the run with file, row and field, or with ``invalid_pairs: drop`` are
@@ -97,12 +97,25 @@ def from_sharegpt_preference(row: dict) -> list[tuple[list, list]]:
 
 
 def from_ranked(row: dict) -> list[tuple[list, list]]:
+    """Every (better, worse) pair of the ranking; with ``scores`` (one per response, best first, ties allowed),
+    only the pairs whose scores differ."""
     prompt = _prompt(row["prompt"])
     responses = row["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise RowError("responses", "expected at least two responses, ranked best to worst")
     replies = [_reply(r, f"responses.{i}") for i, r in enumerate(responses)]
-    return [(prompt + replies[i], prompt + replies[j]) for i, j in combinations(range(len(replies)), 2)]
+    scores = row.get("scores")
+    if scores is None:
+        return [(prompt + replies[i], prompt + replies[j]) for i, j in combinations(range(len(replies)), 2)]
+    if not isinstance(scores, list) or len(scores) != len(replies):
+        raise RowError("scores", f"expected one score per response ({len(replies)}), got {scores!r}")
+    if any(scores[i + 1] > scores[i] for i in range(len(scores) - 1)):
+        raise RowError("scores", f"expected responses best first (scores not increasing), got {scores}")
+    return [
+        (prompt + replies[i], prompt + replies[j])
+        for i, j in combinations(range(len(replies)), 2)
+        if scores[i] > scores[j]
+    ]
 
 
 CONVERTERS = {

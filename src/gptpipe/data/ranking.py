@@ -3,7 +3,8 @@
 InstructGPT's reward data are comparisons among the SFT model's own samples: judging which of a few answers is
 better is easier than writing the best one. ``rank_samples`` groups sampled rows by prompt ``id`` and orders
 each group by a labeler or by human rankings, writing the ``ranked`` preference format (``prompt``,
-``responses`` best to worst) that the reward stage reads and expands into pairs.
+``responses`` best to worst, with a scoring labeler their ``scores``) that the reward stage reads and expands
+into pairs.
 
 - A labeler is a Python callable named ``module:function``. It is called once per prompt with that prompt's
   sample rows (``prompt``, ``completion``, ``sample`` and the prompt file's other fields, e.g. ``answer``) and
@@ -11,8 +12,11 @@ each group by a labeler or by human rankings, writing the ``ranked`` preference 
 - Human rankings: a jsonl file of ``{"id": ..., "ranking": [sample numbers, best first]}``; prompts without a
   row are left out.
 
-Samples that tie (equal scores, or identical text) are not compared: only the first of each is kept, so every
-pair the reward model sees has a real winner. A prompt left with fewer than two responses is dropped (counted).
+Every distinct sample text is kept (InstructGPT compares all K-choose-2 pairs of its K ranked samples); samples
+that tie (equal scores) are never compared with each other (``scores`` says which), so every pair the reward
+model sees has a real winner: with 32 samples of a prompt, 3 right and 20 distinct wrong ones give 60 pairs,
+where one sample per score gave 1. Repeated texts count once. A prompt left with fewer than two scores is
+dropped (counted).
 """
 
 from __future__ import annotations
@@ -82,30 +86,28 @@ def _key(value):
     return json.dumps(value) if isinstance(value, list | dict) else value
 
 
-def order_group(rows: list[dict], labeler: Labeler | None, ranking: list | None, where: str) -> list[dict]:
-    """The group's samples best first, one per distinct score (ties and repeated texts dropped)."""
+def order_group(
+    rows: list[dict], labeler: Labeler | None, ranking: list | None, where: str
+) -> tuple[list[dict], list[float] | None]:
+    """(the group's distinct samples best first, their scores): with a scoring labeler every distinct text and its
+    score (ties kept, to be compared with no one of the same score); with a ranking its samples in order and no
+    scores (each better than the next)."""
     if labeler is not None:
         result = labeler(rows)
         if isinstance(result, dict):
             ranking = result.get("ranking")
         else:
-            scores = list(result)
+            scores = [float(s) for s in result]
             if len(scores) != len(rows):
                 raise UserError(f"{where}: the labeler returned {len(scores)} scores for {len(rows)} samples")
-            best_first = sorted(
-                range(len(rows)), key=lambda i: -float(scores[i])
-            )  # stable: first sample wins a tie
-            kept, seen_scores = [], set()
-            for i in best_first:
-                if float(scores[i]) not in seen_scores:
-                    seen_scores.add(float(scores[i]))
-                    kept.append(rows[i])
-            return _distinct_texts(kept)
+            best_first = sorted(range(len(rows)), key=lambda i: -scores[i])  # stable: first sample first
+            kept = _distinct_texts([{**rows[i], "score": scores[i]} for i in best_first])
+            return kept, [r["score"] for r in kept]
     by_sample = {row.get("sample", i): row for i, row in enumerate(rows)}
     unknown = [s for s in ranking or [] if s not in by_sample]
     if unknown:
         raise UserError(f"{where}: ranking names sample {unknown[0]!r}, which the samples do not have")
-    return _distinct_texts([by_sample[s] for s in ranking or []])
+    return _distinct_texts([by_sample[s] for s in ranking or []]), None
 
 
 def _distinct_texts(rows: list[dict]) -> list[dict]:
@@ -132,19 +134,23 @@ def rank_samples(
         if rankings is not None and rows[0]["id"] not in rankings:
             stats["unranked"] += 1
             continue
-        ordered = order_group(rows, labeler, rankings and rankings[rows[0]["id"]], f"prompt {key}")
-        if len(ordered) < 2:
+        ordered, scores = order_group(rows, labeler, rankings and rankings[rows[0]["id"]], f"prompt {key}")
+        pairs = (
+            len(ordered) * (len(ordered) - 1) // 2
+            if scores is None
+            else sum(a > b for i, a in enumerate(scores) for b in scores[i + 1 :])
+        )
+        if pairs == 0:
             stats["dropped_fewer_than_two"] += 1
             continue
         stats["kept"] += 1
-        stats["pairs"] += len(ordered) * (len(ordered) - 1) // 2
-        ranked.append(
-            {
-                "id": rows[0]["id"],
-                "prompt": rows[0]["prompt"],
-                "responses": [r["completion"].strip() for r in ordered],
-            }
-        )
+        stats["pairs"] += pairs
+        row = {
+            "id": rows[0]["id"],
+            "prompt": rows[0]["prompt"],
+            "responses": [r["completion"].strip() for r in ordered],
+        }
+        ranked.append(row if scores is None else {**row, "scores": scores})
     return ranked, stats
 
 
@@ -166,7 +172,7 @@ def best_samples(
             i = max(range(len(rows)), key=lambda j: scores[j])  # the first of the top score
             top = rows[i] if min_score is None or scores[i] >= min_score else None
         else:
-            ordered = order_group(rows, labeler, rankings and rankings[rows[0]["id"]], f"prompt {key}")
+            ordered, _ = order_group(rows, labeler, rankings and rankings[rows[0]["id"]], f"prompt {key}")
             top = ordered[0] if ordered else None
         if top is not None and top["completion"].strip():
             best.append(

@@ -45,7 +45,8 @@ def is_local(src: DataSource) -> bool:
 def check_sources_exist(settings: DataSettings, produced: set[str] = frozenset()) -> None:
     """Fail early, naming the key, when a local data file is missing (no network is touched); ``produced``:
     files an earlier pipeline stage will write."""
-    for group in ("datasets", "eval_datasets", "generalization_datasets"):
+    groups = ("datasets", "eval_datasets", "generalization_datasets", "retained_datasets", "prompt_datasets")
+    for group in (*groups, "ptx_datasets"):
         for i, src in enumerate(getattr(settings, group, [])):
             if src.path in produced:
                 continue

@@ -31,11 +31,14 @@ from gptpipe.finite import all_finite, any_process
 from gptpipe.ppo.advantages import gae, masked_mean, token_rewards, whiten
 from gptpipe.ppo.kl import FixedKLController, kl_per_token
 from gptpipe.ppo.losses import entropy_from_logits, policy_loss, value_loss
+from gptpipe.ppo.ptx import PTXBatch, ptx_loss_sum
 from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
 from gptpipe.ppo.value import response_values
 
 # score_fn(rollout) -> one scalar per sequence (the frozen reward model, or any Python function)
 ScoreFn = Callable[[Rollout], torch.Tensor]
+# ptx_fn(update) -> the ptx rows of this iteration's update number ``update`` (PPO-ptx, gptpipe.ppo.ptx)
+PTXFn = Callable[[int], PTXBatch]
 
 
 @dataclass
@@ -62,6 +65,7 @@ class PPOSettings:
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch (same update, less memory)
     forward_batch_size: int | None = None  # rows per no-grad forward when scoring a rollout (None: all)
     skip_nonfinite: bool = False  # drop a NaN/inf update (counted) instead of raising NonFiniteUpdate
+    ptx_coef: float = 0.0  # PPO-ptx: the weight of the language-model loss on ptx rows in every update
 
 
 class NonFiniteUpdate(FloatingPointError):
@@ -122,8 +126,10 @@ def ppo_iteration(
     kl_controller: FixedKLController,
     settings: PPOSettings,
     generator: torch.Generator | None = None,
+    ptx_fn: PTXFn | None = None,
 ) -> dict:
-    """Run one iteration on a batch of prompts (token ids); returns the statistics to log."""
+    """Run one iteration on a batch of prompts (token ids); returns the statistics to log. ``ptx_fn``: the rows
+    of each update's PPO-ptx term (with ``settings.ptx_coef``)."""
     clock = [time.perf_counter()]  # phase timings (seconds), logged as time_generation/scoring/training
     rollout = generate(models, prompts, settings)
     clock.append(time.perf_counter())
@@ -136,7 +142,7 @@ def ppo_iteration(
         if not settings.skip_nonfinite:
             raise NonFiniteUpdate("the rewards, values or log-probs")
         return {"skipped_nonfinite": 1.0, "beta": beta}
-    stats, skipped = ppo_update(models, experience, settings, generator)
+    stats, skipped = ppo_update(models, experience, settings, generator, ptx_fn)
     clock.append(time.perf_counter())
     out = {
         key: sum(v * w for v, w in pairs) / max(sum(w for _, w in pairs), 1) for key, pairs in stats.items()
@@ -190,18 +196,22 @@ def make_experience(
     return Experience(rollout, mask, old_logprobs, ref_logprobs, old_values, scores, kl, advantages, returns)
 
 
-def ppo_update(models: PPOModels, e: Experience, s: PPOSettings, generator) -> tuple[dict, int]:
-    """``ppo_epochs`` passes over the batch in ``minibatches`` updates; returns (statistics as (value, tokens)
-    pairs, updates skipped for a NaN/inf gradient)."""
+def ppo_update(
+    models: PPOModels, e: Experience, s: PPOSettings, generator, ptx_fn: PTXFn | None = None
+) -> tuple[dict, int]:
+    """``ppo_epochs`` passes over the batch in ``minibatches`` updates (with ``ptx_fn``, each with its PPO-ptx
+    rows); returns (statistics as (value, tokens) pairs, updates skipped for a NaN/inf gradient)."""
     stats: dict[str, list[tuple[float, float]]] = {}
-    skipped = 0
+    skipped, update = 0, 0
     for _ in range(s.ppo_epochs):
         order = torch.randperm(len(e.rollout.input_ids), generator=generator)
         for minibatch in order.chunk(s.minibatches):
             models.policy_optimizer.zero_grad()
             if not models.joint:
                 models.critic_optimizer.zero_grad()
-            accumulate_gradients(models, e, minibatch, s, stats)
+            ptx = ptx_fn(update) if ptx_fn is not None and s.ptx_coef else None
+            update += 1
+            accumulate_gradients(models, e, minibatch, s, stats, ptx)
             if models.joint:  # the engine clipped and stepped at the last micro-batch
                 continue
             norm = models.clip_grad_norm(s.max_grad_norm)
@@ -217,28 +227,41 @@ def ppo_update(models: PPOModels, e: Experience, s: PPOSettings, generator) -> t
     return stats, skipped
 
 
-def accumulate_gradients(models: PPOModels, e: Experience, minibatch, s: PPOSettings, stats: dict) -> None:
+def accumulate_gradients(
+    models: PPOModels, e: Experience, minibatch, s: PPOSettings, stats: dict, ptx: PTXBatch | None = None
+) -> None:
     """The minibatch's gradients, one micro-batch at a time: each micro-batch's token-mean loss weighted by its
-    share of the minibatch's tokens, so the sum is the gradient of the minibatch's token mean."""
+    share of the minibatch's tokens, so the sum is the gradient of the minibatch's token mean. With ``ptx``, the
+    policy's loss is ``policy_loss + ptx_coef * ptx_loss`` (PPO-ptx), the ptx rows split over the micro-batches
+    the same way (each chunk's summed NLL over all the ptx rows' tokens: the sum is the token mean)."""
     tokens = e.mask[minibatch].sum().clamp(min=1)
     chunks = minibatch.chunk(s.gradient_accumulation_steps)
+    ptx_chunks = torch.arange(len(ptx.input_ids)).chunk(len(chunks)) if ptx is not None else ()
     for index, chunk in enumerate(chunks):
         part, m = _select(e.rollout, chunk), e.mask[chunk]
         share = m.sum() / tokens
         logprobs, logits = response_logprobs(models.policy, part, s.temperature)
         p_loss, p_stats = policy_loss(logprobs, e.old_logprobs[chunk], e.advantages[chunk], m, s.clip)
+        ptx_term = torch.zeros((), device=p_loss.device)  # this micro-batch's part of the ptx token mean
+        if index < len(ptx_chunks):
+            ptx_part = ptx.select(ptx_chunks[index])
+            ptx_sum = ptx_loss_sum(models.policy, ptx_part)
+            ptx_term = ptx_sum / ptx.tokens.clamp(min=1)
+            part_tokens = ptx_part.tokens.item()  # logged as the token mean over all the update's ptx rows
+            stats.setdefault("ptx_loss", []).append((ptx_sum.item() / max(part_tokens, 1), part_tokens))
         if not models.joint:
-            models.backward(p_loss * share)
+            models.backward(p_loss * share + s.ptx_coef * ptx_term)
         values = response_values(models.critic, part)
         v_loss, v_stats = value_loss(values, e.old_values[chunk], e.returns[chunk], m, s.value_clip)
         if models.joint:  # DeepSpeed divides each micro-batch's loss by its accumulation steps itself
             # ...and steps inside backward: a NaN loss must be caught before it (no skipping here)
-            if not _finite_everywhere([p_loss, v_loss], models.accelerator):
+            if not _finite_everywhere([p_loss, v_loss, ptx_term], models.accelerator):
                 raise NonFiniteUpdate("the policy or value loss (or the probability ratio)")
             # accelerate tells DeepSpeed "step now" from sync_gradients, which is always true outside
             # accelerator.accumulate(): say it at the minibatch's last micro-batch only.
             models.accelerator.sync_gradients = index == len(chunks) - 1
-            models.backward((p_loss + s.vf_coef * v_loss) * share * s.gradient_accumulation_steps)
+            loss = (p_loss + s.vf_coef * v_loss) * share + s.ptx_coef * ptx_term
+            models.backward(loss * s.gradient_accumulation_steps)
             models.accelerator.sync_gradients = True
         else:
             models.backward(s.vf_coef * v_loss * share)

@@ -42,6 +42,7 @@ from gptpipe.ppo.iteration import (
     ppo_iteration,
 )
 from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController
+from gptpipe.ppo.ptx import collate, encode_examples, ptx_rows
 from gptpipe.rlhf import (
     best_saver,
     encode_prompts,
@@ -64,6 +65,7 @@ class PPOTrainer:
     def __init__(self, args, policy, reference, critic, scorer, tokenizer, train_dataset, accelerator):
         self.args, self.accelerator, self.tokenizer, self.scorer = args, accelerator, tokenizer, scorer
         self.dataset, self.prompt_ids = train_dataset, encode_prompts(tokenizer, train_dataset["prompt"])
+        self.ptx = None  # PPO-ptx's rows, tokenized (mix_in)
         self.output_dir = Path(args.output_dir)
         self.is_main, self.rank, self.world = (
             accelerator.is_main_process,
@@ -154,6 +156,11 @@ class PPOTrainer:
             save = lambda folder: self._save_policy(folder, "best/")  # noqa: E731
             self.save_best = best_saver(save, self.output_dir, self.is_main, wait)
 
+    def mix_in(self, ptx_dataset) -> None:
+        """PPO-ptx: every update also takes ``ptx_coef`` x the language-model loss on rows of ``ptx_dataset``
+        (conversations or ``text``), tokenized once here; each update's rows are chosen by its step."""
+        self.ptx = encode_examples(self.tokenizer, list(ptx_dataset), self.args.ptx_max_length)
+
     def _watch_step(self) -> bool:
         """At an evaluation step: evaluate the watched prompts, log eval/*, warn on reward hacking; whether to
         stop (``stop_on_reward_hacking``). Every process evaluates (ZeRO-3 needs them all)."""
@@ -215,6 +222,7 @@ class PPOTrainer:
                 self.kl_controller,
                 self.settings,
                 self.generator,
+                self._ptx_batches(self.step),
             )
         except NonFiniteUpdate as e:
             raise faults.nonfinite_error("rl", self.step + 1, e.what, self.output_dir) from None
@@ -225,6 +233,21 @@ class PPOTrainer:
             scheduler.step()
         self.step += 1
         return stats
+
+    def _ptx_batches(self, step: int):
+        """PPO-ptx: ``update -> PTXBatch`` for iteration ``step`` (None without ptx data)."""
+        if self.ptx is None:
+            return None
+        args = self.args
+        size = args.ptx_batch_size or max(args.per_device_train_batch_size // args.num_minibatches, 1)
+        updates = args.ppo_epochs * args.num_minibatches
+        pad = self.tokenizer.pad_token_id
+
+        def batch(update: int):
+            rows = ptx_rows(len(self.ptx), size, step, updates, update, self.rank, self.world, args.seed)
+            return collate([self.ptx[i] for i in rows], pad)
+
+        return batch
 
     def _log(self, stats: dict) -> None:
         step, args = self.step, self.args
@@ -311,4 +334,5 @@ def ppo_settings(args, tokenizer) -> PPOSettings:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         forward_batch_size=args.forward_batch_size,
         skip_nonfinite=args.on_nonfinite == "skip",
+        ptx_coef=args.ptx_coef,
     )

@@ -27,7 +27,7 @@ from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
 from gptpipe.modeling import check_same_vocabulary, count_parameters, load_tokenizer
 from gptpipe.preference import publish, starting_policy, train_measured
-from gptpipe.rlhf import evaluate, prompt_rows
+from gptpipe.rlhf import evaluate, prompt_rows, whole_assistant_line
 from gptpipe.runs import Run
 from gptpipe.tracking import MetricsLogger, load_callbacks
 
@@ -98,4 +98,5 @@ def evidence_line(e: dict) -> str:
         )
     return (
         f"[distill] held-out prompts: {answers}KL to the teacher {e['kl_before']:.2f} -> {e['kl_after']:.2f}"
+        + whole_assistant_line(e)
     )

@@ -16,7 +16,11 @@ process (no gradients or optimizer states: 2 bytes/parameter in bf16). Checkpoin
 both optimizers, the KL controller, every process's RNG states and the step (the data order is a
 function of seed and step).
 
-Evidence (``eval.json``, see ``gptpipe.rlhf``): on held-out prompts (and ``generalization_datasets``), the
+With ``ptx_coef`` and ``ptx_datasets``, every update also takes the language-model loss on SFT or pretraining rows
+(PPO-ptx, InstructGPT's cure for the alignment tax: ``gptpipe.ppo.ptx``).
+
+Evidence (``eval.json``, see ``gptpipe.rlhf``): on held-out prompts (and ``generalization_datasets``,
+``retained_datasets``), the
 reward model's mean score of greedy responses, their KL to the reference and (with an ``answer`` column) answer
 accuracy, before and after; with ``eval_steps``, the reward-hacking alarm's watch (``gptpipe.hacking``).
 """
@@ -44,10 +48,11 @@ from gptpipe.ppo.value import build_value_model
 from gptpipe.rlhf import (
     before_after,
     check_critic_tokenizer,
-    generalization_prompts,
+    judged_prompts,
     measure_all,
     merge_adapters,
     prompt_rows,
+    ptx_data,
     publish_policy,
     reward_functions,
     reward_scorer,
@@ -81,7 +86,8 @@ def main(cfg: RLConfig, run: Run) -> dict:
     chat_templates.install(tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path)
     with accelerator.main_process_first():
         train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
-        generalization = generalization_prompts(cfg)
+        judged = judged_prompts(cfg)  # the whole assistant: generalization and retained prompts
+        ptx = ptx_data(cfg) if cfg.ptx_coef else None
     if heldout is None:
         raise UserError("eval_datasets: PPO needs held-out prompts for its evidence (or set eval_split_size)")
     heldout = heldout.select(range(min(cfg.eval_prompts, len(heldout))))
@@ -109,7 +115,9 @@ def main(cfg: RLConfig, run: Run) -> dict:
         reference.to(accelerator.device)
 
     trainer = PPOTrainer(cfg, policy, reference, critic, scorer, tokenizer, train, accelerator)
-    baseline = run.baseline(lambda: measure_all(trainer.evaluate, heldout, generalization))
+    if ptx is not None:
+        trainer.mix_in(ptx)
+    baseline = run.baseline(lambda: measure_all(trainer.evaluate, heldout, judged))
     if run.resume_from:
         run.say(f"[rl] resuming from {run.resume_from}")
     world = accelerator.num_processes
@@ -117,11 +125,12 @@ def main(cfg: RLConfig, run: Run) -> dict:
         f"[rl] PPO: {len(train)} prompts, {cfg.per_device_train_batch_size * world} per iteration "
         f"({world} process{'es' if world > 1 else ''}), {cfg.max_steps} iterations"
         + (", LoRA policy (reference = adapter disabled)" if reference is None else "")
+        + (f", PPO-ptx on {len(ptx)} rows (ptx_coef {cfg.ptx_coef})" if ptx is not None else "")
     )
     trainer.watch(heldout.select(range(min(cfg.watch_prompts, len(heldout)))))
     step = trainer.train(run.resume_from)
 
-    evidence = before_after(baseline, measure_all(trainer.evaluate, heldout, generalization))
+    evidence = before_after(baseline, measure_all(trainer.evaluate, heldout, judged))
     evidence |= {"skipped_nonfinite_steps": trainer.skipped} if trainer.settings.skip_nonfinite else {}
     evidence |= {
         "train_steps": step,

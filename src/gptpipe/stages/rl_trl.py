@@ -11,14 +11,15 @@ coefficient against the reference, the SFT model; ``num_generations`` the group 
 adapter disabled. Interrupted runs resume from the newest checkpoint (TRL/Trainer checkpoints).
 
 Evidence (``eval.json``) is PPO's, from ``gptpipe.rlhf``, so the algorithms compare directly: on held-out
-prompts (and ``generalization_datasets``), the reward model's mean score of greedy responses, their KL to the
+prompts (and ``generalization_datasets``, ``retained_datasets``), the reward model's mean score of greedy responses, their KL to the
 reference and (with an ``answer`` column) answer accuracy, before and after; with ``eval_steps``, the same
-reward-hacking alarm (a callback).
+reward-hacking alarm (a callback). With ``ptx_coef`` and ``ptx_datasets``, InstructGPT's ptx term joins TRL's loss
+(as in gptpipe's PPO: the cure for the alignment tax).
 """
 
 from __future__ import annotations
 
-from transformers import AutoModelForSequenceClassification, set_seed
+from transformers import AutoModelForSequenceClassification, TrainerCallback, set_seed
 from trl import GRPOTrainer, RLOOTrainer
 
 from gptpipe import faults
@@ -33,17 +34,19 @@ from gptpipe.modeling import (
     load_for_inference,
     load_tokenizer,
 )
+from gptpipe.ppo.ptx import collate, encode_examples, ptx_loss_sum, ptx_rows
 from gptpipe.rlhf import (
     WatchCallback,
     before_after,
     best_saver,
     evaluate,
-    generalization_prompts,
+    judged_prompts,
     load_watch,
     measure_all,
     merge_adapters,
     new_watch,
     prompt_rows,
+    ptx_data,
     publish_policy,
     reward_functions,
     reward_scorer,
@@ -65,7 +68,7 @@ def main(cfg, run: Run) -> dict:
     chat_templates.install(tokenizer, cfg.chat_template, False, cfg.model.tokenizer or cfg.model.name_or_path)
     with cfg.main_process_first(desc="reading prompts"):
         train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
-        generalization = generalization_prompts(cfg)
+        judged = judged_prompts(cfg)  # the whole assistant: generalization and retained prompts
     if heldout is None:
         raise UserError(
             f"eval_datasets: {name} needs held-out prompts for its evidence (or set eval_split_size)"
@@ -87,7 +90,12 @@ def main(cfg, run: Run) -> dict:
         f"[{name}] {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; {len(train)} prompts, "
         f"{cfg.num_generations} samples each"
     )
-    trainer = TRAINERS[name](
+    ptx_log: list[float] = []  # the ptx term's values since the last log (PTXLog adds their mean to the logs)
+    trainer_class = TRAINERS[name]
+    if cfg.ptx_coef:
+        trainer_class = _with_ptx(trainer_class, cfg, tokenizer, ptx_data(cfg), ptx_log)
+        say(f"[{name}] PPO-ptx: ptx_coef {cfg.ptx_coef} on {len(trainer_class.ptx_examples)} rows")
+    trainer = trainer_class(
         model=policy,
         reward_funcs=[reward_model, *functions] if reward_model is not None else functions,
         args=cfg,
@@ -96,7 +104,7 @@ def main(cfg, run: Run) -> dict:
         reward_processing_classes=[reward_tokenizer] + [None] * len(functions)
         if reward_model is not None
         else None,
-        callbacks=[MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
+        callbacks=[PTXLog(ptx_log), MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
     )
     policy = trainer.accelerator.unwrap_model(trainer.model)
     reference = frozen_reference(trainer, cfg, tokenizer)
@@ -107,14 +115,14 @@ def main(cfg, run: Run) -> dict:
     ) -> dict:  # every process measures (ZeRO-3 forwards are collective); the main one writes
         return evaluate(policy, reference, tokenizer, prompts, scorer, cfg.max_completion_length)
 
-    baseline = run.baseline(lambda: measure_all(measure, heldout, generalization))
+    baseline = run.baseline(lambda: measure_all(measure, heldout, judged))
     if run.resume_from:
         say(f"[{name}] resuming from {run.resume_from}")
     watch = _watch(cfg, run, trainer, heldout, measure)
     guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
     trainer.train(resume_from_checkpoint=run.resume_checkpoint)
 
-    evidence = before_after(baseline, measure_all(measure, heldout, generalization)) | watch.evidence()
+    evidence = before_after(baseline, measure_all(measure, heldout, judged)) | watch.evidence()
     evidence |= guard.summary()  # updates dropped by on_nonfinite: skip
     evidence |= {
         "algorithm": name,
@@ -131,6 +139,49 @@ def main(cfg, run: Run) -> dict:
         publish_policy(run, tmp, evidence, name)
     trainer.accelerator.wait_for_everyone()
     return evidence
+
+
+def _with_ptx(trainer_class, cfg, tokenizer, ptx, log: list):
+    """TRL's trainer with InstructGPT's ptx term (``gptpipe.ppo.ptx``): each micro-batch's loss plus ``ptx_coef``
+    times the language-model loss on ptx rows chosen by the step and micro-batch (exact resume), scaled for
+    gradient accumulation as the trainer scales its own loss. TRL has no such term; ``compute_loss`` is the
+    Trainer's documented hook for a loss of one's own."""
+    examples = encode_examples(tokenizer, list(ptx), cfg.ptx_max_length)
+    size = cfg.ptx_batch_size or max(cfg.per_device_train_batch_size // cfg.num_generations, 1)
+
+    class WithPTX(trainer_class):
+        ptx_examples = examples
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not model.training:
+                return loss
+            step, accumulation = self.state.global_step, self.current_gradient_accumulation_steps
+            micro = self.ptx_micro + 1 if getattr(self, "ptx_step", None) == step else 0
+            self.ptx_step, self.ptx_micro = step, micro
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+            rows = ptx_rows(len(examples), size, step, accumulation, micro, rank, world, cfg.seed)
+            batch = collate([examples[i] for i in rows], tokenizer.pad_token_id)
+            term = ptx_loss_sum(model, batch) / batch.tokens.clamp(min=1)
+            log.append(term.item())
+            scaled = self.loss_is_scaled_for_ga  # the Trainer divides the loss by the accumulation unless set
+            if scaled is None:
+                scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            return loss + cfg.ptx_coef * (term / accumulation if scaled else term)
+
+    return WithPTX
+
+
+class PTXLog(TrainerCallback):
+    """``ptx_loss`` (the mean since the last log) in the trainer's logs, for metrics.jsonl and the trackers."""
+
+    def __init__(self, values: list):
+        self.values = values
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.values and logs is not None:
+            logs["ptx_loss"] = sum(self.values) / len(self.values)
+            self.values.clear()
 
 
 def _watch(cfg, run: Run, trainer, heldout, measure):
