@@ -49,11 +49,11 @@ lock: setup
 	$(UV_COMPILE) requirements/torch-cpu.in --find-links $(TORCH_WHEELS) -o requirements/cpu.txt
 	$(UV_COMPILE) requirements/torch-cuda.in --python-platform x86_64-manylinux_2_28 -o requirements/cuda.txt
 
-# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> reward model -> PPO, then its report card
+# The tiny pipeline on a CPU: tokenizer -> pretraining -> SFT -> ranked SFT samples -> reward model -> PPO, then its report card
 # (about 6 minutes). Re-running skips finished stages; `rm -rf runs/tiny` (or DEMO_ARGS="--rerun tokenizer") starts over.
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/gptpipe pipeline recipes/tiny/pipeline.yaml $(DEMO_ARGS)
-	@echo "demo: models in runs/tiny/{tokenizer,pretrain,sft,reward,rl}/final; evidence in runs/tiny/*/eval.json and runs/tiny/report.md"
+	@echo "demo: models in runs/tiny/{tokenizer,pretrain,sft,reward,rl}/final, ranked samples in runs/tiny/rank/final; evidence in runs/tiny/*/eval.json and runs/tiny/report.md"
 	@echo "demo: talk to the assistant with: $(BIN)/gptpipe chat runs/tiny/rl/final"
 
 # One stage, a pipeline or a sweep: make sft RECIPE=recipes/tiny/sft.yaml; make pipeline PIPELINE=...; make sweep SWEEP=...

@@ -18,7 +18,12 @@ STEPS, CLOSED = 200, 0.25
 
 def distill_overrides(student, teacher, out, **extra) -> list[str]:
     settings = {"output_dir": out, "model.name_or_path": student, "teacher_model_name_or_path": teacher}
-    settings |= {"save_steps": 1000, "logging_steps": 10, "disable_tqdm": "true"}
+    settings |= {
+        "save_steps": 1000,
+        "logging_steps": 10,
+        "disable_tqdm": "true",
+        "generalization_datasets": "[]",
+    }
     return as_overrides(settings, **extra)
 
 

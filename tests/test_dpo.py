@@ -21,6 +21,9 @@ STEPS, GAIN = 30, 0.15
 
 def dpo_overrides(tiny_sft, out, **extra) -> list[str]:
     settings = {"output_dir": out, "model.name_or_path": tiny_sft, "save_steps": 1000, "logging_steps": 5}
+    settings |= {
+        "generalization_datasets": "[]"
+    }  # the retained set is measured; the unseen phrasing is RL's test
     return as_overrides(settings, {"disable_tqdm": "true"}, **extra)
 
 

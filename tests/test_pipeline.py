@@ -152,9 +152,20 @@ def test_pipeline_skips_resumes_refuses_and_reruns(tmp_path, capsys):
 
 
 def test_shipped_pipeline_validates(capsys, monkeypatch):
+    """make demo's pipeline: the reward model learns from the SFT model's ranked samples beside the pre-written
+    pairs (comparisons: add), held out on the SFT model's samples of the held-out prompts."""
     monkeypatch.chdir(REPO)
     run(["validate", "recipes/tiny/pipeline.yaml"])
-    assert "tokenizer -> pretrain -> sft -> reward -> rl" in capsys.readouterr().out
+    assert "tokenizer -> pretrain -> sft -> rank -> reward -> rl" in capsys.readouterr().out
+    _, planned = load_pipeline(REPO / "recipes/tiny/pipeline.yaml")
+    reward = next(p.cfg for p in planned if p.name == "reward")
+    assert [(d.path, d.format) for d in reward.datasets] == [
+        ("runs/tiny/rank/final/comparisons.jsonl", "ranked"),
+        ("tinyworld:comparisons", "preference"),  # reward.yaml's own
+    ]
+    assert [d.path for d in reward.eval_datasets] == ["runs/tiny/rank/final/heldout_comparisons.jsonl"]
+    rl = next(p.cfg for p in planned if p.name == "rl")
+    assert rl.reward_model == "runs/tiny/reward/final" and rl.ptx_coef > 0
 
 
 def _small_recipe(tmp_path, name: str, policy, **settings) -> str:
@@ -177,7 +188,11 @@ def test_rounds_repeat_rank_reward_rl_each_from_the_last_policy(tiny_sft, tmp_pa
     }  # 8 left no held-out pair on seed 42's model
     heldout = {**prompts, "split": "eval"}
     block = [
-        {"recipe": _small_recipe(tmp_path, "rank", tiny_sft, datasets=[prompts], eval_datasets=[heldout])},
+        {
+            "recipe": _small_recipe(
+                tmp_path, "rank", tiny_sft, datasets=[prompts], eval_datasets=[heldout], num_samples=4
+            )
+        },
         {"recipe": _small_recipe(tmp_path, "reward", tiny_sft, **SHORT_RUN)},
         {"recipe": _small_recipe(tmp_path, "rl", tiny_sft, **SMALL_RL)},
     ]

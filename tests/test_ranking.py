@@ -108,6 +108,7 @@ def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tiny_reward, tmp_
             f"output_dir={out}",
             f"model.name_or_path={tiny_sft}",
             "max_prompts=24",
+            "num_samples=4",  # the recipe's 32 make 8 times the samples
             "eval_datasets=[{path: 'tinyworld:rl_prompts', split: eval, max_samples: 16}]",
         ]
     )

@@ -119,6 +119,7 @@ def test_each_rl_stage_gets_a_verdict_with_its_reason(tmp_path):
         "improved the new skill (new skill 0.185 -> 0.631; retained 0.885 -> 0.705; unseen phrasing" in taxed
     )
     assert "alignment tax" in taxed and "fell 0.18 " in taxed and "better assistant" not in taxed
+    assert "set ptx_coef and ptx_datasets" in taxed  # its config has none
     assert "no new skill (new skill 0.185 -> 0.162; retained 0.885 -> 0.936)" in verdicts["dpo"]
     assert "alignment tax" not in verdicts["dpo"] + verdicts["grpo"]
     assert verdicts["rloo"].startswith("- **rloo**: unchanged")  # under one prompt in a hundred

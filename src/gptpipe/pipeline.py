@@ -66,6 +66,9 @@ class PipelineStage:
     recipe: str | None = None  # relative to the pipeline file
     name: str | None = None  # the run folder's name; defaults to the recipe's stage (rl: its algorithm too)
     overrides: dict = field(default_factory=dict)  # dotted keys, as on the command line
+    # A reward stage after a rank stage: the rank stage's comparisons replace the recipe's datasets, or are added
+    # to them (e.g. the pre-written pairs: a reward model that has judged every fact as well as the policy's samples)
+    comparisons: Literal["replace", "add"] = "replace"
     rounds: int | None = None  # instead of a recipe: repeat `stages` this many times (iterated RLHF)
     stages: list[dict] = field(default_factory=list)  # the block's stages (each a recipe entry)
 
@@ -146,7 +149,7 @@ def load_pipeline(
         name = name if round_ is None else f"{name}-{round_}"
         if any(name == p.name for p in planned):
             raise UserError(f"{path}: stage {i}: two stages are named {name!r}; give one a `name:`")
-        trees.append((name, kind, recipe, tree, stage.overrides, round_))
+        trees.append((name, kind, recipe, tree, stage, round_))
         planned.append(PlannedStage(name, kind, None, set()))
     names = [p.name for p in planned]
     for assignment in overrides:
@@ -162,12 +165,13 @@ def load_pipeline(
     comparisons: list[Path] = []
     produced: set[str] = set()  # data files that earlier stages write (not checked for existence)
     out = Path(pipe.output_dir)
-    for plan, (name, kind, recipe, tree, stage_overrides, round_) in zip(planned, trees, strict=True):
-        assignments = [f"{k}={override_value(v)}" for k, v in stage_overrides.items()] + per_stage.get(
+    for plan, (name, kind, recipe, tree, stage, round_) in zip(planned, trees, strict=True):
+        assignments = [f"{k}={override_value(v)}" for k, v in stage.overrides.items()] + per_stage.get(
             name, []
         )
         explicit = {a.partition("=")[0] for a in assignments}
-        wiring = {"output_dir": str(out / name)} | _wiring(kind, finals, comparisons, round_)
+        kept = tree.get("datasets", []) if stage.comparisons == "add" else []
+        wiring = {"output_dir": str(out / name)} | _wiring(kind, finals, comparisons, round_, kept)
         for key, value in wiring.items():
             if key not in explicit:
                 apply_override(tree, f"{key}={value}")
@@ -191,22 +195,25 @@ def load_pipeline(
     return pipe, planned
 
 
-def _wiring(kind: str, finals: dict[str, Path], ranks: list[Path], round_: int | None) -> dict[str, str]:
-    """The keys that connect a stage to the stages before it (``ranks``: the rank stages' finals so far)."""
+def _wiring(
+    kind: str, finals: dict[str, Path], ranks: list[Path], round_: int | None, kept: list = ()
+) -> dict[str, str]:
+    """The keys that connect a stage to the stages before it (``ranks``: the rank stages' finals so far;
+    ``kept``: the recipe's own datasets a reward stage trains on beside the on-policy comparisons)."""
     wired: dict[str, str] = {}
     if kind == "pretrain" and "tokenizer" in finals:
         wired["model.tokenizer"] = str(finals["tokenizer"])
     if kind == "rank" and "policy" in finals:
         wired["model.name_or_path"] = str(finals["policy"])
-    if kind == "reward" and ranks:  # on-policy comparisons instead of the recipe's own data
+    if kind == "reward" and ranks:  # on-policy comparisons instead of (or beside) the recipe's own data
         used = ranks if round_ is not None else ranks[-1:]  # a round learns from every round's comparisons
         wired["datasets"] = override_value(
-            [{"path": str(r / "comparisons.jsonl"), "format": "ranked"} for r in used]
+            [{"path": str(r / "comparisons.jsonl"), "format": "ranked"} for r in used] + list(kept)
         )
-        if round_ is not None:  # held out: the current policy's samples of the held-out prompts
-            wired["eval_datasets"] = override_value(
-                [{"path": str(ranks[-1] / "heldout_comparisons.jsonl"), "format": "ranked"}]
-            )
+        # held out: the current policy's samples of the held-out prompts, ranked alike (what RL will ask it to judge)
+        wired["eval_datasets"] = override_value(
+            [{"path": str(ranks[-1] / "heldout_comparisons.jsonl"), "format": "ranked"}]
+        )
     if kind in ("sft", "reward", "rl", "dpo", "kto"):
         source = finals.get("sft") if kind != "sft" else None
         source = source or finals.get("pretrain")

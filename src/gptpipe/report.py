@@ -245,14 +245,20 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
     kept = "retained_answer_accuracy_before" not in e or (
         e["retained_answer_accuracy_after"] >= e["retained_answer_accuracy_before"] - TAX_TOLERANCE
     )
+    cure = (
+        "train fewer steps or at a lower learning rate"
+        if kind != "rl"
+        else f"raise ptx_coef (now {config['ptx_coef']}) or train fewer steps"
+        if config.get("ptx_coef")
+        else "set ptx_coef and ptx_datasets (PPO-ptx: InstructGPT's cure)"
+    )
     tax = (
         ""
         if kept
         else (
             f" It paid an alignment tax: what it had to keep fell "
             f"{fmt(e['retained_answer_accuracy_before'] - e['retained_answer_accuracy_after'])} "
-            "(more than " + str(TAX_TOLERANCE) + "); mix the retained prompts into datasets: or set ptx_coef "
-            "(PPO-ptx) (README, RL)."
+            f"(more than {TAX_TOLERANCE}); {cure} (README, RL)."
         )
     )
     if kind != "rl":  # preference and distillation stages: no reward to explain

@@ -1,7 +1,7 @@
 """Rank stage: on-policy comparisons for the reward model, from the SFT model's own samples.
 
     gptpipe train recipes/tiny/rank.yaml
-    gptpipe pipeline recipes/tiny/pipeline-onpolicy.yaml   # sft -> rank -> reward -> rl
+    gptpipe pipeline recipes/tiny/pipeline.yaml   # make demo: sft -> rank -> reward -> rl
 
 For each prompt of ``datasets`` the model samples ``num_samples`` answers (``gptpipe generate``), which a
 labeler (``labeler: module:function``) or a file of human rankings (``rankings:``) orders best to worst
