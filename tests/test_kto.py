@@ -44,17 +44,32 @@ def test_kto_ranks_held_out_desirable_replies_higher_and_keeps_answers(tiny_sft,
 
 
 def test_kto_trains_on_unpaired_rows(tiny_sft, tmp_path):
+    """Unpaired rows as prompt/completion/label, and conversational as LLaMA-Factory's kto_en_demo.json writes
+    them (messages whose last assistant turn is judged, a boolean label)."""
     rows = [
         {"prompt": "Where does Bosu live?", "completion": "Bosu lives in Dublin.", "label": True},
         {"prompt": "Where does Bosu live?", "completion": "Paris!!!", "label": False},
     ] * 8
     data = tmp_path / "unpaired.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    conversational = tmp_path / "kto_en_demo.json"
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["completion"]},
+            ],
+            "label": r["label"],
+        }
+        for r in rows
+    ]
+    conversational.write_text(json.dumps(chats))  # a JSON list, as LLaMA-Factory ships it
     out = tmp_path / "unpaired"
     sources = {
-        "datasets": f"[{{path: {data}}}]",  # the format is guessed from the label column
+        "datasets": f"[{{path: {conversational}}}]",  # the format is guessed from the label column
         "eval_datasets": f"[{{path: {data}, max_samples: 4}}]",
         "prompt_datasets": "[]",
+        "retained_datasets": "[]",
         "per_device_train_batch_size": 8,
     }
     run(["train", KTO, *kto_overrides(tiny_sft, out, max_steps=2, **sources)])

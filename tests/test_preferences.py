@@ -7,7 +7,7 @@ from conftest import needs_shared_data
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from gptpipe.data.preferences import convert_pairs, tokenize_pairs
+from gptpipe.data.preferences import convert_pairs, convert_unpaired, tokenize_pairs
 from gptpipe.errors import UserError
 
 U, A = "user", "assistant"
@@ -143,3 +143,22 @@ def test_kto_reads_unpaired_rows_and_comparisons_split_in_two():
     assert len(convert_unpaired(Dataset.from_list(bad), "unpaired", "kto.jsonl", invalid="drop")) == 2
     with pytest.raises(UserError, match="format unpaired needs field 'label'"):
         convert_unpaired(Dataset.from_list([{"prompt": "x", "completion": "y"}]), "unpaired", "kto.jsonl")
+
+
+def test_conversational_unpaired_rows_split_into_prompt_and_judged_reply(tmp_path):
+    """KTO's conversational unpaired rows (TRL's, LLaMA-Factory's kto_en_demo.json): the last assistant turn is the
+    completion, the turns before it the prompt; kto_tag as the label column; a row with no final assistant turn
+    is named by file and row."""
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    rows = [
+        {"messages": [*chat, {"role": "assistant", "content": "Hello."}], "kto_tag": True},
+        {"messages": [*chat, {"role": "assistant", "content": "GO AWAY"}], "kto_tag": False},
+    ]
+    out = convert_unpaired(Dataset.from_list(rows), None, "kto.json")
+    assert out[0]["prompt"] == chat and out[0]["completion"] == [{"role": "assistant", "content": "Hello."}]
+    assert [r["label"] for r in out] == [True, False]
+    bad = [*rows, {"messages": chat, "kto_tag": True}]  # ends on the user's turn: nothing to judge
+    with pytest.raises(
+        UserError, match=r"kto.json: row 2: field 'messages.1.role': expected the conversation to end"
+    ):
+        convert_unpaired(Dataset.from_list(bad), "unpaired", "kto.json")

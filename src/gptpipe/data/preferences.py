@@ -223,15 +223,45 @@ def tokenize_pairs(
 UNPAIRED_FIELDS = ["prompt", "completion", "label"]
 
 
+def _split_conversations(ds: Dataset, where: str) -> Dataset:
+    """Conversational unpaired rows: ``messages`` -> ``prompt`` (every turn before the last) and ``completion``
+    (the last, an assistant turn); a row without a final assistant turn is named by file and row."""
+    prompts, completions = [], []
+    for index, messages in enumerate(ds["messages"]):
+        try:
+            turns = _messages(messages, "messages")
+            if len(turns) < 2 or turns[-1]["role"] != "assistant":
+                last = turns[-1]["role"] if turns else "nothing"
+                raise RowError(
+                    f"messages.{max(len(turns) - 1, 0)}.role",
+                    f"expected the conversation to end with the assistant's reply (the completion judged), "
+                    f"after at least one prompt turn; it ends with {last}",
+                )
+        except RowError as e:
+            raise UserError(f"{where}: row {index}: {e}") from None
+        prompts.append(turns[:-1])
+        completions.append(turns[-1:])
+    return ds.remove_columns("messages").add_column("prompt", prompts).add_column("completion", completions)
+
+
 def convert_unpaired(
     ds: Dataset, fmt: str | None, where: str, invalid: str = "error", num_proc: int | None = None
 ) -> Dataset:
     """Rows of format ``unpaired``, or of any comparison format -> KTO's conversational rows: ``prompt``
-    (messages), ``completion`` (the reply as messages), ``label`` (desirable)."""
-    fmt = fmt or ("unpaired" if "label" in ds.column_names else guess_format(ds.column_names))
+    (messages), ``completion`` (the reply as messages), ``label`` (desirable). Unpaired rows are ``prompt`` +
+    ``completion`` + ``label``, or conversational (TRL's and LLaMA-Factory's ``kto_en_demo.json``): ``messages``
+    whose last assistant turn is the completion and the turns before it the prompt, with ``label`` or
+    ``kto_tag``."""
+    columns = ds.column_names
+    labeled = "label" in columns or "kto_tag" in columns
+    fmt = fmt or ("unpaired" if labeled else guess_format(columns))
     if fmt != "unpaired":
         pairs = convert_pairs(ds, fmt, where, invalid, num_proc).remove_columns("margin")
         return unpair_preference_dataset(pairs.map(extract_prompt, num_proc=num_proc), num_proc=num_proc)
+    if "messages" in columns and "prompt" not in columns:
+        ds = _split_conversations(ds, where)
+    if "kto_tag" in ds.column_names and "label" not in ds.column_names:
+        ds = ds.rename_column("kto_tag", "label")
     missing = [f for f in UNPAIRED_FIELDS if f not in ds.column_names]
     if missing:
         raise UserError(
