@@ -77,6 +77,19 @@ def test_every_gptpipe_command_and_flag_the_docs_name_exists():
     assert not wrong, wrong
 
 
+def test_every_link_between_the_docs_resolves():
+    """README.md links to the docs/ pages by topic, and they to each other: no link points at nothing."""
+    broken = [
+        f"{doc.name}: {target}"
+        for doc in DOCS
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text())
+        if not (doc.parent / target).exists()
+    ]
+    assert not broken, broken
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", (REPO / "README.md").read_text()))
+    assert linked == {d.name for d in DOCS[1:]}  # every page is reachable from the README
+
+
 def test_every_make_target_the_docs_name_exists():
     makefile = (REPO / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z][\w-]*):", makefile, re.M))

@@ -21,9 +21,8 @@ STEPS, GAIN = 30, 0.15
 
 def dpo_overrides(tiny_sft, out, **extra) -> list[str]:
     settings = {"output_dir": out, "model.name_or_path": tiny_sft, "save_steps": 1000, "logging_steps": 5}
-    settings |= {
-        "generalization_datasets": "[]"
-    }  # the retained set is measured; the unseen phrasing is RL's test
+    # the whole-assistant sets cost two greedy passes each and are RL's tests (test_rl_rewards.py)
+    settings |= {"generalization_datasets": "[]", "retained_datasets": "[]"}
     return as_overrides(settings, {"disable_tqdm": "true"}, **extra)
 
 
@@ -113,9 +112,10 @@ def test_bad_comparisons_stop_the_run_naming_file_and_row(row, message, tiny_sft
 
 
 @pytest.mark.distributed
-def test_dpo_under_ddp_and_zero3_with_two_processes_matches_one_process(tiny_sft, tmp_path):
-    """DPO on 2 CPU processes, plain DDP and a real DeepSpeed ZeRO-3 engine (policy and TRL's reference both
-    sharded), trains what one process does with the same global batch: the same losses and held-out evidence."""
+def test_dpo_under_zero3_with_two_processes_matches_one_process(tiny_sft, tmp_path):
+    """DPO on 2 CPU processes with a real DeepSpeed ZeRO-3 engine (policy and TRL's reference both sharded)
+    trains what one process does with the same global batch: the same losses and held-out evidence. (Plain DDP,
+    the Trainer's own, ran here too and matched; dropped for the suite's time: DDP is tested on SFT and PPO.)"""
     pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
     few = "[{path: tinyworld:comparisons, split: %s, format: preference, max_samples: %d}]"
     # DPO's loss alone: the recipe's NLL term is a token mean per process, which two processes average unweighted
@@ -127,7 +127,7 @@ def test_dpo_under_ddp_and_zero3_with_two_processes_matches_one_process(tiny_sft
 
     run(["train", DPO, *overrides(tmp_path / "one", 32)])
     zero3 = f"deepspeed={REPO / 'deepspeed_configs/zero3.json'}"
-    for name, extra in (("ddp", ()), ("zero3", (zero3,))):
+    for name, extra in (("zero3", (zero3,)),):
         two = subprocess.run(
             [*TORCHRUN, "train", DPO, *overrides(tmp_path / name, 16, "use_cpu=true", *extra)], **RUN
         )
@@ -135,7 +135,7 @@ def test_dpo_under_ddp_and_zero3_with_two_processes_matches_one_process(tiny_sft
     one = json.loads((tmp_path / "one/eval.json").read_text())
     losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r}
     assert sorted(losses) == [1, 2]
-    for name, engine in (("ddp", "MULTI_CPU"), ("zero3", "DEEPSPEED")):
+    for name, engine in (("zero3", "DEEPSPEED"),):
         layout = json.loads((tmp_path / name / "distributed.json").read_text())
         assert layout["world_size"] == 2 and layout["distributed_type"] == engine, layout
         both = {r["step"]: r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r}

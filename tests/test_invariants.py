@@ -1,4 +1,4 @@
-"""What must not change when only the layout changes (README "How the global batch is formed"):
+"""What must not change when only the layout changes (docs/distributed.md, "How the global batch is formed"):
 
 - the same effective batch as 8x1, 4x2 and 2x4 (micro-batch x accumulation) gives the same per-step losses and
   gradient norms, for pretraining and for SFT with packing (the loss is a token mean over the whole batch,

@@ -17,9 +17,8 @@ STEPS, GAIN = 30, 0.1
 
 def kto_overrides(tiny_sft, out, **extra) -> list[str]:
     settings = {"output_dir": out, "model.name_or_path": tiny_sft, "save_steps": 1000, "logging_steps": 5}
-    settings |= {
-        "generalization_datasets": "[]"
-    }  # the retained set is measured; the unseen phrasing is RL's test
+    # the whole-assistant sets cost two greedy passes each and are RL's tests (test_rl_rewards.py)
+    settings |= {"generalization_datasets": "[]", "retained_datasets": "[]"}
     return as_overrides(settings, {"disable_tqdm": "true"}, **extra)
 
 
@@ -69,7 +68,6 @@ def test_kto_trains_on_unpaired_rows(tiny_sft, tmp_path):
         "datasets": f"[{{path: {conversational}}}]",  # the format is guessed from the label column
         "eval_datasets": f"[{{path: {data}, max_samples: 4}}]",
         "prompt_datasets": "[]",
-        "retained_datasets": "[]",
         "per_device_train_batch_size": 8,
     }
     run(["train", KTO, *kto_overrides(tiny_sft, out, max_steps=2, **sources)])

@@ -38,7 +38,7 @@ def test_trl_algorithms_raise_held_out_reward(algorithm, tiny_sft, tiny_reward, 
     evidence = {k: v for k, v in e.items() if k.endswith(("_before", "_after"))}
     with learning_checks() as check:
         # Seeds 0-2 and 42, 1 thread (tinyworld v6): reward gain GRPO 0.47-5.20, RLOO 0.55-4.95 (42: the low
-        # ones); KL GRPO 3.41-4.74, RLOO 2.86-7.05 (the reward model's score rises while answer accuracy falls: README, RL).
+        # ones); KL GRPO 3.41-4.74, RLOO 2.86-7.05 (the reward model's score rises while answer accuracy falls: docs/rl.md).
         check.at_least("held-out reward gain", e["reward_after"] - e["reward_before"], 0.2, evidence)
         check.at_most("KL to the SFT model after", e["kl_after"], 10.0, evidence)  # bounded by the KL penalty
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

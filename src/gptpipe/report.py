@@ -258,7 +258,7 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
         else (
             f" It paid an alignment tax: what it had to keep fell "
             f"{fmt(e['retained_answer_accuracy_before'] - e['retained_answer_accuracy_after'])} "
-            f"(more than {TAX_TOLERANCE}); {cure} (README, RL)."
+            f"(more than {TAX_TOLERANCE}); {cure} (docs/rl.md)."
         )
     )
     if kind != "rl":  # preference and distillation stages: no reward to explain
@@ -276,7 +276,7 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
     if after - before < -tolerance and rose:
         return (
             f"did not improve ({moved}) although its reward rose ({reward}): the policy learned what {judge} "
-            f"scores highly, which is not the right answer (reward hacking; README, RL).{tax}"
+            f"scores highly, which is not the right answer (reward hacking; docs/rl.md).{tax}"
         )
     if after - before < -tolerance:
         return (

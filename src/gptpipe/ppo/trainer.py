@@ -59,7 +59,7 @@ from gptpipe.tracking import StepLogger, load_callbacks, truncate_metrics
 
 class PPOTrainer:
     """PPO on ``train_dataset``'s prompts (message lists; its other columns go to the reward functions) against
-    ``scorer`` (``gptpipe.rlhf.reward_scorer``), with the keys of ``args`` (an ``RLConfig``) the README's PPO
+    ``scorer`` (``gptpipe.rlhf.reward_scorer``), with the keys of ``args`` (an ``RLConfig``) docs/rl.md's PPO
     section lists."""
 
     def __init__(self, args, policy, reference, critic, scorer, tokenizer, train_dataset, accelerator):
