@@ -27,12 +27,15 @@ def wrong_answer(prompts, completions, answer, **columns):
     return [0.0 if answers_in_first_sentence(c[-1]["content"], a) else 1.0 for c, a in zip(completions, answer)]
 """
 RECIPES = {"ppo": "rl-verifiable.yaml", "grpo": "grpo-verifiable.yaml"}
-# The tests' SFT models answer 0.02-0.25 of the RL prompts (a phrasing in no training data). Seeds 0-2 and 42
-# (make test's), 1 thread: gain PPO 0.077-0.146 at learning_rate 5e-5 (the recipe's 2e-5: 0.023-0.377, 0.023 on
-# seeds 1 and 42), GRPO 0.115-0.354; KL PPO 1.78-3.51, GRPO 1.91-2.47.
+# The tests' SFT models answer 0.02-0.25 of the RL prompts (a phrasing in no training data). With the recipes'
+# PPO-ptx, seeds 0, 2 and 42 (make test's), 1 thread, 2026-12-02: gain PPO 0.177-0.277 at learning_rate 5e-5,
+# GRPO 0.231-0.362; KL PPO 1.85-2.34, GRPO 1.40-3.76. Seed 1's SFT model (0.05 of the RL prompts, 0.36 of its
+# held-out questions) gains nothing on this machine with or without ptx (PPO -0.015 / 0.008, GRPO 0.008 / 0.0):
+# docs/testing.md.
 GAIN = {"ppo": 0.04, "grpo": 0.08}
-# With PPO-ptx (the recipes' ptx_coef 1.0 on tinyworld:sft), the SFT model's held-out questions (78; one is 0.013)
-TAX = {"ppo": 0.03, "grpo": 0.03}
+# What SFT taught, lost (its 78 held-out questions; one is 0.013), with PPO-ptx: PPO -0.013 to 0.038, GRPO -0.038
+# to 0.013 over seeds 0-2 and 42; without ptx seed 1 lost 0.128 (PPO) and 0.141 (GRPO).
+TAX = {"ppo": 0.05, "grpo": 0.05}
 
 
 def overrides(tiny_sft, out, reward_funcs, **extra):
