@@ -135,7 +135,14 @@ def test_reward_hacking_alarm_rings_and_stops_the_run(algorithm, tiny_sft, tmp_p
     out = tmp_path / algorithm
     watch = {"eval_steps": 2, "hacking_window": 2, "watch_prompts": 32, "stop_on_reward_hacking": "true"}
     watch |= {"keep_best_model": "true", "save_steps": 4, "max_steps": 30, "eval_prompts": 32}
-    watch |= {"datasets": asked, "eval_datasets": asked, "generalization_datasets": "[]"}
+    watch |= {
+        "datasets": asked,
+        "eval_datasets": asked,
+        "generalization_datasets": "[]",
+        "retained_datasets": "[]",
+    }
+    # No PPO-ptx: on SFT's own phrasing it keeps the answers the hack pays against (PPO rang no alarm in 30 steps)
+    watch |= {"ptx_coef": 0, "ptx_datasets": "[]"}
     args = overrides(tiny_sft, out, f"{tmp_path / 'hack.py'}:wrong_answer", **watch)
     run(["train", str(REPO / "recipes/tiny" / RECIPES[algorithm]), *args])
     e = json.loads((out / "eval.json").read_text())
