@@ -9,22 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from gptpipe.data.chat_templates import split_reply
 from gptpipe.errors import UserError
 from gptpipe.ppo.rollout import Rollout, left_pad, reference_context, response_logprobs
 from gptpipe.scoring import rank_agreement
-
-
-def split_reply(tokenizer, conversation: list[dict]) -> tuple[list[int], list[int]]:
-    """(prompt ids, reply ids) of a conversation whose last message is the reply: the reply starts where the
-    rendered prompt (with the assistant's turn opened) and the whole rendered conversation part."""
-    prompt = tokenizer.apply_chat_template(
-        conversation[:-1], add_generation_prompt=True, tokenize=True, return_dict=True
-    )["input_ids"]
-    whole = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
-    shared = 0
-    while shared < min(len(prompt), len(whole)) and prompt[shared] == whole[shared]:
-        shared += 1
-    return whole[:shared], whole[shared:]
 
 
 @torch.no_grad()

@@ -245,13 +245,12 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
     kept = "retained_answer_accuracy_before" not in e or (
         e["retained_answer_accuracy_after"] >= e["retained_answer_accuracy_before"] - TAX_TOLERANCE
     )
-    cure = (
-        "train fewer steps or at a lower learning rate"
-        if kind != "rl"
-        else f"raise ptx_coef (now {config['ptx_coef']}) or train fewer steps"
-        if config.get("ptx_coef")
-        else "set ptx_coef and ptx_datasets (PPO-ptx: InstructGPT's cure)"
-    )
+    if kind != "rl":
+        cure = "train fewer steps or at a lower learning rate"
+    elif config.get("ptx_coef"):
+        cure = f"raise ptx_coef (now {config['ptx_coef']}) or train fewer steps"
+    else:
+        cure = "set ptx_coef and ptx_datasets (PPO-ptx: InstructGPT's cure)"
     tax = (
         ""
         if kept

@@ -80,13 +80,17 @@ def ptx_data(cfg):
     """PPO-ptx's rows (``ptx_datasets``): conversations in any format SFT reads (``format:``, ``messages`` when
     the rows have no ``text`` column) or ``text`` documents, one kind per run."""
 
+    kinds: set[bool] = set()  # text documents or conversations: one schema per mixture
+
     def prepare(ds, src):
         fmt = src.format or ("text" if "text" in ds.column_names else "messages")
+        kinds.add(fmt == "text")
+        if len(kinds) > 1:
+            raise UserError(
+                f"ptx_datasets: {describe(src)}: mix either text documents or conversations, not both in one run"
+            )
         return formats.convert(ds, fmt, f"ptx_datasets: {describe(src)}", cfg.dataset_num_proc)
 
-    kinds = {(s.format or "") == "text" for s in cfg.ptx_datasets}
-    if len(kinds) > 1:
-        raise UserError("ptx_datasets: mix either text documents or conversations, not both in one run")
     return load_mixture(cfg.ptx_datasets, [], seed=cfg.seed, prepare=prepare)
 
 

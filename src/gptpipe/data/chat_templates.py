@@ -133,3 +133,16 @@ def end_of_turn_token(tokenizer) -> str:
             if after:
                 return tokenizer.convert_ids_to_tokens(after[0])
     return tokenizer.eos_token
+
+
+def split_reply(tokenizer, conversation: list[dict]) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) of a conversation whose last message is the reply: the reply starts where the
+    rendered prompt (with the assistant's turn opened) and the whole rendered conversation part."""
+    prompt = tokenizer.apply_chat_template(
+        conversation[:-1], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    whole = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+    shared = 0
+    while shared < min(len(prompt), len(whole)) and prompt[shared] == whole[shared]:
+        shared += 1
+    return whole[:shared], whole[shared:]

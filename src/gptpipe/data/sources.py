@@ -20,6 +20,15 @@ from gptpipe.errors import UserError
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 TINYWORLD_SCHEME = "tinyworld:"
 
+# Every config key that holds data sources (checked before any model loads).
+DATA_GROUPS = (
+    "datasets",
+    "eval_datasets",
+    "generalization_datasets",
+    "retained_datasets",
+    "prompt_datasets",
+    "ptx_datasets",
+)
 # A row check: returns None for a good row, or a message naming the bad field.
 RowCheck = Callable[[dict], "str | None"]
 # A per-source conversion (e.g. a chat format to messages), applied before the fields are checked.
@@ -45,8 +54,7 @@ def is_local(src: DataSource) -> bool:
 def check_sources_exist(settings: DataSettings, produced: set[str] = frozenset()) -> None:
     """Fail early, naming the key, when a local data file is missing (no network is touched); ``produced``:
     files an earlier pipeline stage will write."""
-    groups = ("datasets", "eval_datasets", "generalization_datasets", "retained_datasets", "prompt_datasets")
-    for group in (*groups, "ptx_datasets"):
+    for group in DATA_GROUPS:
         for i, src in enumerate(getattr(settings, group, [])):
             if src.path in produced:
                 continue

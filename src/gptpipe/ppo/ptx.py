@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptpipe.data.chat_templates import split_reply
 from gptpipe.ppo.checkpoint import batch_rows
 
 IGNORE = -100  # labels left out of the loss (the prompt of a conversation, padding)
@@ -43,16 +44,8 @@ def encode_examples(tokenizer, rows: list[dict], max_length: int) -> list[tuple[
     examples = []
     for row in rows:
         if row.get("messages"):
-            messages = row["messages"]
-            prompt = tokenizer.apply_chat_template(
-                messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
-            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-            if ids[: len(prompt)] != prompt:  # a template that renders the prompt differently once answered
-                prompt = prompt[
-                    : next(i for i, (a, b) in enumerate(zip(ids, prompt, strict=False)) if a != b)
-                ]
-            labels = [IGNORE] * len(prompt) + ids[len(prompt) :]
+            prompt, reply = split_reply(tokenizer, row["messages"])  # as the DPO evidence splits a reply off
+            ids, labels = prompt + reply, [IGNORE] * len(prompt) + reply
         else:
             ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             labels = list(ids)
