@@ -11,7 +11,10 @@ from gptpipe.errors import UserError
 
 
 def convert_one(fmt, row):
-    return formats.convert(Dataset.from_list([row]), fmt, "sample.json")[0]
+    """One converted row, its messages without the empty ``tool_calls`` every message of a mixture carries."""
+    out = formats.convert(Dataset.from_list([row]), fmt, "sample.json")[0]
+    out["messages"] = [{k: v for k, v in m.items() if not (k == "tool_calls" and v is None)} for m in out["messages"]]
+    return out
 
 
 def test_alpaca_with_system_input_and_history():
@@ -98,7 +101,9 @@ def test_content_given_as_text_parts_is_joined(tmp_path):
     from gptpipe.rlhf import prompt_rows  # RL, rank and compare prompts read the same way
 
     prompts = DataSource(path=str(tmp_path / "pairs.jsonl"))
-    assert prompt_rows(load_source(prompts), prompts)[0]["prompt"] == [converted[0]]
+    assert prompt_rows(load_source(prompts), prompts)[0]["prompt"] == [
+        {"role": "user", "content": converted[0]["content"]}
+    ]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": [{"role": "bot", "content": "x"}]}) + "\n")
     bad = DataSource(path=str(tmp_path / "bad.jsonl"))
     with pytest.raises(UserError, match="bad.jsonl: row 0: field 'prompt.0.role': unknown role 'bot'"):

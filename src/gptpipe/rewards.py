@@ -13,42 +13,18 @@ instead of) the reward model's score.
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 from gptpipe.errors import UserError
+from gptpipe.plugins import import_callable
 
 RewardFn = Callable[..., list]
 
 
 def load_reward_functions(specs: list[str]) -> list[RewardFn]:
     """Each ``module:function`` or ``file.py:function`` imported and wrapped in ``checked``."""
-    return [checked(_import(spec, f"reward_funcs.{i}"), spec) for i, spec in enumerate(specs)]
-
-
-def _import(spec: str, where: str) -> RewardFn:
-    source, sep, name = spec.rpartition(":")
-    if not sep or not source or not name:
-        raise UserError(f"{where}: expected 'module:function' or 'path/to/file.py:function', got {spec!r}")
-    try:
-        if source.endswith(".py"):
-            path = Path(source)
-            if not path.is_file():
-                raise UserError(f"{where}: {path} not found (from {spec!r})")
-            module_spec = importlib.util.spec_from_file_location(f"gptpipe_reward_{path.stem}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(source)
-        fn = getattr(module, name)
-    except (ImportError, AttributeError, SyntaxError) as e:
-        raise UserError(f"{where}: cannot import {spec!r}: {e}") from None
-    if not callable(fn):
-        raise UserError(f"{where}: {spec!r} is not callable")
-    return fn
+    return [checked(import_callable(spec, f"reward_funcs.{i}"), spec) for i, spec in enumerate(specs)]
 
 
 def checked(fn: RewardFn, spec: str) -> RewardFn:

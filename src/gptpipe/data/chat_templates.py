@@ -2,6 +2,13 @@
 
 Each template puts the assistant's end-of-turn token *inside* the generation block, so the model is
 trained to emit it, and names that token so generation can stop there.
+
+Tool use is rendered the way transformers' tool-use templates do it: ``tools`` (JSON schemas, as
+``transformers.utils.get_json_schema`` builds them from a typed, documented function) in a system turn;
+an assistant message's ``tool_calls`` ({type: function, function: {name, arguments}}) inside its generation
+block, so the loss covers the calls; ``tool`` messages (the results) outside it, so it never covers them.
+Each built-in template carries a ``response_template`` (transformers' parser spec, saved in the tokenizer's
+config), so ``tokenizer.parse_response`` and TRL read a generated call back with their own code.
 """
 
 from __future__ import annotations
@@ -20,6 +27,47 @@ _ROLE_CHECK = (
 )
 # Tools (a JSON list of function schemas) are shown to the model in a system turn.
 _TOOLS = "{% if tools %}{% set tools_text = tools | tojson %}{% else %}{% set tools_text = '' %}{% endif %}"
+# Each tool as a signature, "add(a: integer, b: integer)": what a call needs, short enough for a tiny model's
+# context (the full schemas of two tools are ~200 of its tokens).
+_SIGNATURES = (
+    "{% set ns = namespace(text='') %}{% for tool in tools or [] %}"
+    "{% set f = tool.function if tool.function is defined else tool %}{% set ps = namespace(text='') %}"
+    "{% for name, p in (f.parameters.properties if f.parameters is defined else {}) | dictsort %}"
+    "{% set ps.text = ps.text ~ (', ' if ps.text else '') ~ name ~ ': ' ~ (p.type if p.type is defined else 'any') %}"
+    "{% endfor %}{% set ns.text = ns.text ~ ('; ' if ns.text else '') ~ f.name ~ '(' ~ ps.text ~ ')' %}{% endfor %}"
+)
+
+
+def _calls(open_: str, close: str) -> str:
+    """An assistant message's tool calls, each ``{"name": ..., "arguments": {...}}`` between two markers
+    (arguments given as a JSON string are written as they are)."""
+    return (
+        "{% for call in message.tool_calls or [] %}"
+        "{% set f = call.function if call.function is defined else call %}"
+        + open_
+        + '{"name": {{ f.name | tojson }}, "arguments": '
+        "{% if f.arguments is string %}{{ f.arguments }}{% else %}{{ f.arguments | tojson }}{% endif %}}"
+        + close
+        + "{% endfor %}"
+    )
+
+
+def _response_template(anchor: str, open_: str, close_pattern: str, end_pattern: str) -> dict:
+    """transformers' ``response_template`` for a reply that is text, tool calls between markers, or both."""
+    return {
+        "defaults": {"role": "assistant"},
+        "start_anchor": anchor,
+        "fields": {
+            "tool_calls": {
+                "open": open_,
+                "close_pattern": close_pattern,
+                "repeats": True,
+                "content": "json",
+                "transform": {"type": "function", "function": "{content}"},
+            },
+            "content": {"close_pattern": end_pattern, "content": "text"},
+        },
+    }
 
 
 @dataclass(frozen=True)
@@ -28,15 +76,23 @@ class ChatTemplate:
     template: str
     end_of_turn: str  # the token that closes an assistant turn: generation stops there
     special_tokens: tuple[str, ...]  # tokens the template needs in the vocabulary
+    tool_tokens: tuple[
+        str, ...
+    ] = ()  # the tool-call markers, added with the template (not by the tokenizer stage)
+    response_template: dict | None = None  # how transformers' parse_response reads a generated reply
 
 
 # gptpipe's own: <|bos|><|user|>question<|end|><|assistant|>answer<|end|> — compact for tiny models.
+# A call: <|assistant|><|call|>{"name": "add", "arguments": {"a": 1, "b": 2}}<|/call|><|end|><|tool|>3<|end|>
 GPTPIPE = ChatTemplate(
     name="gptpipe",
     template=(
-        "{{ bos_token }}" + _TOOLS + "{% if tools_text %}<|system|>Tools: {{ tools_text }}<|end|>{% endif %}"
-        "{% for message in messages %}" + _ROLE_CHECK + "{% if message['role'] == 'assistant' %}"
-        "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+        "{{ bos_token }}" + _SIGNATURES + "{% if ns.text %}<|system|>Tools: {{ ns.text }}<|end|>"
+        "{% endif %}{% for message in messages %}" + _ROLE_CHECK + "{% if message['role'] == 'assistant' %}"
+        "<|assistant|>{% generation %}{{ message['content'] or '' }}"
+        + _calls("<|call|>", "<|/call|>")
+        + "<|end|>"
+        "{% endgeneration %}"
         "{% else %}"
         "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
         "{% endif %}"
@@ -45,16 +101,20 @@ GPTPIPE = ChatTemplate(
     ),
     end_of_turn="<|end|>",
     special_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"),
+    tool_tokens=("<|call|>", "<|/call|>"),
+    response_template=_response_template("<|assistant|>", "<|call|>", r"<\|/call\|>", r"<\|end\|>\s*"),
 )
 
-# ChatML (Qwen, SmolLM2-Instruct and many more), with generation markers.
+# ChatML (Qwen, SmolLM2-Instruct and many more), with generation markers; tool calls as Qwen2.5 writes them.
 CHATML = ChatTemplate(
     name="chatml",
     template=(
         _TOOLS + "{% if tools_text %}<|im_start|>system\nTools: {{ tools_text }}<|im_end|>\n{% endif %}"
         "{% for message in messages %}" + _ROLE_CHECK + "{% if message['role'] == 'assistant' %}"
         # transformers renders with trim_blocks: a newline right after a tag is dropped, so print it.
-        "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}{{ '\\n' }}"
+        "<|im_start|>assistant\n{% generation %}{{ message['content'] or '' }}"
+        + _calls("{{ '\\n' if loop.first and message['content'] else '' }}<tool_call>\n", "\n</tool_call>")
+        + "<|im_end|>{% endgeneration %}{{ '\\n' }}"
         "{% else %}"
         "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
         "{% endif %}"
@@ -63,6 +123,9 @@ CHATML = ChatTemplate(
     ),
     end_of_turn="<|im_end|>",
     special_tokens=("<|im_start|>", "<|im_end|>"),
+    response_template=_response_template(
+        "<|im_start|>assistant\n", "<tool_call>", r"</tool_call>\s*", r"\s*<\|im_end\|>\s*"
+    ),
 )
 
 BUILTIN = {t.name: t for t in (GPTPIPE, CHATML)}
@@ -95,8 +158,10 @@ def install(tokenizer, name_or_path: str | None, need_assistant_mask: bool, toke
         tokenizer.chat_template = resolve(name_or_path)
         builtin = BUILTIN.get(name_or_path)
         if builtin:
-            missing = [t for t in builtin.special_tokens if t not in tokenizer.get_vocab()]
+            needed = (*builtin.special_tokens, *builtin.tool_tokens)
+            missing = [t for t in needed if t not in tokenizer.get_vocab()]
             added = tokenizer.add_tokens(missing, special_tokens=True) if missing else 0
+            tokenizer.response_template = builtin.response_template
     elif tokenizer.chat_template is None:
         raise UserError(
             f"model.tokenizer {tokenizer_name}: the tokenizer has no chat template; "

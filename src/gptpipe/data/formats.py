@@ -6,18 +6,25 @@ assistant turn, ending on an assistant turn. A bad row stops the run with its fi
 
 | format | fields (after ``columns:``) |
 | --- | --- |
-| ``messages`` | ``messages``: list of {role, content}; roles system, user, assistant, tool; optional ``tools`` |
+| ``messages`` | ``messages``: list of {role, content}; roles system, user, assistant, tool; assistant ``tool_calls``; optional ``tools`` |
 | ``alpaca`` | ``instruction``, ``input``, ``output``; optional ``system`` and ``history`` ([[user, assistant], ...]) |
-| ``sharegpt`` | ``conversations``: list of {from, value}; from human, gpt, system, function_call, observation; optional ``system``, ``tools`` |
+| ``sharegpt`` | ``conversations``: list of {from, value}; from human, gpt, system, function_call (a JSON call), observation; optional ``system``, ``tools`` |
 | ``prompt_completion`` | ``prompt`` and ``completion``, each a string or a list of messages |
 | ``text`` | ``text``: plain documents (language modeling; no roles) |
+
+Tool calls take the shape transformers and TRL use: an assistant message's ``tool_calls`` is a list of
+{type: function, function: {name, arguments}} (a flat {name, arguments} is accepted; arguments an object,
+or a JSON string of one), its content may be empty; each call's result is a ``tool`` message after it.
+``tools`` (JSON schemas) is kept as a JSON string, which TRL's SFTTrainer reads. sharegpt's
+``function_call`` turns (LLaMA-Factory's and glaive's function-calling sets) hold the call as JSON, one
+call or a list, and ``observation`` turns the results.
 """
 
 from __future__ import annotations
 
 import json
 
-from datasets import Dataset, Features, Value
+from datasets import Dataset, Features, Json, Value
 
 from gptpipe.errors import UserError
 
@@ -38,8 +45,13 @@ FIELDS = {
 }
 CONVERSATIONAL = ("messages", "alpaca", "sharegpt", "prompt_completion")
 # One schema for every converted source, so sources of different formats concatenate into one mixture.
+# A call's arguments differ in shape from tool to tool: one JSON column holds any of them.
+TOOL_CALL = {"type": Value("string"), "function": {"name": Value("string"), "arguments": Json()}}
 CHAT_FEATURES = Features(
-    {"messages": [{"role": Value("string"), "content": Value("string")}], "tools": Value("string")}
+    {
+        "messages": [{"role": Value("string"), "content": Value("string"), "tool_calls": [TOOL_CALL]}],
+        "tools": Value("string"),
+    }
 )
 
 
@@ -67,8 +79,47 @@ def _messages(value, field: str) -> list[dict]:
             raise RowError(
                 f"{field}.{i}.role", f"unknown role {m['role']!r}; expected one of {', '.join(ROLES)}"
             )
-        out.append({"role": m["role"], "content": _content(m.get("content"), f"{field}.{i}.content")})
+        calls = (
+            _tool_calls(m.get("tool_calls"), f"{field}.{i}.tool_calls") if m["role"] == "assistant" else None
+        )
+        content = m.get("content")
+        content = "" if content is None and calls else _content(content, f"{field}.{i}.content")
+        out.append({"role": m["role"], "content": content} | ({"tool_calls": calls} if calls else {}))
     return out
+
+
+def _tool_calls(value, field: str) -> list[dict] | None:
+    """An assistant message's calls as [{type: function, function: {name, arguments: {...}}}]."""
+    if value in (None, []):
+        return None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise RowError(
+            field, f"expected a list of {{type, function: {{name, arguments}}}} calls, got {value!r:.80}"
+        )
+    calls = []
+    for j, call in enumerate(value):
+        f = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise RowError(
+                f"{field}.{j}",
+                f"expected {{name, arguments}} (optionally under 'function'), got {call!r:.80}",
+            )
+        arguments = f.get("arguments", f.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as e:
+                raise RowError(
+                    f"{field}.{j}.function.arguments", f"not valid JSON ({e}): {arguments!r:.80}"
+                ) from None
+        if not isinstance(arguments, dict):
+            raise RowError(
+                f"{field}.{j}.function.arguments", f"expected an object of arguments, got {arguments!r:.80}"
+            )
+        calls.append({"type": "function", "function": {"name": f["name"], "arguments": arguments}})
+    return calls
 
 
 def _content(value, field: str) -> str:
@@ -103,18 +154,22 @@ def from_messages(row: dict) -> dict:
 def from_alpaca(row: dict) -> dict:
     messages = []
     if row.get("system"):
-        messages.append({"role": "system", "content": _text(row["system"], "system")})
+        messages.append(_message("system", _text(row["system"], "system")))
     for i, turn in enumerate(row.get("history") or []):
         if not isinstance(turn, list) or len(turn) != 2:
             raise RowError(f"history.{i}", f"expected a [user, assistant] pair, got {turn!r:.80}")
-        messages.append({"role": "user", "content": _text(turn[0], f"history.{i}.0")})
-        messages.append({"role": "assistant", "content": _text(turn[1], f"history.{i}.1")})
+        messages.append(_message("user", _text(turn[0], f"history.{i}.0")))
+        messages.append(_message("assistant", _text(turn[1], f"history.{i}.1")))
     instruction = _text(row["instruction"], "instruction")
     extra = row.get("input")
     user = f"{instruction}\n{_text(extra, 'input')}" if extra else instruction
-    messages.append({"role": "user", "content": user})
-    messages.append({"role": "assistant", "content": _text(row["output"], "output")})
+    messages.append(_message("user", user))
+    messages.append(_message("assistant", _text(row["output"], "output")))
     return {"messages": messages, "tools": None}
+
+
+def _message(role: str, content: str, tool_calls: list[dict] | None = None) -> dict:
+    return {"role": role, "content": content} | ({"tool_calls": tool_calls} if tool_calls else {})
 
 
 def sharegpt_messages(row: dict) -> list[dict]:
@@ -126,7 +181,7 @@ def sharegpt_messages(row: dict) -> list[dict]:
         )
     messages = []
     if row.get("system"):
-        messages.append({"role": "system", "content": _text(row["system"], "system")})
+        messages.append(_message("system", _text(row["system"], "system")))
     for i, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None
         if speaker not in SHAREGPT_ROLES:
@@ -134,9 +189,17 @@ def sharegpt_messages(row: dict) -> list[dict]:
                 f"conversations.{i}.from",
                 f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}",
             )
-        messages.append(
-            {"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), f"conversations.{i}.value")}
-        )
+        value = _text(turn.get("value"), f"conversations.{i}.value")
+        if speaker == "function_call":
+            try:
+                call = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise RowError(
+                    f"conversations.{i}.value", f"a function_call turn holds a JSON call ({e}): {value!r:.80}"
+                ) from None
+            messages.append(_message("assistant", "", _tool_calls(call, f"conversations.{i}.value")))
+        else:
+            messages.append(_message(SHAREGPT_ROLES[speaker], value))
     return messages
 
 
@@ -149,12 +212,12 @@ def from_prompt_completion(row: dict) -> dict:
     prompt = (
         _messages(prompt, "prompt")
         if isinstance(prompt, list)
-        else [{"role": "user", "content": _text(prompt, "prompt")}]
+        else [_message("user", _text(prompt, "prompt"))]
     )
     if isinstance(completion, list):
         completion = _messages(completion, "completion")
     else:
-        completion = [{"role": "assistant", "content": _text(completion, "completion")}]
+        completion = [_message("assistant", _text(completion, "completion"))]
     return {"messages": prompt + completion, "tools": _tools(row)}
 
 
@@ -173,6 +236,11 @@ def check_conversation(messages: list[dict]) -> None:
     for i, m in enumerate(messages):
         if m["role"] == "system" and i > 0:
             raise RowError(f"messages.{i}.role", "a system message may only come first")
+        before = messages[i - 1] if i else None
+        if m["role"] == "tool" and not (before and (before.get("tool_calls") or before["role"] == "tool")):
+            raise RowError(
+                f"messages.{i}.role", "a tool message (a call's result) must follow the assistant's tool call"
+            )
     if messages[-1]["role"] != "assistant":
         raise RowError(
             f"messages.{len(messages) - 1}.role",
@@ -198,6 +266,9 @@ def convert(ds: Dataset, fmt: str, where: str, num_proc: int | None = None) -> D
         try:
             out = converter(row)
             check_conversation(out["messages"])
+            out["messages"] = [
+                {"tool_calls": None, **m} for m in out["messages"]
+            ]  # one schema: CHAT_FEATURES
         except RowError as e:
             raise UserError(f"{where}: row {index}: {e}") from None
         return out

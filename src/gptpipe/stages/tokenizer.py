@@ -89,6 +89,7 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
         pad_token=PAD,
         extra_special_tokens=ROLE_TOKENS,
         chat_template=chat_templates.GPTPIPE.template,
+        response_template=chat_templates.GPTPIPE.response_template,
         clean_up_tokenization_spaces=False,  # cleanup would change the text: decoding must be lossless
     )
 

@@ -1,0 +1,163 @@
+"""Tool calls in data and templates: converted from every conversational format, rendered inside the
+assistant's generation block (trained) with tool results outside it (not trained), and parsed back by
+transformers' own ``parse_response`` from the response template the tokenizer saves."""
+
+import json
+
+import pytest
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from gptpipe.config import SFTConfig
+from gptpipe.data import chat_templates, formats
+from gptpipe.errors import UserError
+from gptpipe.stages.sft import trl_prepare
+
+
+def add(a: int, b: int) -> int:
+    """Add two whole numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    return a + b
+
+
+def call(name, **arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+CONVERSATION = [
+    {"role": "user", "content": "What is 123 plus 456?"},
+    {"role": "assistant", "content": "", "tool_calls": [call("add", a=123, b=456)]},
+    {"role": "tool", "content": "579"},
+    {
+        "role": "assistant",
+        "content": "Two more.",
+        "tool_calls": [call("add", a=1, b=2), call("add", a=3, b=4)],
+    },
+    {"role": "tool", "content": "3"},
+    {"role": "tool", "content": "7"},
+    {"role": "assistant", "content": "123 plus 456 is 579."},
+]
+
+
+@pytest.fixture(scope="module", params=["gptpipe", "chatml"])
+def tokenizer(request, tokenizer_dir, tmp_path_factory):
+    """The tiny world's tokenizer with a built-in template installed, saved and loaded back as a user's is."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    chat_templates.install(tok, request.param, need_assistant_mask=True, tokenizer_name="tiny")
+    out = tmp_path_factory.mktemp(request.param)
+    tok.save_pretrained(out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def test_each_assistant_turn_parses_back_to_its_calls_and_text(tokenizer):
+    assert (
+        tokenizer.response_template
+        == chat_templates.BUILTIN[
+            "gptpipe" if "<|call|>" in tokenizer.get_vocab() else "chatml"
+        ].response_template
+    )  # saved in tokenizer_config.json
+    turns = [i for i, m in enumerate(CONVERSATION) if m["role"] == "assistant"]
+    for i in turns:
+        prefix = tokenizer.apply_chat_template(
+            CONVERSATION[:i], tools=[add], tokenize=False, add_generation_prompt=True
+        )
+        whole = tokenizer.apply_chat_template(CONVERSATION[: i + 1], tools=[add], tokenize=False)
+        assert whole.startswith(prefix)
+        parsed = tokenizer.parse_response(whole[len(prefix) :], prefix=prefix, tools=[add])
+        expected = CONVERSATION[i]
+        assert parsed.get("tool_calls") == expected.get("tool_calls")
+        assert parsed.get("content", "") == expected["content"]
+
+
+def test_calls_are_trained_and_tool_results_are_not(tokenizer):
+    out = tokenizer.apply_chat_template(
+        CONVERSATION, tools=[add], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    trained = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    untrained = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+    assert '"name": "add", "arguments": {"a": 123, "b": 456}' in trained and "123 plus 456 is 579." in trained
+    for result in ("579", "3", "7"):  # each tool result sits in an untrained span
+        assert f"tool|>{result}<|end|>" in untrained or f"tool\n{result}<|im_end|>" in untrained
+
+
+def test_sft_preparation_masks_tool_results_from_the_loss(tokenizer, tmp_path):
+    """TRL's own preparation (tools column, assistant_only_loss), as the SFT stage runs it."""
+    row = {"messages": CONVERSATION, "tools": json.dumps([{"type": "function", "function": {"name": "add"}}])}
+    ds = formats.convert(Dataset.from_list([row]), "messages", "calls.jsonl")
+    cfg = SFTConfig(output_dir=str(tmp_path), bf16=False, max_length=512, assistant_only_loss=True)
+    [prepared] = trl_prepare(ds, tokenizer, cfg, packing=False, name="train")
+    trained = tokenizer.decode([t for t in prepared["labels"] if t != -100])  # the tokens the loss covers
+    assert trained.count('"name": "add"') == 3 and trained.endswith(("579.<|end|>", "579.<|im_end|>"))
+    assert trained.count("579") == 1  # in the answer, never as the tool's result
+    assert "<|tool|>" not in trained and "<|im_start|>" not in trained and "What is" not in trained
+
+
+def test_sharegpt_function_calls_as_llama_factory_and_glaive_ship_them():
+    """LLaMA-Factory's glaive_toolcall set: function_call turns hold the JSON call, observation the result."""
+    tools = [{"name": "get_weather", "description": "Weather now", "parameters": {"type": "object"}}]
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Oslo?"},
+            {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Oslo"}}'},
+            {"from": "observation", "value": '{"temperature": -3}'},
+            {"from": "gpt", "value": "It is -3C in Oslo."},
+        ],
+        "tools": json.dumps(tools),
+    }
+    [out] = formats.convert(Dataset.from_list([row]), "sharegpt", "glaive.json")
+    assert out["messages"][1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+        ],
+    }
+    assert out["messages"][2]["role"] == "tool" and json.loads(out["tools"]) == tools
+
+
+def test_openai_shaped_calls_with_string_arguments_are_read():
+    row = {
+        "messages": [
+            {"role": "user", "content": "1+2?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"name": "add", "arguments": '{"a": 1, "b": 2}'}],
+            },
+            {"role": "tool", "content": "3"},
+            {"role": "assistant", "content": "3."},
+        ]
+    }
+    [out] = formats.convert(Dataset.from_list([row]), "messages", "openai.jsonl")
+    assert out["messages"][1]["tool_calls"] == [call("add", a=1, b=2)] and out["messages"][1]["content"] == ""
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (
+            [{"role": "assistant", "content": "", "tool_calls": [{"name": "add", "arguments": "{a: 1"}]}],
+            "row 0: field 'messages.0.tool_calls.0.function.arguments': not valid JSON",
+        ),
+        (
+            [{"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]}],
+            "row 0: field 'messages.0.tool_calls.0': expected {name, arguments}",
+        ),
+        (
+            [
+                {"role": "user", "content": "1+2?"},
+                {"role": "tool", "content": "3"},
+                {"role": "assistant", "content": "3."},
+            ],
+            "row 0: field 'messages.1.role': a tool message .* must follow the assistant's tool call",
+        ),
+    ],
+)
+def test_bad_tool_calls_name_the_row_and_field(messages, message):
+    with pytest.raises(UserError, match=message):
+        formats.convert(Dataset.from_list([{"messages": messages}]), "messages", "calls.jsonl")
