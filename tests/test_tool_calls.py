@@ -161,3 +161,112 @@ def test_openai_shaped_calls_with_string_arguments_are_read():
 def test_bad_tool_calls_name_the_row_and_field(messages, message):
     with pytest.raises(UserError, match=message):
         formats.convert(Dataset.from_list([{"messages": messages}]), "messages", "calls.jsonl")
+
+
+TOOL_FILE = '''
+import time
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two whole numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    return a * b
+
+
+def divide(a: float, b: float) -> float:
+    """Divide a by b.
+
+    Args:
+        a: the dividend
+        b: the divisor
+    """
+    return a / b
+
+
+def sleepy(seconds: float) -> str:
+    """Sleep, then answer.
+
+    Args:
+        seconds: how long
+    """
+    time.sleep(seconds)
+    return "awake"
+
+
+def undocumented(a: int) -> int:
+    return a
+
+
+def untyped(a):
+    """No hints.
+
+    Args:
+        a: something
+    """
+    return a
+'''
+
+
+@pytest.fixture
+def tool_file(tmp_path):
+    path = tmp_path / "my_tools.py"
+    path.write_text(TOOL_FILE)
+    return path
+
+
+def test_a_tool_from_a_file_gets_its_schema_and_runs(tool_file):
+    from gptpipe.tools import ToolBox, load_tools
+
+    box = ToolBox(load_tools([f"{tool_file}:multiply", "test_tool_calls:add"]), timeout=1.0)
+    [multiply, plus] = box.schemas
+    assert multiply["function"]["parameters"]["required"] == ["a", "b"] and plus["function"]["name"] == "add"
+    assert box.run("multiply", {"a": 12, "b": 34}) == ("408", None)
+
+
+@pytest.mark.parametrize("name", ["undocumented", "untyped"])
+def test_a_tool_without_docstring_or_type_hints_is_refused_naming_it(tool_file, name):
+    from gptpipe.tools import load_tools
+
+    with pytest.raises(
+        UserError, match=rf"tools.1: tool '.*my_tools.py:{name}' cannot be shown to the model"
+    ):
+        load_tools([f"{tool_file}:multiply", f"{tool_file}:{name}"])
+
+
+def test_bad_calls_come_back_as_error_text_and_are_counted(tool_file):
+    from gptpipe.tools import ToolBox, load_tools
+
+    box = ToolBox(load_tools([f"{tool_file}:{n}" for n in ("multiply", "divide", "sleepy")]), timeout=0.3)
+    results = [
+        box.run("power", {"a": 2}),
+        box.run("multiply", {"a": 2}),
+        box.run("multiply", {"a": 2, "b": "3"}),
+        box.run("multiply", {"a": 2, "b": 3, "c": 4}),
+        box.run("divide", {"a": 1, "b": 0}),
+        box.run("sleepy", {"seconds": 5}),
+        box.run("divide", {"a": 1, "b": 4}),
+    ]
+    kinds = [kind for _, kind in results]
+    assert kinds == [
+        "unknown_tool",
+        "bad_arguments",
+        "bad_arguments",
+        "bad_arguments",
+        "raised",
+        "timeout",
+        None,
+    ]
+    assert results[0][0].startswith("Error: unknown tool 'power'") and "ZeroDivisionError" in results[4][0]
+    assert results[-1][0] == "0.25"
+    assert box.stats == {
+        "calls": 7,
+        "unknown_tool": 1,
+        "bad_arguments": 3,
+        "raised": 1,
+        "timeout": 1,
+        "ok": 1,
+    }
