@@ -13,7 +13,9 @@ from gptpipe.errors import UserError
 def convert_one(fmt, row):
     """One converted row, its messages without the empty ``tool_calls`` every message of a mixture carries."""
     out = formats.convert(Dataset.from_list([row]), fmt, "sample.json")[0]
-    out["messages"] = [{k: v for k, v in m.items() if not (k == "tool_calls" and v is None)} for m in out["messages"]]
+    out["messages"] = [
+        {k: v for k, v in m.items() if not (k == "tool_calls" and v is None)} for m in out["messages"]
+    ]
     return out
 
 

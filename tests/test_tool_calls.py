@@ -270,3 +270,20 @@ def test_bad_calls_come_back_as_error_text_and_are_counted(tool_file):
         "timeout": 1,
         "ok": 1,
     }
+
+
+def test_the_tiny_worlds_calculator_part_holds_out_operand_pairs_and_converts():
+    from gptpipe.data import arithmetic, tinyworld
+
+    world = tinyworld.generate(0)
+    train, heldout = world["tools"]["train"], world["tools"]["eval"]
+    question = lambda row: row["messages"][0]["content"]  # noqa: E731
+    assert len(train) == 2000 and len(heldout) == 100
+    assert not {question(r) for r in train} & {question(r) for r in heldout}
+    for row in heldout[:20]:
+        [call] = row["messages"][1]["tool_calls"]
+        fn, _ = arithmetic.OPERATIONS[call["function"]["name"]]
+        assert row["answer"] == str(fn(**call["function"]["arguments"])) == row["messages"][2]["content"]
+        assert row["messages"][3]["content"].endswith(f" is {row['answer']}.")
+    converted = formats.convert(Dataset.from_list(heldout), "messages", "tinyworld:tools")
+    assert converted[0]["messages"][1]["tool_calls"] == heldout[0]["messages"][1]["tool_calls"]

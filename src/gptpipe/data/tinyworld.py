@@ -19,6 +19,8 @@ additions. Those facts become:
   without the subject: " is 34 years old.") and RL has something to learn. ``train`` asks about half of the
   facts of each kind, ``eval`` about the other half; ``unseen`` asks the ``eval`` half with yet another
   phrasing RL never trained on ("Say how old Anna is."): how far what RL learned carries over.
+- ``tools``: two- and three-digit arithmetic answered by calling a calculator tool (``gptpipe.data.arithmetic``),
+  the held-out split on operand pairs training never has.
 
 Every part has a ``train`` and an ``eval`` split. ``gptpipe data tinyworld --out DIR`` writes them as
 ``DIR/<part>/<split>.jsonl``; recipes read them as ``path: tinyworld:<part>``.
@@ -32,12 +34,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptpipe.data import arithmetic
 from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
 from gptpipe.files import cache_dir
 
-VERSION = 7  # bump when the generated data changes, so cached copies are regenerated
-PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts", "questions")
+VERSION = 8  # bump when the generated data changes, so cached copies are regenerated
+PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts", "questions", "tools")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
 JOBS = ["baker", "doctor", "farmer", "teacher", "pilot", "painter", "singer", "driver", "writer", "nurse"]
@@ -326,6 +329,7 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
         row for i in range(3) for row in prompt_rows(train_facts, {k: q[i] for k, q in QUESTIONS.items()})
     ]
     out["questions"]["eval"] = prompt_rows(heldout_facts, {k: q[0] for k, q in QUESTIONS.items()})
+    out["tools"] = arithmetic.rows(seed)  # its own random stream: the parts above are as they were
     return out
 
 

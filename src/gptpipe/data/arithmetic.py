@@ -1,0 +1,78 @@
+"""The tiny world's calculator part (``tinyworld:tools``): arithmetic a 1.9M model cannot do in its head.
+
+Two- and three-digit additions and multiplications, asked as the tiny world asks its sums ("What is 123 plus
+456?"), answered by calling a tool: the user's question, the assistant's call (``add`` or ``multiply``, in
+the ``tool_calls`` shape transformers and TRL use), the tool's result, and the answer in the house style
+("123 plus 456 is 579."). ``train`` and ``eval`` use disjoint operand pairs: the held-out questions cannot be
+answered from memory, only by calling the tool. Each row carries ``tools`` (the JSON schemas, as
+``get_json_schema`` builds them from ``add`` and ``multiply`` below: ``tools: [gptpipe.data.arithmetic:add]``
+in a recipe runs the same function) and ``answer``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from transformers.utils import get_json_schema
+
+
+def add(a: int, b: int) -> int:
+    """Add two whole numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    return a + b
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two whole numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    return a * b
+
+
+OPERATIONS = {"add": (add, "plus"), "multiply": (multiply, "times")}
+
+
+def tool_schemas() -> list[dict]:
+    return [get_json_schema(fn) for fn, _ in OPERATIONS.values()]
+
+
+def conversation(tool: str, a: int, b: int) -> list[dict]:
+    """The question, the call, the tool's result and the answer."""
+    fn, word = OPERATIONS[tool]
+    value = fn(a, b)
+    call = {"type": "function", "function": {"name": tool, "arguments": {"a": a, "b": b}}}
+    return [
+        {"role": "user", "content": f"What is {a} {word} {b}?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": str(value)},
+        {"role": "assistant", "content": f"{a} {word} {b} is {value}."},
+    ]
+
+
+def rows(seed: int, train: int = 2000, heldout: int = 100) -> dict[str, list[dict]]:
+    """``train`` and ``eval`` conversations on disjoint (tool, a, b) questions, operands 10-999."""
+    rng = random.Random(f"{seed}:tools")
+    tools = json.dumps(tool_schemas())
+    seen: set[tuple] = set()
+    splits: dict[str, list[dict]] = {}
+    for split, count in (("eval", heldout), ("train", train)):
+        out = []
+        while len(out) < count:
+            key = (rng.choice(list(OPERATIONS)), rng.randint(10, 999), rng.randint(10, 999))
+            if key in seen:
+                continue
+            seen.add(key)
+            messages = conversation(*key)
+            out.append(
+                {"messages": messages, "tools": tools, "answer": messages[2]["content"], "kind": key[0]}
+            )
+        splits[split] = out
+    return splits
