@@ -161,6 +161,9 @@ LAYERS = [
     [
         "config",
         "rewards",
+        "plugins",
+        "tools",
+        "data.arithmetic",
         "data.chat_templates",
         "data.formats",
         "data.packing",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 
-from datasets import Dataset, Features, Json, Value
+from datasets import Dataset, Features, Value
 
 from gptpipe.errors import UserError
 
@@ -45,8 +45,9 @@ FIELDS = {
 }
 CONVERSATIONAL = ("messages", "alpaca", "sharegpt", "prompt_completion")
 # One schema for every converted source, so sources of different formats concatenate into one mixture.
-# A call's arguments differ in shape from tool to tool: one JSON column holds any of them.
-TOOL_CALL = {"type": Value("string"), "function": {"name": Value("string"), "arguments": Json()}}
+# A call's arguments differ in shape from tool to tool: kept as a JSON string (the OpenAI shape; the templates
+# write it as it is), which every datasets operation handles (datasets' Json() feature broke packing).
+TOOL_CALL = {"type": Value("string"), "function": {"name": Value("string"), "arguments": Value("string")}}
 CHAT_FEATURES = Features(
     {
         "messages": [{"role": Value("string"), "content": Value("string"), "tool_calls": [TOOL_CALL]}],
@@ -118,7 +119,9 @@ def _tool_calls(value, field: str) -> list[dict] | None:
             raise RowError(
                 f"{field}.{j}.function.arguments", f"expected an object of arguments, got {arguments!r:.80}"
             )
-        calls.append({"type": "function", "function": {"name": f["name"], "arguments": arguments}})
+        calls.append(
+            {"type": "function", "function": {"name": f["name"], "arguments": json.dumps(arguments)}}
+        )
     return calls
 
 
