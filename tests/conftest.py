@@ -1,8 +1,10 @@
 """Shared fixtures: offline Hugging Face, a tiny-world tokenizer, overrides for fast pretraining runs."""
 
+import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -241,4 +243,19 @@ def pytest_collection_modifyitems(config, items):
         if TRAINED_MODELS & names:
             item.add_marker(pytest.mark.slow)
         part[item] = _chain_part(names)
-    items.sort(key=lambda item: QUEUE.index(part[item]))  # stable: file order within each part
+    # Within each part the multi-process tests first (the longest), so that short tests, not a 2-process run
+    # started last, fill the end while the other worker finishes; stable: file order otherwise.
+    items.sort(key=lambda item: (QUEUE.index(part[item]), item.get_closest_marker("distributed") is None))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With GPTPIPE_TEST_TIMELINE=FILE, each test's worker, start and end (wall clock) as a JSON line: where
+    the suite's time goes and what each worker waits for (docs/testing.md)."""
+    timeline = os.environ.get("GPTPIPE_TEST_TIMELINE")
+    start = time.time()
+    yield
+    if timeline:
+        line = {"worker": WORKER or "main", "test": item.nodeid, "start": start, "end": time.time()}
+        with open(timeline, "a") as f:
+            f.write(json.dumps(line) + "\n")

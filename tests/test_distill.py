@@ -27,6 +27,7 @@ def distill_overrides(student, teacher, out, **extra) -> list[str]:
     return as_overrides(settings, **extra)
 
 
+@pytest.mark.extended  # make test-all: 200 steps (61 s on 2 cores); make test keeps only the refusal test
 @pytest.mark.learning
 def test_distillation_moves_the_student_toward_the_teacher(tiny_base, tiny_sft, tmp_path):
     out = tmp_path / "distill"

@@ -60,6 +60,7 @@ def test_sft_zero3_lora_two_processes_matches_one_process(tiny_base, tmp_path):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / "two/final")
 
 
+@pytest.mark.extended  # a DeepSpeed engine for a Trainer stage: the SFT ZeRO-3 test above
 @pytest.mark.distributed
 def test_accelerate_zero2_config_runs_deepspeed_on_cpu(tiny_base, tmp_path):
     """accelerate_configs/zero2.yaml as a user launches it: accelerate alone would quietly run plain DDP on
@@ -84,8 +85,9 @@ def test_accelerate_zero2_config_runs_deepspeed_on_cpu(tiny_base, tmp_path):
             tiny_base, out, max_steps=4, logging_steps=1, packing="true", per_device_train_batch_size=batch
         )
 
-    run(["train", SFT, *overrides(tmp_path / "one", 16)])  # first: it prepares the data both runs read
-    done = subprocess.run([*cmd, *overrides(tmp_path / "x", 8), "use_cpu=true"], **RUN, cwd=REPO)
+    # Global batch 4 packed rows (one process) or 2 + 2: padding-free attention costs the square of a row's length.
+    run(["train", SFT, *overrides(tmp_path / "one", 4)])  # first: it prepares the data both runs read
+    done = subprocess.run([*cmd, *overrides(tmp_path / "x", 2), "use_cpu=true"], **RUN, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     layout = json.loads((tmp_path / "x/distributed.json").read_text())
     assert layout == {**layout, "world_size": 2, "distributed_type": "DEEPSPEED", "zero_stage": 2}
@@ -97,6 +99,7 @@ def test_accelerate_zero2_config_runs_deepspeed_on_cpu(tiny_base, tmp_path):
     )
 
 
+@pytest.mark.extended  # the launch command itself: test_launch_shorthand_builds_the_accelerate_command
 @pytest.mark.distributed
 def test_launcher_that_starts_one_of_two_processes_is_an_error(tiny_base, tmp_path):
     """`accelerate launch --cpu --num_processes 2` quietly starts ONE process: say so instead of training."""
@@ -148,6 +151,7 @@ SMALL_STAGES = {
 }
 
 
+@pytest.mark.extended  # the launch it builds: test_launch_shorthand_builds_the_accelerate_command
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_slurm_node_script_launches_the_whole_pipeline(tmp_path):
@@ -184,6 +188,7 @@ def test_slurm_node_script_launches_the_whole_pipeline(tmp_path):
     assert (tmp_path / "runs/report.md").is_file()
 
 
+@pytest.mark.extended  # ZeRO-3's engine: the SFT test above; a whole model saved from it: PPO's ZeRO-3 test
 @pytest.mark.distributed
 def test_pretrain_zero3_two_processes_matches_one_process(tokenizer_dir, tmp_path):
     """ZeRO-3 (weights sharded too) on 2 CPU processes: the losses of one process with the same global

@@ -69,6 +69,7 @@ def test_accumulation_layout_does_not_change_packed_sft(tiny_base, tmp_path):
     _assert_same(trajectories, rel=1e-5)
 
 
+@pytest.mark.extended  # DDP: PPO's 2-process test (our loop); the Trainer's DDP is accelerate's
 @pytest.mark.distributed
 def test_two_ddp_processes_train_what_one_process_does(tokenizer_dir, tmp_path):
     """Plain DDP (no DeepSpeed): 2 processes x 4 rows = 1 process x 8 rows, step for step. (Before the fix in

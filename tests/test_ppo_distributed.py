@@ -11,6 +11,7 @@ from conftest import REPO
 HELPER = REPO / "tests/helpers/ppo_deepspeed_accumulation.py"
 
 
+@pytest.mark.extended  # PPO in a ZeRO engine: the 2-process ZeRO-3 test in tests/test_rl.py
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_deepspeed_update_is_ddps_and_takes_one_step_per_minibatch(tmp_path):

@@ -96,13 +96,23 @@ def check_interrupted_runs(tmp_path, recipe, args, steps, faults, keys):
 
 def test_sft_kill_and_resume_is_bit_identical(tiny_base, tmp_path):
     def args(out):
-        return sft_overrides(tiny_base, out, max_steps=20, logging_steps=1, save_steps=10, eval_steps=10)
+        # Batch 8, not the recipe's 32: the steps are the test (bit-identical resume at any batch size).
+        return sft_overrides(
+            tiny_base,
+            out,
+            max_steps=20,
+            logging_steps=1,
+            save_steps=10,
+            eval_steps=10,
+            per_device_train_batch_size=8,
+        )
 
     check_kill_and_resume(
         tmp_path, str(REPO / "recipes/tiny/sft.yaml"), args, steps=20, checkpoint=10, kill_at=13
     )
 
 
+@pytest.mark.extended  # the Trainer's resume: the SFT kill-and-resume test above
 def test_reward_kill_and_resume_is_bit_identical(tiny_sft, tmp_path):
     def args(out):
         return reward_overrides(
@@ -113,6 +123,7 @@ def test_reward_kill_and_resume_is_bit_identical(tiny_sft, tmp_path):
             save_steps=8,
             eval_steps=8,
             check_reload="false",
+            per_device_train_batch_size=8,  # the steps are the test, not the batch
             **{"eval_datasets.0.max_samples": 64},  # evaluation is most of this run's time
         )
 
@@ -168,10 +179,16 @@ def test_resume_from_checkpoint_continues_another_runs_checkpoint(tokenizer_dir,
         )
 
 
+@pytest.mark.extended  # the Trainer's resume: the SFT kill-and-resume test
 def test_dpo_kill_and_resume_is_bit_identical(tiny_sft, tmp_path):
     def args(out):
         settings = {"output_dir": out, "model.name_or_path": tiny_sft, "max_steps": 8, "logging_steps": 1}
-        settings |= {"save_steps": 4, "eval_prompts": 8, "disable_tqdm": "true"}
+        settings |= {
+            "save_steps": 4,
+            "eval_prompts": 8,
+            "disable_tqdm": "true",
+            "per_device_train_batch_size": 8,
+        }
         settings |= {
             "datasets.0.max_samples": 256,
             "eval_datasets.0.max_samples": 32,

@@ -120,6 +120,7 @@ def test_shared_dpo_demo_trains_and_reports_accuracy(tiny_sft, tmp_path):
                 out,
                 max_steps=6,
                 max_length=256,
+                per_device_train_batch_size=4,  # English at 256 tokens: the recipe's 32 pairs took 12 s a step
                 invalid_pairs="drop",
                 datasets=f"[{{path: {data}, format: sharegpt_preference}}]",
                 eval_datasets="[]",

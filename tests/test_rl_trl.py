@@ -14,6 +14,7 @@ from gptpipe.errors import UserError
 from gptpipe.recipe import load_recipe
 
 
+@pytest.mark.extended  # one wrapper (stages/rl_trl.py) for both; GRPO learns in make test: test_rl_rewards.py
 @pytest.mark.learning
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_trl_algorithms_raise_held_out_reward(algorithm, tiny_sft, tiny_reward, tmp_path):

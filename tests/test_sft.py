@@ -217,7 +217,16 @@ def test_packing_fills_batches(tiny_base, tmp_path):
         [
             "train",
             SFT,
-            *sft_overrides(tiny_base, tmp_path / "p", max_steps=6, logging_steps=3, packing="true"),
+            # 4 packed rows of 128 tokens a step: padding-free attention is one row of them all, its cost
+            # quadratic in its length (the recipe's 32 rows made this test 40 s on 2 cores).
+            *sft_overrides(
+                tiny_base,
+                tmp_path / "p",
+                max_steps=4,
+                logging_steps=2,
+                packing="true",
+                per_device_train_batch_size=4,
+            ),
         ]
     )
     records = [json.loads(line) for line in (tmp_path / "p/metrics.jsonl").read_text().splitlines()]

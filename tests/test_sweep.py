@@ -52,6 +52,7 @@ def sweep_cmd(path, *args, **env):
     )
 
 
+@pytest.mark.extended  # a sweep rerun that finishes: test_trial_that_crashes_is_failed_and_the_rerun_finishes
 def test_interrupted_sweep_finishes_and_ranks(tokenizer_dir, tmp_path, capsys):
     path = write_sweep(tmp_path, tokenizer_dir)
     out = tmp_path / "sweep"

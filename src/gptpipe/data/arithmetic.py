@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import random
 
-from transformers.utils import get_json_schema
-
 
 def add(a: int, b: int) -> int:
     """Add two whole numbers.
@@ -41,6 +39,10 @@ OPERATIONS = {"add": (add, "plus"), "multiply": (multiply, "times")}
 
 
 def tool_schemas() -> list[dict]:
+    # Imported here, not above: transformers' schema builder imports torch, and the tiny world's other parts
+    # (read by every stage, the tokenizer's included) need neither.
+    from transformers.utils import get_json_schema
+
     return [get_json_schema(fn) for fn, _ in OPERATIONS.values()]
 
 
