@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	@# uv (in the dev extra, pinned by the lock) installs what pip would, in parallel: ~25 s on 2 cores where pip
-	@# took ~4 minutes. pip stays for CUDA torch and for the newest CPU torch (LOCK=), from PyTorch's index.
+	@# took ~3 minutes. pip stays for CUDA torch and for the newest CPU torch (LOCK=), from PyTorch's index.
 	$(BIN)/pip install $(PIP_LOCK) "uv>=0.9"
 	@if [ -n "$(GPU)" ]; then \
 		echo "setup: GPU found, installing CUDA torch $(if $(LOCK),from $(LOCK))"; \

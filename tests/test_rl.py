@@ -1,6 +1,7 @@
 """PPO stage on the tiny world: runs end to end from the SFT and reward models, writes its evidence and a
 policy that loads with plain transformers (kill/preempt and resume: tests/test_faults.py)."""
 
+import functools
 import json
 import os
 import shutil
@@ -98,9 +99,7 @@ def test_ppo_under_ddp_and_deepspeed_zero3_with_two_processes(tiny_sft, tiny_rew
     pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
     env = two_process_env()
 
-    def args(out, **extra):
-        return two_process_args(tiny_sft, tiny_reward, out, **extra)
-
+    args = functools.partial(two_process_args, tiny_sft, tiny_reward)
     ddp = tmp_path / "ddp"
     accelerate = str(Path(sys.executable).parent / "accelerate")
     cmd = [accelerate, "launch", "--config_file", str(REPO / "accelerate_configs/cpu_ddp.yaml")]
@@ -150,10 +149,8 @@ def test_ppo_resumes_a_zero3_checkpoint_repeating_the_last_iteration(tiny_sft, t
     """The 2-process ZeRO-3 run of the test above, and the same command resumed from a copy of its checkpoint
     at step 2 (sharded optimizer states in checkpoint-2/engine): the last iteration is repeated exactly."""
     pytest.importorskip("deepspeed", reason="make setup installs deepspeed (DS_BUILD_OPS=0)")
-    zero3, resumed = tmp_path / "zero3", tmp_path / "resumed"
-    for out in (zero3, resumed):
-        if out == resumed:  # the ZeRO-3 run as if stopped after its checkpoint at step 2
-            shutil.copytree(zero3 / "checkpoint-2", resumed / "checkpoint-2")
+
+    def zero3_run(out):
         done = subprocess.run(
             [*TORCHRUN, RL, *two_process_args(tiny_sft, tiny_reward, out), ZERO3],
             capture_output=True,
@@ -161,7 +158,12 @@ def test_ppo_resumes_a_zero3_checkpoint_repeating_the_last_iteration(tiny_sft, t
             env=two_process_env(),
         )
         assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stdout
+        return done.stdout
+
+    zero3, resumed = tmp_path / "zero3", tmp_path / "resumed"
+    zero3_run(zero3)
+    shutil.copytree(zero3 / "checkpoint-2", resumed / "checkpoint-2")  # as if stopped after its checkpoint
+    assert "resuming from" in zero3_run(resumed)
     # Everything but the wall-clock phase timings (time_generation, time_scoring, time_training).
     last, again = (
         {k: v for k, v in read_metrics(d)[-1].items() if not k.startswith("time_")} for d in (zero3, resumed)
