@@ -174,7 +174,9 @@ LAYERS = [
     ["data.sources", "recipe", "data.prepared"],
     [
         "modeling",
+        "sft_trainer",
         "generation",
+        "tool_use",
         "scoring",
         "likelihood",
         "runs",

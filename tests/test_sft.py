@@ -1,9 +1,8 @@
 """SFT stage end to end on the tiny world: accuracy rises, generation stops at end of turn, LoRA/QLoRA,
 alpaca files, and clear errors before training."""
 
+import io
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -63,16 +62,11 @@ def test_final_stops_at_end_of_turn(sft_run):
     assert new[-1] == end and len(new) < 40  # stopped by itself, at the end-of-turn token
 
 
-def test_chat_command_holds_a_conversation(sft_run):
-    result = subprocess.run(
-        [sys.executable, "-m", "gptpipe", "chat", str(sft_run / "final")],
-        input="What is 2 plus 3?\nHow old is Anna?\n\n",
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    replies = [line for line in result.stdout.splitlines() if "assistant>" in line]
+def test_chat_command_holds_a_conversation(sft_run, monkeypatch, capsys):
+    """`gptpipe chat` in-process (its terminal is stdin and stdout; a subprocess would add ~15 s of imports)."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 plus 3?\nHow old is Anna?\n\n"))
+    run(["chat", str(sft_run / "final")])
+    replies = [line for line in capsys.readouterr().out.splitlines() if "assistant>" in line]
     assert len(replies) == 2 and "plus" in replies[0]  # two turns, each ended by the model itself
 
 
@@ -245,7 +239,7 @@ def test_fused_lm_head_is_chosen_by_vocabulary_size_unless_set(tmp_path, setting
     """TRL's chunked LM head saves memory only with large vocabularies and made tiny-vocabulary SFT ~2x slower
     (bench/sft.py): unset, it is used from 32k tokens up; a recipe's true/false always wins."""
     from gptpipe.config import SFTConfig
-    from gptpipe.stages.sft import uses_fused_lm_head
+    from gptpipe.sft_trainer import uses_fused_lm_head
 
     cfg = SFTConfig(output_dir=str(tmp_path), fused_lm_head=setting, bf16=False)
     assert uses_fused_lm_head(cfg, vocab) is fused

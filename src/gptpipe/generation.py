@@ -26,8 +26,10 @@ def complete(
     batch_size: int = 64,
     add_special_tokens: bool = True,
     progress: bool = False,
+    skip_special_tokens: bool = True,
 ) -> list[list[str]]:
-    """``num_samples`` continuations of each prompt (decoded, special tokens dropped), batched with left padding.
+    """``num_samples`` continuations of each prompt (decoded, special tokens dropped unless
+    ``skip_special_tokens`` is false), batched with left padding.
 
     Generation stops at the model's ``generation_config.eos_token_id`` (for chat models: end of turn).
     Rendered chat prompts already hold their special tokens: pass ``add_special_tokens=False``.
@@ -60,7 +62,7 @@ def complete(
                 **sampling,
             )
             texts = tokenizer.batch_decode(
-                generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+                generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=skip_special_tokens
             )
             outputs += [texts[j : j + num_samples] for j in range(0, len(texts), num_samples)]
     finally:

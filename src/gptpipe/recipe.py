@@ -30,6 +30,7 @@ from gptpipe.data.chat_templates import resolve
 from gptpipe.data.sources import check_sources_exist
 from gptpipe.errors import UserError
 from gptpipe.files import redact
+from gptpipe.tools import load_tools
 
 TRAINING_ARGUMENT_KEYS = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
 
@@ -77,6 +78,8 @@ def check_tree(tree: dict, produced: set[str] = frozenset()) -> Any:
     check_sources_exist(cfg, produced)
     if getattr(cfg, "chat_template", None):
         resolve(cfg.chat_template)
+    if getattr(cfg, "tools", None):
+        load_tools(cfg.tools)  # each importable, typed and documented: refused here, naming it
     return cfg
 
 

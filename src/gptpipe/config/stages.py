@@ -48,7 +48,36 @@ class PretrainConfig(RunSettings, TrainingArguments):
 
 
 @dataclass
-class SFTConfig(RunSettings, trl.SFTConfig):
+class ToolSettings:
+    """Tools the model may call (``gptpipe.tools``) and the evidence of its tool use (``gptpipe.tool_use``):
+    ``tools`` as ``module:function`` or ``path/to/file.py:function`` (typed, with a docstring: transformers
+    builds the schema the model sees from them); ``tool_datasets``: held-out questions (``messages``,
+    ``answer``; in the tiny recipes ``tinyworld:tools`` split eval) answered with the tools offered and run
+    and with none, before and after, as ``tool_answer_accuracy``, ``no_tool_answer_accuracy``,
+    ``tool_call_validity`` and ``tool_calls_per_answer``."""
+
+    tools: list[str] = field(default_factory=list)
+    tool_datasets: list[DataSource] = field(default_factory=list)
+    tool_timeout: float = 5.0  # seconds a tool call may run before it is cut off (its result: an error text)
+    max_tool_calls: int = 3  # rounds of calls in one answer; one more round is answered with no answer
+    tool_eval_max_new_tokens: int = 64  # tokens of each turn in the evidence (a call and its JSON fit in 64)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tool_datasets and not self.tools:
+            raise ValueError(  # build_dataclass reports it with the file
+                "tool_datasets: the held-out tool questions need the tools to answer them: name them in tools: "
+                "(the tiny world's calculator: [gptpipe.data.arithmetic:add, gptpipe.data.arithmetic:multiply])"
+            )
+        if self.tool_timeout <= 0 or self.max_tool_calls < 1:
+            raise ValueError(
+                f"tool_timeout: {self.tool_timeout}, max_tool_calls: {self.max_tool_calls}: both must be positive "
+                "(seconds a call may run; rounds of calls in one answer)"
+            )
+
+
+@dataclass
+class SFTConfig(ToolSettings, RunSettings, trl.SFTConfig):
     """Supervised finetuning with ``trl.SFTTrainer`` on conversations (see ``gptpipe.data.formats``).
 
     Loss masks are TRL's switches: ``assistant_only_loss`` (our default: train on what the assistant

@@ -46,9 +46,8 @@ def _calls(open_: str, close: str) -> str:
         "{% set f = call.function if call.function is defined else call %}"
         + open_
         + '{"name": {{ f.name | tojson }}, "arguments": '
-        "{% if f.arguments is string %}{{ f.arguments }}{% else %}{{ f.arguments | tojson }}{% endif %}}"
-        + close
-        + "{% endfor %}"
+        "{% if f.arguments is not defined %}{}{% elif f.arguments is string %}{{ f.arguments }}"
+        "{% else %}{{ f.arguments | tojson }}{% endif %}}" + close + "{% endfor %}"
     )
 
 

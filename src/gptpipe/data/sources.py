@@ -28,6 +28,8 @@ DATA_GROUPS = (
     "retained_datasets",
     "prompt_datasets",
     "ptx_datasets",
+    "answer_datasets",
+    "tool_datasets",
 )
 # A row check: returns None for a good row, or a message naming the bad field.
 RowCheck = Callable[[dict], "str | None"]

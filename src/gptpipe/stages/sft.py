@@ -10,7 +10,9 @@ the template's end-of-turn token is written into ``generation_config`` so genera
 
 Evidence (``eval.json``): held-out loss before and after, and — with ``answer_datasets`` (held-out
 chats with an ``answer`` field, e.g. ``tinyworld:sft`` eval) — the share of questions answered
-correctly by greedy generation, before and after.
+correctly by greedy generation, before and after; with ``tools`` and ``tool_datasets`` (e.g.
+``tinyworld:tools`` eval), the same questions answered with the tools offered and run and with none
+(``gptpipe.tool_use``): answer accuracy both ways, the share of valid calls, calls per answer.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from __future__ import annotations
 import contextlib
 from types import SimpleNamespace
 
-from transformers import Trainer, set_seed
-from trl import SFTTrainer
+from transformers import set_seed
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from gptpipe import faults
@@ -40,6 +41,9 @@ from gptpipe.modeling import (
     quantized_layers,
 )
 from gptpipe.runs import Run
+from gptpipe.sft_trainer import PadStatsSFTTrainer
+from gptpipe.tool_use import TOOL_KEYS, tool_evidence, tool_line
+from gptpipe.tools import ToolBox, load_tools
 from gptpipe.tracking import MetricsLogger, eval_loss, load_callbacks, perplexity
 
 
@@ -50,6 +54,8 @@ def main(cfg: SFTConfig, run: Run) -> dict:
     train, heldout = data["train"], data.get("eval")
     with cfg.main_process_first(desc="loading answer data"):  # small: held-out questions
         answers = _answers(cfg)
+        tool_rows = _tool_rows(cfg)
+    toolbox = ToolBox(load_tools(cfg.tools), cfg.tool_timeout) if cfg.tools else None
     end_of_turn = (
         chat_templates.end_of_turn_token(tokenizer) if summary["kind"] != "text" else tokenizer.eos_token
     )
@@ -82,13 +88,13 @@ def main(cfg: SFTConfig, run: Run) -> dict:
             callbacks=[MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
         )
     with evaluation_before_training(trainer):  # DeepSpeed needs help evaluating before train()
-        baseline = run.baseline(lambda: _measure(trainer, heldout, answers, cfg))
+        baseline = run.baseline(lambda: _measure(trainer, heldout, answers, tool_rows, toolbox, cfg))
     if run.resume_from:
         say(f"[sft] resuming from {run.resume_from}")
     guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
     trainer.train(resume_from_checkpoint=run.resume_checkpoint)
 
-    after = _measure(trainer, heldout, answers, cfg)
+    after = _measure(trainer, heldout, answers, tool_rows, toolbox, cfg)
     tmp = run.final_dir()
     trainer.save_model(str(tmp))  # a full model, or the LoRA adapter; with the tokenizer
     if run.is_main:
@@ -123,6 +129,13 @@ def main(cfg: SFTConfig, run: Run) -> dict:
         say(line)
         for example in after.get("examples", [])[:3]:
             say(f"    Q: {example['prompt']}\n    A: {example['reply']}")
+        if tool_rows is not None:
+            say("[sft] tools: " + tool_line(evidence))
+            for example in after["tool_examples"][:2]:
+                say(
+                    f"    Q: {example['prompt']}\n    "
+                    + "\n    ".join(example["turns"] + [f"A: {example['reply']}"])
+                )
     trainer.accelerator.wait_for_everyone()
     return evidence
 
@@ -231,6 +244,12 @@ def _answers(cfg: SFTConfig):
     return load_mixture(cfg.answer_datasets, ["messages", "answer"], seed=cfg.seed)
 
 
+def _tool_rows(cfg: SFTConfig):
+    if not cfg.tool_datasets:
+        return None
+    return list(load_mixture(cfg.tool_datasets, ["messages", "answer"], seed=cfg.seed))
+
+
 def _tokenizer(cfg: SFTConfig):
     """The tokenizer with the recipe's chat template installed; and how many tokens that added."""
     tokenizer = load_tokenizer(cfg.model)
@@ -268,106 +287,36 @@ def _shape_for_loss(ds, cfg: SFTConfig):
     return ds
 
 
-def _measure(trainer, heldout, answers, cfg: SFTConfig) -> dict:
-    """Held-out loss and, with answer_datasets, greedy answer accuracy."""
+def _measure(trainer, heldout, answers, tool_rows, toolbox, cfg: SFTConfig) -> dict:
+    """Held-out loss and, with answer_datasets, greedy answer accuracy; with tool_datasets, tool use."""
     found = {"eval_loss": eval_loss(trainer)} if heldout is not None else {}
     if answers is not None:
         found |= answer_accuracy(
             trainer.model, trainer.processing_class, list(answers), cfg.answer_max_new_tokens
+        )
+    if tool_rows is not None:
+        found |= tool_evidence(
+            trainer.model,
+            trainer.processing_class,
+            tool_rows,
+            toolbox,
+            cfg.max_tool_calls,
+            cfg.tool_eval_max_new_tokens,
         )
     return found
 
 
 def _evidence(before: dict, after: dict) -> dict:
     evidence = {}
-    for key in ("eval_loss", "exact_match", "answer_accuracy"):
+    keys = ("eval_loss", "exact_match", "answer_accuracy", *TOOL_KEYS)
+    for key in keys:
         if key in before:
             evidence[f"{key}_before"] = before[key]
         if key in after:
             evidence[f"{key}_after"] = after[key]
     if "eval_loss_after" in evidence:
         evidence["perplexity_after"] = perplexity(evidence["eval_loss_after"])
-    if "examples" in after:
-        evidence["examples_after"] = after["examples"]
+    for key in ("examples", "tool_failures", "tool_examples"):
+        if key in after:
+            evidence[f"{key}_after"] = after[key]
     return evidence
-
-
-# Vocabulary size from which TRL's fused (chunked) LM head is the default. It never materializes the
-# [tokens x vocab] logits, which is what fits long sequences of 32k-256k-token vocabularies (Llama 3, Qwen,
-# SmolLM2) in GPU memory; below this the logits are small and the chunked backward only costs time
-# (bench/sft.py, docs/benchmarks.md: TRL's head made tiny-vocabulary SFT 0.55x a plain HF Trainer).
-FUSED_HEAD_MIN_VOCAB = 32_000
-
-
-def uses_fused_lm_head(cfg: SFTConfig, vocab_size: int) -> bool:
-    """Whether to take the loss from TRL's fused LM head: ``fused_lm_head`` when the recipe sets it, else
-    for vocabularies of ``FUSED_HEAD_MIN_VOCAB`` tokens or more. Never under DeepSpeed ZeRO-3: the fused head
-    reads ``lm_head.weight`` directly, which ZeRO-3 leaves empty outside the module's own forward."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():  # a recipe's deepspeed: or an accelerate ZeRO-3 launch config
-        if cfg.fused_lm_head:
-            raise UserError(
-                "fused_lm_head: true does not work under DeepSpeed ZeRO-3 (the LM head is sharded); "
-                "leave it unset or set it to false"
-            )
-        return False
-    if cfg.fused_lm_head is not None:
-        return cfg.fused_lm_head
-    return vocab_size >= FUSED_HEAD_MIN_VOCAB
-
-
-class PadCounter:
-    """Wraps a collator and counts real (non-pad) tokens against all tokens in the batches it builds."""
-
-    def __init__(self, collate):
-        self.collate, self.real, self.total = collate, 0, 0
-
-    def __call__(self, features):
-        batch = self.collate(features)
-        mask, n = batch.get("attention_mask"), batch["input_ids"].numel()
-        self.real += (
-            int(mask.sum()) if mask is not None else n
-        )  # padding-free batches carry no mask: all real
-        self.total += n
-        return batch
-
-    def take(self) -> float | None:
-        fraction = self.real / self.total if self.total else None
-        self.real = self.total = 0
-        return fraction
-
-
-class PadStatsSFTTrainer(SFTTrainer):
-    """``SFTTrainer`` that also logs ``nonpad_fraction``: the share of real tokens in the training batches
-    since the last log (1.0 with packing or padding-free batches), and can take the loss from the model
-    itself (``fused_lm_head: false``; forced under ZeRO-3, see ``uses_fused_lm_head``)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fused_lm_head = uses_fused_lm_head(self.args, self.model.get_output_embeddings().weight.shape[0])
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.fused_lm_head:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # transformers.Trainer's loss: the model's own cross-entropy over the collator's labels (-100 off the
-        # loss mask), token-weighted across micro-batches and processes through num_items_in_batch.
-        inputs["use_cache"] = False
-        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-
-    def get_train_dataloader(self):
-        collate = self.data_collator
-        self.pad_counter = PadCounter(collate)
-        self.data_collator = self.pad_counter
-        try:
-            return super().get_train_dataloader()
-        finally:
-            self.data_collator = collate
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        counter = getattr(self, "pad_counter", None)
-        if "loss" in logs and counter is not None:
-            fraction = counter.take()
-            if fraction is not None:
-                logs["nonpad_fraction"] = fraction
-        super().log(logs, start_time)

@@ -1,0 +1,216 @@
+"""Conversations in which the model calls tools (gptpipe.tool_use): each call is parsed by transformers' own
+``parse_response``, run by the tool box, its result appended as a ``tool`` message, and the model goes on;
+bad calls are counted by kind, never raised. The model is a real tiny Llama trained here (a few seconds) to
+say exactly the turns below, so every branch is reached by generation, not by a stand-in."""
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, SHORT_RUN, as_overrides
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from gptpipe.data import arithmetic, chat_templates
+from gptpipe.tool_use import TOOL_KEYS, converse, tool_evidence
+from gptpipe.tools import ToolBox, load_tools
+
+TOOLS = ["gptpipe.data.arithmetic:add", "gptpipe.data.arithmetic:multiply"]
+
+
+def call(name, **arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def turns(question, *steps):
+    """A user question, then (assistant calls or text, tool results) steps as the model is to say them."""
+    messages = [{"role": "user", "content": question}]
+    for step in steps:
+        if isinstance(step, str):
+            messages.append({"role": "assistant", "content": step})
+        else:
+            calls, results = step
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            messages += [{"role": "tool", "content": r} for r in results]
+    return messages
+
+
+BOX = ToolBox(load_tools(TOOLS))
+UNKNOWN = BOX.run("divide", {"a": 8, "b": 2})[0]
+BAD = BOX.run("add", {"a": 1})[0]
+# (conversation, shown the tools): what the model below is trained to say, word for word.
+SCRIPT = [
+    (turns("What is 12 plus 30?", ([call("add", a=12, b=30)], ["42"]), "12 plus 30 is 42."), True),
+    (turns("What is 8 over 2?", ([call("divide", a=8, b=2)], [UNKNOWN]), "I cannot say."), True),
+    (turns("What is 1 plus?", ([call("add", a=1)], [BAD]), "I cannot say."), True),
+    (
+        turns("Two sums?", ([call("add", a=1, b=2), call("multiply", a=3, b=4)], ["3", "12"]), "3 and 12."),
+        True,
+    ),
+    (turns("Again and again?", ([call("add", a=1, b=1)], ["2"]), ([call("add", a=2, b=2)], ["4"])), True),
+    (turns("Say hello.", "Hello."), True),
+    (
+        turns("What is 12 plus 30?", ([call("add", a=12, b=30)], ["Error: no tools are available"]), "No."),
+        False,
+    ),
+    (turns("What is 8 over 2?", "No."), False),
+    (turns("What is 1 plus?", "No."), False),
+]
+NO_TOOLS = [messages for messages, shown in SCRIPT if not shown]
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer_dir):
+    return learn_script(tokenizer_dir)
+
+
+def learn_script(tokenizer_dir):
+    """A tiny Llama that has learned SCRIPT by heart (greedy generation says it back), and its tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    chat_templates.install(tokenizer, "gptpipe", True, "tiny")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"),
+    )
+    model = LlamaForCausalLM(config)
+    rows = [
+        tokenizer.apply_chat_template(
+            messages,
+            tools=BOX.schemas if shown else None,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        for messages, shown in SCRIPT
+    ]
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows])
+    labels = torch.tensor(
+        [
+            [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"], strict=True)]
+            + [-100] * (width - len(r["input_ids"]))
+            for r in rows
+        ]
+    )
+    attention = (
+        torch.arange(width)[None] < torch.tensor([len(r["input_ids"]) for r in rows])[:, None]
+    ).long()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss.item() < 0.005:
+            break
+    model.generation_config.eos_token_id = config.eos_token_id
+    return model, tokenizer
+
+
+def test_each_call_is_run_and_its_result_read_back_or_counted(scripted):
+    model, tokenizer = scripted
+    questions = [messages[:1] for messages, shown in SCRIPT if shown]
+    box = ToolBox(load_tools(TOOLS))
+    episodes = converse(model, tokenizer, questions, box, max_tool_calls=1, max_new_tokens=128)
+    expected = [messages for messages, shown in SCRIPT if shown]
+    for episode, messages in zip(episodes[:4], expected, strict=False):
+        assert episode.messages == messages[:-1]  # the calls as parsed, the tool box's results
+        assert episode.reply == messages[-1]["content"] and episode.answered
+    sums, unknown, bad, two, again, hello = episodes
+    assert (sums.calls, sums.valid_calls, dict(sums.failures)) == (1, 1, {})
+    assert (unknown.calls, unknown.valid_calls, dict(unknown.failures)) == (1, 0, {"unknown_tool": 1})
+    assert (bad.calls, bad.valid_calls, dict(bad.failures)) == (1, 0, {"bad_arguments": 1})
+    assert (two.calls, two.valid_calls) == (2, 2)
+    # A second round of calls with max_tool_calls 1: counted, not run, and no answer.
+    assert again.messages == expected[4][:3] and not again.answered and again.reply == ""
+    assert (again.calls, dict(again.failures)) == (2, {"over_max_tool_calls": 1})
+    assert hello.messages == expected[5][:1] and hello.reply == "Hello." and hello.calls == 0
+    assert box.stats == {"calls": 6, "ok": 4, "unknown_tool": 1, "bad_arguments": 1}
+
+
+def test_a_turn_cut_off_mid_call_is_an_unreadable_call_and_the_end(scripted):
+    model, tokenizer = scripted
+    two_calls = SCRIPT[3][0][:1]  # its turn is ~100 tokens: cut at 48, inside the second call's JSON
+    (episode,) = converse(model, tokenizer, [two_calls], ToolBox(load_tools(TOOLS)), max_new_tokens=48)
+    assert episode.messages == two_calls and not episode.answered
+    assert (episode.calls, episode.valid_calls, dict(episode.failures)) == (1, 0, {"unreadable": 1})
+    assert episode.reply.startswith('{"name": "add"')  # the text as generated, markers dropped
+
+
+def test_without_tools_none_are_shown_and_a_call_gets_an_error(scripted):
+    model, tokenizer = scripted
+    (episode,) = converse(model, tokenizer, [NO_TOOLS[0][:1]], None, max_tool_calls=1, max_new_tokens=128)
+    assert episode.messages == NO_TOOLS[0][:-1] and episode.reply == "No."
+    assert dict(episode.failures) == {"unknown_tool": 1}
+
+
+def test_tool_evidence_scores_answers_both_ways_and_the_valid_calls(scripted):
+    model, tokenizer = scripted
+    rows = [
+        {"messages": SCRIPT[0][0], "answer": "42"},
+        {"messages": SCRIPT[1][0], "answer": "4"},
+        {"messages": SCRIPT[2][0], "answer": "1"},
+    ]
+    found = tool_evidence(
+        model, tokenizer, rows, ToolBox(load_tools(TOOLS)), max_tool_calls=1, max_new_tokens=128
+    )
+    assert found["tool_answer_accuracy"] == pytest.approx(1 / 3)  # 42 right; the other two cannot say
+    assert found["no_tool_answer_accuracy"] == 0.0  # without tools each is answered "No."
+    assert found["tool_call_validity"] == pytest.approx(1 / 3)
+    assert found["tool_calls_per_answer"] == 1.0
+    assert found["tool_failures"] == {"unknown_tool": 1, "bad_arguments": 1}
+    assert found["tool_examples"][0]["turns"] == ["call add({'a': 12, 'b': 30})", "tool -> 42"]
+
+
+def test_the_tiny_worlds_calculator_answers_through_the_same_functions():
+    box = ToolBox(load_tools(TOOLS))
+    assert box.schemas == arithmetic.tool_schemas()
+    assert box.run("multiply", {"a": 123, "b": 45}) == ("5535", None)
+
+
+def test_validate_refuses_an_undocumented_tool_and_tool_questions_without_tools(tmp_path, capsys):
+    from gptpipe.cli import main
+
+    (tmp_path / "my_tools.py").write_text("def shout(text):\n    return text.upper()\n")
+    recipe = str(REPO / "recipes/tiny/sft-tools.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", recipe, "--set", f"tools.1={tmp_path / 'my_tools.py'}:shout"])
+    assert exit_.value.code == 2
+    assert (
+        f"tools.1: tool '{tmp_path / 'my_tools.py'}:shout' cannot be shown to the model"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", recipe, "--set", "tools=[]"])
+    assert (
+        exit_.value.code == 2
+        and "tool_datasets: the held-out tool questions need the tools" in capsys.readouterr().err
+    )
+
+
+def test_sft_on_tool_calls_reports_tool_use_before_and_after(tiny_sft, tmp_path):
+    """The stage's wiring, in a few steps (learning to call is measured in docs/testing.md): eval.json, the
+    stage's line and report carry the tool evidence; the SFT model, which has never seen a call, makes none."""
+    from gptpipe.cli import run
+
+    out = tmp_path / "sft-tools"
+    settings = {"output_dir": out, "model.name_or_path": tiny_sft, "answer_datasets": "[]"}
+    settings |= {"tool_datasets.0.max_samples": 8, "eval_datasets.0.max_samples": 8}
+    run(["train", str(REPO / "recipes/tiny/sft-tools.yaml"), *as_overrides(SHORT_RUN, settings, max_steps=4)])
+    evidence = json.loads((out / "eval.json").read_text())
+    for key in TOOL_KEYS:
+        assert f"{key}_before" in evidence and f"{key}_after" in evidence
+    assert evidence["tool_calls_per_answer_before"] == 0 and evidence["tool_call_validity_before"] is None
+    assert evidence["tool_answer_accuracy_before"] <= 0.25 and len(evidence["tool_examples_after"]) == 3
+    assert "| tool_answer_accuracy |" in (out / "report.md").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert {"<|call|>", "<|/call|>"} <= set(tokenizer.get_vocab())  # the call markers travel with the model
+    assert tokenizer.response_template == chat_templates.GPTPIPE.response_template
