@@ -186,7 +186,7 @@ def tool_line(evidence: dict) -> str:
 
 
 def _shown(message: dict) -> str:
-    """A generated or tool message in one line, as the evidence and ``gptpipe chat`` show it."""
+    """A generated or tool message in one line, as the evidence shows it."""
     if message["role"] == "tool":
         return f"tool -> {message['content']}"
     calls = [c["function"] for c in message.get("tool_calls") or []]
