@@ -56,3 +56,19 @@ def test_wiki_demo_text_trains_a_tokenizer(tmp_path):
     assert evidence["roundtrip_lossless"]
     assert evidence["bytes_per_token"] > 2.0  # raw bytes would be 1.0; a 2k vocabulary merges common words
     assert evidence["vocab_size"] == 2000
+
+
+def test_split_digits_gives_a_number_the_same_tokens_everywhere():
+    from gptpipe.stages.tokenizer import train_bpe, wrap
+
+    texts = [f"Bo is {n} years old. {n} + {n % 7} = {n + n % 7}. The code is {n}{n}." for n in range(10, 400)]
+    merged, split = (wrap(train_bpe(iter(texts), len(texts), 600, 2, split_digits=s)) for s in (False, True))
+
+    def pieces(tok, text):
+        return [tok.decode([i]) for i in tok(text, add_special_tokens=False)["input_ids"]]
+
+    assert any(len(p.strip()) > 1 and p.strip().isdigit() for p in pieces(merged, " is 123, 1234"))  # BPE merges
+    for text in (" is 1489.", '{"a": 1489}', "1489", "(1489)"):
+        digits = [p for p in pieces(split, text) if p.strip().isdigit()]
+        assert digits == ["1", "4", "8", "9"], (text, pieces(split, text))
+        assert split.decode(split(text, add_special_tokens=False)["input_ids"]) == text  # still lossless

@@ -31,6 +31,7 @@ class TokenizerConfig(DataSettings):
     vocab_size: int = 4096  # an upper bound: BPE stops early when no pair reaches min_frequency
     min_frequency: int = 2
     max_train_documents: int | None = None  # cap on documents read for training (large corpora)
+    split_digits: bool = False  # every digit its own token (as Llama's and Qwen's tokenizers): numbers copy alike
     seed: int = 42
     overwrite: bool = False
 

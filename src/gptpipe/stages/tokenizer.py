@@ -33,7 +33,8 @@ def main(cfg: TokenizerConfig, run: Run) -> dict:
         train = train.select(range(min(cfg.max_train_documents, len(train))))
     print(f"[tokenizer] training byte-level BPE (vocab up to {cfg.vocab_size}) on {len(train)} documents")
 
-    tokenizer = wrap(train_bpe((row["text"] for row in train), len(train), cfg.vocab_size, cfg.min_frequency))
+    texts = (row["text"] for row in train)
+    tokenizer = wrap(train_bpe(texts, len(train), cfg.vocab_size, cfg.min_frequency, cfg.split_digits))
     tmp = run.final_dir()
     tokenizer.save_pretrained(tmp)
 
@@ -53,10 +54,15 @@ def main(cfg: TokenizerConfig, run: Run) -> dict:
     return evidence
 
 
-def train_bpe(texts, length: int, vocab_size: int, min_frequency: int) -> Tokenizer:
-    """Train byte-level BPE on an iterator of strings."""
+def train_bpe(texts, length: int, vocab_size: int, min_frequency: int, split_digits: bool = False) -> Tokenizer:
+    """Train byte-level BPE on an iterator of strings; ``split_digits``: no merge ever joins two digits, so
+    a number is the same tokens wherever it appears (after a space, inside JSON, alone)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer]
+        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
