@@ -170,6 +170,66 @@ def test_tool_evidence_scores_answers_both_ways_and_the_valid_calls(scripted):
     assert found["tool_examples"][0]["turns"] == ["call add({'a': 12, 'b': 30})", "tool -> 42"]
 
 
+@pytest.fixture(scope="module")
+def scripted_dir(scripted, tmp_path_factory):
+    """The scripted model as a model folder, and a tool file no code of gptpipe knows (its own ``add``)."""
+    model, tokenizer = scripted
+    folder = tmp_path_factory.mktemp("scripted")
+    model.save_pretrained(folder / "final")
+    tokenizer.save_pretrained(folder / "final")
+    (folder / "my_tools.py").write_text(
+        "def add(a: int, b: int) -> int:\n"
+        '    """Add two whole numbers.\n\n    Args:\n        a: the first number\n        b: the second number\n'
+        '    """\n    return a + b\n'
+    )
+    return folder
+
+
+def tool_flags(folder):
+    return ["--tools", f"{folder / 'my_tools.py'}:add", TOOLS[1], "--max-tool-calls", "1"]
+
+
+def test_generate_runs_the_tools_a_file_names_and_writes_each_call(scripted_dir, tmp_path):
+    from gptpipe.cli import run
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": m[:1], "answer": "42"}) + "\n" for m, _ in SCRIPT[:2]))
+    out = tmp_path / "out.jsonl"
+    flags = ["--prompts", str(prompts), "--out", str(out), "--temperature", "0", "--max-new-tokens", "128"]
+    run(["generate", str(scripted_dir / "final"), *flags, *tool_flags(scripted_dir)])
+    sums, unknown = (json.loads(line) for line in out.read_text().splitlines())
+    assert sums["turns"] == SCRIPT[0][0][1:3]  # the call as parsed, the file's add's result
+    assert (sums["completion"], sums["tool_calls"], sums["tool_failures"]) == ("12 plus 30 is 42.", 1, {})
+    assert sums["answer"] == "42" and sums["prompt"] == SCRIPT[0][0][:1]
+    assert unknown["tool_failures"] == {"unknown_tool": 1} and unknown["completion"] == "I cannot say."
+
+
+def test_chat_shows_each_call_and_result_before_the_answer(scripted_dir, monkeypatch, capsys):
+    import io
+
+    from gptpipe.cli import run
+
+    # /reset between the questions: the scripted model knows each question alone, not after the other
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 12 plus 30?\n/reset\nSay hello.\n\n"))
+    run(["chat", str(scripted_dir / "final"), "--max-new-tokens", "128", *tool_flags(scripted_dir)])
+    out = capsys.readouterr().out
+    assert "(tools: add, multiply)" in out
+    lines = [line.removeprefix("you>").strip() for line in out.splitlines()]  # input() echoes no newline
+    shown = [line for line in lines if line.startswith("[")]
+    assert shown == ["[call add({'a': 12, 'b': 30})]", "[tool -> 42]"], out
+    replies = [line.split("assistant>")[1].strip() for line in out.splitlines() if "assistant>" in line]
+    assert replies == ["12 plus 30 is 42.", "Hello."]
+
+
+def test_tool_flags_refuse_an_undocumented_tool(tmp_path, capsys):
+    from gptpipe.cli import main
+
+    (tmp_path / "my_tools.py").write_text("def shout(text):\n    return text.upper()\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", str(tmp_path), "--tools", f"{tmp_path / 'my_tools.py'}:shout"])
+    assert exit_.value.code == 2 and "--tools.0: tool" in capsys.readouterr().err
+
+
 def test_the_tiny_worlds_calculator_answers_through_the_same_functions():
     box = ToolBox(load_tools(TOOLS))
     assert box.schemas == arithmetic.tool_schemas()

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--system", default=None, help="system message")
+    _tool_arguments(chat)
 
     gen = sub.add_parser("generate", help="sample replies to a file of prompts")
     gen.add_argument("model")
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=32)
+    _tool_arguments(gen)
 
     rank = sub.add_parser("rank", help="rank generated samples into comparisons for the reward stage")
     rank.add_argument("samples", help="jsonl from gptpipe generate (several samples per prompt id)")
@@ -160,6 +162,31 @@ def _launch_flags(parser: argparse.ArgumentParser) -> None:
         "--nodes", type=int, default=1, help="machines (run the command on each; see scripts/slurm)"
     )
     group.add_argument("--print-command", action="store_true", help="print the command instead of running it")
+
+
+def _tool_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tools",
+        nargs="+",
+        default=[],
+        metavar="MOD:FN",
+        help="tools the model may call (module:function or file.py:function, typed and documented), run as it calls them",
+    )
+    parser.add_argument("--max-tool-calls", type=int, default=3, help="rounds of calls before an answer")
+    parser.add_argument(
+        "--tool-timeout", type=float, default=10.0, help="seconds before a tool call is cut off"
+    )
+
+
+def _toolbox(args) -> tuple:
+    """(ToolBox or None, max_tool_calls) from the --tools flags; a tool that cannot be shown is refused."""
+    from gptpipe.tools import ToolBox, load_tools
+
+    if not args.tools:
+        return None, args.max_tool_calls
+    if args.max_tool_calls < 1 or args.tool_timeout <= 0:
+        raise UserError("--max-tool-calls must be at least 1 and --tool-timeout above 0")
+    return ToolBox(load_tools(args.tools, where="--tools"), args.tool_timeout), args.max_tool_calls
 
 
 def _relaunch(args, argv: list[str]) -> None:
@@ -240,11 +267,11 @@ def run(argv: list[str] | None = None) -> None:
             cfg = validate_recipe(recipe, args.overrides)
             print(f"ok: {recipe} (stage {cfg.stage}, output_dir {cfg.output_dir})")
     elif args.command == "chat":
-        from gptpipe.generation import chat_loop
+        from gptpipe.replies import chat_loop
 
-        chat_loop(args.model, args.max_new_tokens, args.temperature, args.system)
+        chat_loop(args.model, args.max_new_tokens, args.temperature, args.system, *_toolbox(args))
     elif args.command == "generate":
-        from gptpipe.generation import generate_file
+        from gptpipe.replies import generate_file
 
         out = args.out or str(Path(args.prompts).with_suffix("")) + ".generated.jsonl"
         n = generate_file(
@@ -257,6 +284,7 @@ def run(argv: list[str] | None = None) -> None:
             args.top_p,
             args.seed,
             args.batch_size,
+            *_toolbox(args),
         )
         print(f"wrote {n} completions to {out}")
     elif args.command == "rank":

@@ -46,9 +46,12 @@ def converse(
     max_tool_calls: int = 3,
     max_new_tokens: int = 64,
     batch_size: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> list[Episode]:
-    """Greedy multi-turn replies to each conversation, running the calls with ``toolbox`` (None: no tools are
-    shown to the model, and a call it makes anyway gets an error as its result)."""
+    """Multi-turn replies to each conversation (greedy unless ``do_sample``), running the calls with
+    ``toolbox`` (None: no tools are shown to the model, and a call it makes anyway gets an error as its result)."""
     schemas = toolbox.schemas if toolbox else None
     end = end_of_turn_token(tokenizer)
     episodes = [Episode([*c]) for c in conversations]
@@ -67,6 +70,9 @@ def converse(
             tokenizer,
             prompts,
             max_new_tokens,
+            do_sample,
+            temperature,
+            top_p,
             batch_size=batch_size,
             add_special_tokens=False,
             skip_special_tokens=False,
@@ -159,7 +165,7 @@ def tool_evidence(
         found["tool_examples"] = [
             {
                 "prompt": q[-1]["content"],
-                "turns": [_shown(m) for m in e.messages[len(q) :]],
+                "turns": [shown(m) for m in e.messages[len(q) :]],
                 "reply": e.reply,
             }
             for q, e in zip(questions[:3], episodes, strict=False)
@@ -185,7 +191,7 @@ def tool_line(evidence: dict) -> str:
     )
 
 
-def _shown(message: dict) -> str:
+def shown(message: dict) -> str:
     """A generated or tool message in one line, as the evidence shows it."""
     if message["role"] == "tool":
         return f"tool -> {message['content']}"

@@ -25,7 +25,7 @@ from gptpipe.config import RankConfig
 from gptpipe.data import ranking
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
-from gptpipe.generation import generate_file
+from gptpipe.replies import generate_file
 from gptpipe.rlhf import prompt_rows
 from gptpipe.runs import Run
 

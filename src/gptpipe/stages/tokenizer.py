@@ -54,7 +54,9 @@ def main(cfg: TokenizerConfig, run: Run) -> dict:
     return evidence
 
 
-def train_bpe(texts, length: int, vocab_size: int, min_frequency: int, split_digits: bool = False) -> Tokenizer:
+def train_bpe(
+    texts, length: int, vocab_size: int, min_frequency: int, split_digits: bool = False
+) -> Tokenizer:
     """Train byte-level BPE on an iterator of strings; ``split_digits``: no merge ever joins two digits, so
     a number is the same tokens wherever it appears (after a space, inside JSON, alone)."""
     tok = Tokenizer(models.BPE())
