@@ -186,7 +186,7 @@ LAYERS = [
         "distributed",
         "ppo",
     ],
-    ["rlhf", "preference", "replies", "compare", "export", "benchmarks", "ppo.trainer"],
+    ["rlhf", "watching", "preference", "replies", "compare", "export", "benchmarks", "ppo.trainer"],
     ["stages"],
     ["runner"],
     ["pipeline", "sweep"],

@@ -197,3 +197,24 @@ def test_whitened_rewards_keep_their_mean_over_valid_tokens():
     ]
     torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
     assert (got * mask).sum() / mask.sum() == pytest.approx(mean, abs=1e-5)
+
+
+def test_tool_result_tokens_between_turns_are_skipped_as_if_absent():
+    # Row 0: own, own, tool, tool, own, pad; row 1: own, tool, own, own, pad, pad. Masked positions are a tool's
+    # result (not an action): GAE and the rewards must equal those of the row with them cut out.
+    mask = torch.tensor([[1.0, 1, 0, 0, 1, 0], [1, 0, 1, 1, 0, 0]])
+    rewards, values, kl = rand(9, (2, 6)), rand(10, (2, 6)), rand(11, (2, 6)).abs()
+    score = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    shaped = token_rewards(score, kl, mask, beta=0.1)
+    advantages, returns = gae(rewards * mask, values, mask, 0.9, 0.8)
+    for b in range(2):
+        own = mask[b].bool()
+        n = int(own.sum())
+        compact_mask = torch.ones(1, n, dtype=torch.float64)
+        alone = token_rewards(score[b : b + 1], kl[b : b + 1, own], compact_mask, beta=0.1)
+        assert shaped[b, own].tolist() == pytest.approx(alone[0].tolist(), abs=1e-12)
+        a, r = gae(rewards[b : b + 1, own], values[b : b + 1, own], compact_mask, 0.9, 0.8)
+        assert advantages[b, own].tolist() == pytest.approx(a[0].tolist(), abs=1e-12)
+        assert returns[b, own].tolist() == pytest.approx(r[0].tolist(), abs=1e-12)
+        for out in (shaped, advantages, returns):
+            assert out[b, ~own].abs().sum() == 0  # nothing lands on a tool's tokens or the padding

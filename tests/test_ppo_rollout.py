@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from gptpipe.ppo.rollout import response_logprobs, response_mask_until_eos, sample
+from gptpipe.ppo.rollout import response_logprobs, response_mask_until_eos, sample, sample_with_tools
 
 PAD, EOS = 0, 2
 
@@ -169,3 +169,34 @@ def test_a_critic_from_a_reward_model_with_another_vocabulary_is_refused():
         UserError, match="value_init: reward starts the critic from rm, whose tokenizer differs"
     ):
         check_critic_tokenizer("reward", policy, other, "rm")
+
+
+def test_a_tool_result_is_appended_attended_to_and_masked_out_of_the_response():
+    from gptpipe.ppo.losses import policy_loss
+
+    model = tiny_policy()
+    prompts = [[1, 5, 6], [1, 7]]
+    result = [30, 31, 32]  # a tool's result (and the next turn's opening), as the tool step gives it
+    seen = []
+
+    def tool_step(row, context, turn):  # row 0 calls a tool in its first turn; row 1 answers at once
+        seen.append((row, context, turn))
+        return result if row == 0 and len(context) == len(prompts[0]) else None
+
+    every_token_stops = list(range(40))  # each turn is one token and ends: the layout is known in advance
+    torch.manual_seed(3)
+    rollout = sample_with_tools(model, prompts, tool_step, 2, PAD, every_token_stops, 6)
+    (call,), (answer,) = seen[0][2], rollout.final_turns[0]
+    assert [row for row, _, _ in seen] == [0, 1, 0] and seen[2][1] == [*prompts[0], call, *result]
+    assert rollout.responses[0].tolist() == [call, *result, answer]
+    assert rollout.response_mask.tolist() == [[1, 0, 0, 0, 1], [1, 0, 0, 0, 0]]  # the model's own tokens
+    assert rollout.attention_mask[:, rollout.prompt_length :].tolist() == [[1] * 5, [1, 0, 0, 0, 0]]
+    assert (
+        rollout.ended.tolist() == [True, True] and rollout.final_turns[1] == rollout.responses[1, :1].tolist()
+    )
+    # The answer was generated after the result: the recomputed log-prob of it sees the result's tokens.
+    logprobs, _ = response_logprobs(model, rollout)
+    old = logprobs.detach()
+    loss, _ = policy_loss(logprobs, old, torch.ones_like(old), rollout.response_mask.float(), 0.2)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert (grad[rollout.response_mask == 0] == 0).all() and (grad[rollout.response_mask == 1] != 0).all()

@@ -128,7 +128,7 @@ def test_reward_hacking_alarm_rings_and_stops_the_run(algorithm, tiny_sft, tmp_p
     and each checkpoint keeps the evaluations so far (a resumed run's alarm compares with them)."""
     from transformers import AutoModelForCausalLM
 
-    from gptpipe.rlhf import WATCH_FILE
+    from gptpipe.watching import WATCH_FILE
 
     (tmp_path / "hack.py").write_text(WRONG_ANSWER)
     asked = (

@@ -274,3 +274,98 @@ def test_sft_on_tool_calls_reports_tool_use_before_and_after(tiny_sft, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     assert {"<|call|>", "<|/call|>"} <= set(tokenizer.get_vocab())  # the call markers travel with the model
     assert tokenizer.response_template == chat_templates.GPTPIPE.response_template
+
+
+def ppo_tool_args(scripted_dir, tmp_path):
+    """gptpipe's PPO on the scripted model with the tools of a file, the answer check as the reward."""
+    rows = [(SCRIPT[0][0][:1], "42"), (SCRIPT[3][0][:1], "3"), (SCRIPT[5][0][:1], "Hello")]
+    prompts = tmp_path / "tool_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": m, "answer": a}) + "\n" for m, a in rows))
+    data = f"[{{path: {prompts}}}]"
+    settings = {
+        "model.name_or_path": scripted_dir / "final",
+        "tools": f"[{scripted_dir / 'my_tools.py'}:add, {TOOLS[1]}]",
+        "datasets": data,
+        "eval_datasets": data,
+        "tool_datasets": data,
+        "generalization_datasets": "[]",
+        "retained_datasets": "[]",
+        "ptx_coef": 0.0,
+        "ptx_datasets": "[]",
+        "max_tool_calls": 2,
+        "max_new_tokens": 112,  # the two-call turn is ~100 tokens
+        "tool_eval_max_new_tokens": 112,
+        "max_steps": 4,
+        "save_steps": 2,
+        "per_device_train_batch_size": 3,
+        "num_minibatches": 1,
+        "ppo_epochs": 2,
+        "eval_prompts": 3,
+        "logging_steps": 1,
+        "learning_rate": 1e-3,  # the updates must move the weights the resumed run has to match
+    }
+    return lambda out: as_overrides(settings, output_dir=out)
+
+
+def test_ppo_with_tools_runs_the_calls_masks_their_results_and_resumes_bit_for_bit(scripted_dir, tmp_path):
+    from test_resume import check_kill_and_resume
+
+    args = ppo_tool_args(scripted_dir, tmp_path)
+    recipe = str(REPO / "recipes/tiny/rl-verifiable.yaml")
+    compared = ("reward", "kl", "policy_loss", "value_loss", "tool_calls_per_episode")
+    check_kill_and_resume(tmp_path, recipe, args, 4, 2, 3, compared)
+    e = json.loads((tmp_path / "reference/eval.json").read_text())
+    # The scripted model answers by calling the file's add (and multiply): the answers are the tools' results.
+    assert e["answer_accuracy_before"] == pytest.approx(1.0) and e[
+        "tool_answer_accuracy_before"
+    ] == pytest.approx(1.0)
+    assert e["tool_call_validity_before"] == 1.0 and e["tool_calls_per_answer_before"] == pytest.approx(1.0)
+    records = [json.loads(line) for line in (tmp_path / "reference/metrics.jsonl").read_text().splitlines()]
+    trained = [
+        r for r in records if "reward" in r
+    ]  # sampled episodes: the calls made and how many were valid
+    assert all(r["tool_calls_per_episode"] > 0 and 0 <= r["tool_call_validity"] <= 1 for r in trained)
+    assert {
+        "tool_answer_accuracy_after",
+        "tool_call_validity_after",
+        "no_tool_answer_accuracy_after",
+    } <= e.keys()
+
+
+def test_grpo_with_tools_rolls_out_through_trls_tool_loop(scripted_dir, tmp_path):
+    from gptpipe.cli import run
+
+    ppo = ppo_tool_args(scripted_dir, tmp_path)(tmp_path / "grpo")
+    kept = [a for a in ppo if a.split("=")[0] not in ("max_new_tokens", "num_minibatches", "ppo_epochs")]
+    grpo = {
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "max_completion_length": 128,
+    }
+    run(
+        [
+            "train",
+            str(REPO / "recipes/tiny/grpo-verifiable.yaml"),
+            *kept,
+            *as_overrides(grpo),
+            "save_steps=10",
+        ]
+    )
+    e = json.loads((tmp_path / "grpo/eval.json").read_text())
+    assert e["tool_answer_accuracy_before"] == pytest.approx(1.0) and e[
+        "answer_accuracy_before"
+    ] == pytest.approx(1.0)
+    records = [json.loads(line) for line in (tmp_path / "grpo/metrics.jsonl").read_text().splitlines()]
+    calls = [r["tools/call_frequency"] for r in records if "tools/call_frequency" in r]
+    assert calls and all(c > 0 for c in calls)  # TRL ran the file's tools in its rollouts
+
+
+def test_rloo_with_tools_is_refused_at_validate_naming_the_way_out(capsys):
+    from gptpipe.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(REPO / "recipes/tiny/rloo.yaml"), "--set", f"tools=[{TOOLS[0]}]"])
+    assert (
+        exit_.value.code == 2 and "RLOOTrainer takes no tools; use algorithm: grpo" in capsys.readouterr().err
+    )

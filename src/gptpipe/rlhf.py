@@ -9,14 +9,12 @@ on held-out prompts, the reward model's mean score of greedy responses, their KL
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from gptpipe.data import chat_templates, formats
 from gptpipe.data.answers import answers_in_first_sentence
@@ -24,28 +22,36 @@ from gptpipe.data.formats import RowError
 from gptpipe.data.formats import _messages as messages
 from gptpipe.data.sources import describe, load_mixture
 from gptpipe.errors import UserError
-from gptpipe.hacking import RewardHackingWatch
 from gptpipe.modeling import is_adapter, merge_adapter, merged_copy
-from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
+from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample, sample_with_tools
 from gptpipe.rewards import load_reward_functions, weighted_sum
 from gptpipe.runs import Run
 from gptpipe.scoring import rank_agreement, score_ids
 
 
 def prompt_rows(ds, src):
-    """Prompts as message lists (a string prompt becomes one user message); every other column is kept (the
-    ``answer`` of the evidence, and whatever a reward function or labeler reads)."""
-    if "prompt" not in ds.column_names:
+    """Prompts as message lists (a string prompt becomes one user message; without a ``prompt`` column, a
+    ``messages`` conversation's turns before its first assistant turn, e.g. the tool questions of
+    ``tinyworld:tools``); every other column is kept (the ``answer`` of the evidence, and whatever a reward
+    function or labeler reads)."""
+    column = "prompt" if "prompt" in ds.column_names else "messages"
+    if column not in ds.column_names:
         raise UserError(
-            f"{src.path}: no 'prompt' column (columns are {ds.column_names}); map yours with `columns:`"
+            f"{src.path}: no 'prompt' (or 'messages') column (columns are {ds.column_names}); map yours with "
+            "`columns:`"
         )
 
     def to_messages(row, index):  # message lists as the conversational formats read them (content parts too)
-        p = row["prompt"]
+        p = row[column]
         try:
-            return {
-                "prompt": [{"role": "user", "content": p}] if isinstance(p, str) else messages(p, "prompt")
-            }
+            if isinstance(p, str):
+                return {"prompt": [{"role": "user", "content": p}]}
+            turns = messages(p, column)
+            if column == "messages":
+                turns = turns[
+                    : next((i for i, m in enumerate(turns) if m["role"] == "assistant"), len(turns))
+                ]
+            return {"prompt": turns}
         except RowError as e:
             raise UserError(f"{src.path}: row {index}: {e}") from None
 
@@ -142,12 +148,13 @@ def check_critic_tokenizer(value_init: str, tokenizer, reward_tokenizer, reward_
         )
 
 
-def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
-    """Each prompt rendered with the chat template, ending with the assistant's turn opened."""
+def encode_prompts(tokenizer, prompts: list[list[dict]], tools: list[dict] | None = None) -> list[list[int]]:
+    """Each prompt rendered with the chat template (and the ``tools`` schemas it shows the model), ending with
+    the assistant's turn opened."""
     return [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
-            "input_ids"
-        ]
+        tokenizer.apply_chat_template(
+            p, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         for p in prompts
     ]
 
@@ -159,17 +166,19 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def response_ids(rollout: Rollout) -> list[list[int]]:
-    """Each response's valid tokens (up to and including its end of turn)."""
+    """Each response's valid tokens (up to and including its end of turn; with tools, the model's own turns)."""
     return [
         ids[mask.bool()].tolist() for ids, mask in zip(rollout.responses, rollout.response_mask, strict=True)
     ]
 
 
 def decode_responses(tokenizer, rollout: Rollout, ids: list[list[int]] | None = None) -> list[str]:
-    """Each response's text from its valid tokens only. Filling the positions after the end of turn with id 0
-    instead, and decoding those, adds a "!" per position with Llama 3's, Qwen2's or GPT-2's tokenizers, where
-    id 0 is an ordinary token."""
-    return tokenizer.batch_decode(response_ids(rollout) if ids is None else ids, skip_special_tokens=True)
+    """Each reply's text from its valid tokens only (with tools, the last turn's: the answer). Filling the
+    positions after the end of turn with id 0 instead, and decoding those, adds a "!" per position with
+    Llama 3's, Qwen2's or GPT-2's tokenizers, where id 0 is an ordinary token."""
+    if ids is None:
+        ids = rollout.final_turns if rollout.final_turns is not None else response_ids(rollout)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def reward_scorer(reward_model, reward_tokenizer, tokenizer, functions=(), weights=None):
@@ -187,11 +196,13 @@ def reward_scorer(reward_model, reward_tokenizer, tokenizer, functions=(), weigh
 
         def score(rollout: Rollout) -> torch.Tensor:
             completion_ids = response_ids(rollout)
-            replies = [r.strip() for r in decode_responses(tokenizer, rollout, completion_ids)]
+            replies = [r.strip() for r in decode_responses(tokenizer, rollout)]
             per, names = [], []
-            if reward_model is not None:
+            if reward_model is not None:  # with tools: the calls and results, then the answer
+                turns = rollout.turns or [[] for _ in replies]
                 convs = [
-                    m + [{"role": "assistant", "content": r}] for m, r in zip(messages, replies, strict=True)
+                    m + t + [{"role": "assistant", "content": r}]
+                    for m, t, r in zip(messages, turns, replies, strict=True)
                 ]
                 ids = [
                     reward_tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
@@ -222,25 +233,42 @@ def reward_scorer(reward_model, reward_tokenizer, tokenizer, functions=(), weigh
 
 @torch.no_grad()
 def evaluate(
-    policy, reference, tokenizer, heldout, scorer, max_new_tokens: int, batch_size: int = 64
+    policy,
+    reference,
+    tokenizer,
+    heldout,
+    scorer,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    tool_step=None,
+    max_tool_calls: int = 3,
 ) -> dict:
     """Greedy responses to held-out prompts: reward-model score, KL to the reference, answer accuracy, and with
     both a reward model and answers, the reward model's agreement with the answer check (``rank_agreement``).
 
     ``reference=None`` means the policy is a LoRA model whose reference is the same weights, adapter off;
-    ``scorer=None``: no reward (stages whose evidence is the answer check alone).
+    ``scorer=None``: no reward (stages whose evidence is the answer check alone). ``tool_step``
+    (``gptpipe.tool_use.ToolTurns``): the tools are shown and run, and the answer is the last turn.
     """
     was_training = policy.training
     policy.eval()
-    prompts = encode_prompts(tokenizer, heldout["prompt"])
+    tools = tool_step.toolbox.schemas if tool_step is not None else None
+    prompts = encode_prompts(tokenizer, heldout["prompt"], tools)
     stop_ids = stop_token_ids(tokenizer)
     found: dict[str, float] = {"reward": 0.0, "kl": 0.0} if scorer is not None else {"kl": 0.0}
     answers, right = heldout["answer"] if "answer" in heldout.column_names else None, 0
     judged: list[tuple[float, bool]] = []  # (reward-model score, right) per reply
     for i in range(0, len(prompts), batch_size):
-        rollout = sample(
-            policy, prompts[i : i + batch_size], tokenizer.pad_token_id, stop_ids, max_new_tokens, greedy=True
-        )
+        batch = prompts[i : i + batch_size]
+        if tool_step is None:
+            rollout = sample(policy, batch, tokenizer.pad_token_id, stop_ids, max_new_tokens, greedy=True)
+        else:
+            tool_step.reset(len(batch))
+            pad = tokenizer.pad_token_id
+            rollout = sample_with_tools(
+                policy, batch, tool_step, max_tool_calls, pad, stop_ids, max_new_tokens, greedy=True
+            )
+            rollout.turns = tool_step.turns
         if scorer is not None:
             found["reward"] += scorer(heldout[i : i + batch_size])(rollout).sum().item()
         logp, _ = response_logprobs(policy, rollout)
@@ -262,78 +290,6 @@ def evaluate(
         found["answer_accuracy"] = right / len(prompts)
     agreement = rank_agreement(judged)
     return found | ({"rm_agreement": agreement} if agreement is not None else {})
-
-
-def watch_step(watch: RewardHackingWatch, step: int, found: dict, log, is_main: bool, save_best=None) -> bool:
-    """One evaluation of the watched prompts (``found``, from ``evaluate``): logged as ``eval/*`` with ``log``, a
-    warning when the reward-hacking alarm rings, the policy saved with ``save_best`` when it is the most accurate
-    so far; whether the alarm rang."""
-    record, alarm, best = watch.observe(step, found)
-    if alarm and is_main:
-        print(f"[rl] warning: {alarm}", file=sys.stderr, flush=True)
-    log(record)
-    if best and save_best is not None:
-        save_best()
-    return bool(alarm)
-
-
-def new_watch(cfg, prompts) -> RewardHackingWatch:
-    """The alarm for ``prompts`` watched prompts: accuracy must fall by more than 1.5 of them."""
-    return RewardHackingWatch(cfg.hacking_window, tolerance=1.5 / max(len(prompts), 1))
-
-
-WATCH_FILE = "hacking_watch.json"  # in each checkpoint: the evaluations a resumed run's alarm compares with
-
-
-def save_watch(watch: RewardHackingWatch, checkpoint: Path) -> None:
-    (Path(checkpoint) / WATCH_FILE).write_text(json.dumps(watch.state()))
-
-
-def load_watch(watch: RewardHackingWatch, checkpoint: Path | None) -> None:
-    path = Path(checkpoint) / WATCH_FILE if checkpoint else None
-    if path is not None and path.is_file():
-        watch.load_state(json.loads(path.read_text()))
-
-
-def best_saver(save, output_dir, is_main: bool, wait):
-    """``save_best()``: the policy written by ``save(folder)`` (collective) to ``<output_dir>/best/``, replacing
-    the one before only once it is whole (``keep_best_model``)."""
-    best = Path(output_dir) / "best"
-    tmp = best.with_name(".best.tmp")
-
-    def save_best() -> None:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        wait()
-        save(tmp)
-        wait()
-        if is_main:
-            shutil.rmtree(best, ignore_errors=True)
-            os.replace(tmp, best)
-
-    return save_best
-
-
-class WatchCallback(TrainerCallback):
-    """The reward-hacking alarm in TRL's trainers: every ``eval_steps`` steps, ``check(step)`` (a ``watch_step``);
-    stops training when it rang and ``stop_on_reward_hacking``. Each checkpoint keeps the watch's evaluations."""
-
-    def __init__(self, cfg, watch: RewardHackingWatch, check):
-        self.every, self.stop, self.watch, self.check = (
-            int(cfg.eval_steps or 0),
-            cfg.stop_on_reward_hacking,
-            watch,
-            check,
-        )
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.every and state.global_step % self.every == 0 and self.check(state.global_step) and self.stop:
-            print(f"[rl] stopped at step {state.global_step}: stop_on_reward_hacking", flush=True)
-            control.should_training_stop = True
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            save_watch(self.watch, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def before_after(before: dict, after: dict) -> dict:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.data.chat_templates import end_of_turn_token
+from gptpipe.data.sources import load_mixture
+from gptpipe.errors import UserError
 from gptpipe.generation import complete
 from gptpipe.tools import ToolBox
 
@@ -97,19 +99,83 @@ def converse(
                 episode.failures["over_max_tool_calls"] += len(calls)
                 continue
             episode.messages.append({"role": "assistant", "content": episode.reply, "tool_calls": calls})
-            for call in calls:
-                function = call["function"]
-                if toolbox is None:
-                    result, kind = "Error: no tools are available", "unknown_tool"
-                else:
-                    result, kind = toolbox.run(function["name"], function["arguments"])
-                episode.calls += 1
-                episode.valid_calls += kind not in INVALID
-                if kind:
-                    episode.failures[kind] += 1
-                episode.messages.append({"role": "tool", "content": result})
+            results, kinds = run_calls(toolbox, calls)
+            episode.messages += results
+            episode.calls += len(calls)
+            episode.valid_calls += sum(kind not in INVALID for kind in kinds)
+            episode.failures.update(kind for kind in kinds if kind)
             episode.open = True
     return episodes
+
+
+def run_calls(toolbox: ToolBox | None, calls: list[dict]) -> tuple[list[dict], list[str | None]]:
+    """One ``tool`` message per call (a bad call's is the error text) and each call's failure kind or None."""
+    results, kinds = [], []
+    for call in calls:
+        function = call["function"]
+        if toolbox is None:
+            result, kind = "Error: no tools are available", "unknown_tool"
+        else:
+            result, kind = toolbox.run(function["name"], function["arguments"])
+        results.append({"role": "tool", "content": result})
+        kinds.append(kind)
+    return results, kinds
+
+
+class ToolTurns:
+    """The tool step of PPO's multi-turn rollout (``gptpipe.ppo.rollout.sample_with_tools``): read a generated
+    turn as ``converse`` does, run its calls and give back the tokens that follow it, i.e. the chat template's
+    own rendering of the ``tool`` messages and the next assistant turn's opening (the template must render a
+    conversation's start the same whatever follows: transformers' templates do; one that does not is refused).
+
+    ``turns[row]``: the messages each row added (the call turns and the results); ``counts``: calls, valid calls
+    and failures by kind since ``reset``.
+    """
+
+    def __init__(self, tokenizer, toolbox: ToolBox):
+        self.tokenizer, self.toolbox = tokenizer, toolbox
+        self.reset(0)
+
+    def reset(self, rows: int) -> None:
+        self.turns: list[list[dict]] = [[] for _ in range(rows)]
+        self.counts: Counter = Counter()
+
+    def __call__(self, row: int, context: list[int], turn: list[int]) -> list[int] | None:
+        calls = _calls(_read(self.tokenizer, turn, context, self.toolbox.schemas))
+        if calls is None:  # unreadable: an invalid call, and the end of the episode
+            self.counts.update(("calls", "unreadable"))
+            return None
+        if not calls:
+            return None
+        results, kinds = run_calls(self.toolbox, calls)
+        # the tool's name beside its result: some templates (GPT-OSS) head a result with it
+        results = [r | {"name": c["function"]["name"]} for r, c in zip(results, calls, strict=True)]
+        self.counts["calls"] += len(calls)
+        self.counts["valid_calls"] += sum(kind not in INVALID for kind in kinds)
+        self.counts.update(kind for kind in kinds if kind)
+        self.turns[row] += [{"role": "assistant", "content": "", "tool_calls": calls}, *results]
+        return result_tokens(self.tokenizer, calls, results)
+
+
+def result_tokens(tokenizer, calls: list[dict], results: list[dict]) -> list[int]:
+    """The tokens the chat template writes after a turn with ``calls``: their ``results`` and the next assistant
+    turn's opening, found as the difference of two renderings of a stand-in conversation ending in those calls
+    (a turn's tokens are the model's own, never re-rendered)."""
+    asked = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    before = tokenizer.apply_chat_template(asked, tokenize=True, return_dict=True)["input_ids"]
+    after = tokenizer.apply_chat_template(
+        asked + results, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    end = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    cut = (
+        max(i for i, t in enumerate(before) if t == end) + 1
+    )  # after the turn's end (a newline may follow it)
+    if after[:cut] != before[:cut]:
+        raise UserError(
+            "tools: the chat template renders a conversation's start differently once tool results follow, so "
+            "a rollout cannot go on from the model's own tokens; use chat_template: gptpipe or chatml"
+        )
+    return after[cut:]
 
 
 def _read(tokenizer, text: str, prompt: str, schemas) -> dict | None:
@@ -134,9 +200,18 @@ def _calls(message: dict | None) -> list[dict] | None:
     return calls
 
 
+def tool_questions(cfg) -> list[dict] | None:
+    """A recipe's ``tool_datasets`` rows (``messages``, ``answer``), or None without them."""
+    if not cfg.tool_datasets:
+        return None
+    return list(load_mixture(cfg.tool_datasets, ["messages", "answer"], seed=cfg.seed))
+
+
 def question(row: dict) -> list[dict]:
-    """A held-out tool conversation's question: its messages before the first assistant turn."""
-    first = next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+    """A held-out tool conversation's question: its messages before the first assistant turn (all of them when
+    the row is a question alone)."""
+    messages = row["messages"]
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     return row["messages"][:first]
 
 

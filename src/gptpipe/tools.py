@@ -10,6 +10,7 @@ counted in ``ToolBox.stats``.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import threading
@@ -60,6 +61,10 @@ def load_tools(specs: list[str], where: str = "tools") -> list[Tool]:
     return tools
 
 
+class ToolCallError(RuntimeError):
+    """A call that failed (unknown tool, bad arguments, a raising or hung tool): its text is the model's to read."""
+
+
 @dataclass
 class ToolBox:
     """The recipe's tools, run as the model calls them; ``stats`` counts calls and each kind of failure."""
@@ -92,6 +97,23 @@ class ToolBox:
             return self._failed("raised", f"Error: {name} raised {type(e).__name__}: {e}")
         self.stats["ok"] += 1
         return (result if isinstance(result, str) else json.dumps(result)), None
+
+    def as_functions(self) -> list:
+        """Each tool as a plain function with its name, hints and docstring (the same schema), for trainers that
+        call tools themselves (TRL's GRPO ``tools=``): run through ``run``, so the timeout and the counts hold;
+        a failed call raises ``ToolCallError`` with the text the model reads (TRL shows it to the model)."""
+
+        def calling(tool: Tool):
+            @functools.wraps(tool.function)
+            def call(**arguments):
+                result, kind = self.run(tool.name, arguments)
+                if kind:
+                    raise ToolCallError(result)
+                return result
+
+            return call
+
+        return [calling(t) for t in self.tools]
 
     def _failed(self, kind: str, text: str) -> tuple[str, str]:
         self.stats[kind] += 1

@@ -131,7 +131,7 @@ class AssistantEvidence(RunSettings):
 
 
 @dataclass
-class RLSettings(AssistantEvidence):
+class RLSettings(ToolSettings, AssistantEvidence):
     """What every RL algorithm's recipe adds: the frozen reward model, the template and the evidence size."""
 
     algorithm: str = "ppo"  # ppo (gptpipe's own trainer) | grpo | rloo (TRL's trainers)
@@ -167,6 +167,10 @@ class RLSettings(AssistantEvidence):
                 f"ptx_coef: {self.ptx_coef} with {len(self.ptx_datasets)} ptx_datasets: PPO-ptx needs both, a "
                 "positive ptx_coef (the tiny recipes: 1.0) and the data to keep (ptx_datasets: "
                 "[{path: tinyworld:sft}]); leave both out for no ptx term"
+            )
+        if self.tools and self.algorithm == "rloo":
+            raise ValueError(
+                "tools: TRL's RLOOTrainer takes no tools; use algorithm: grpo (TRL's tool loop) or ppo (gptpipe's)"
             )
 
 

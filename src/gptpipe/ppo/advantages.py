@@ -28,10 +28,12 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """r_t = −β·kl_t on every valid response token, plus the sequence score on the last valid token.
 
-    ``score``: (batch,), ``kl`` and ``mask``: (batch, T) with the valid tokens first in each row.
+    ``score``: (batch,), ``kl`` and ``mask``: (batch, T); a row's valid tokens need not be contiguous (with
+    tools, a tool result's tokens sit between the model's turns, masked out).
     """
     rewards = -beta * kl * mask
-    last = (mask.sum(dim=1) - 1).clamp(min=0).long()
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    last = ((mask > 0) * positions).argmax(dim=1)  # the last valid position (0 in a row with none)
     rows = torch.arange(score.shape[0], device=score.device)
     rewards[rows, last] += score * (mask.sum(dim=1) > 0)
     return rewards
@@ -42,7 +44,9 @@ def gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation, backwards over each row's valid tokens (V after the last is 0).
 
-    δ_t = r_t + γ·V_{t+1} − V_t;  A_t = δ_t + γλ·A_{t+1};  returns R_t = A_t + V_t. Padding stays 0.
+    δ_t = r_t + γ·V_{t+1} − V_t;  A_t = δ_t + γλ·A_{t+1};  returns R_t = A_t + V_t, with t+1 the next *valid*
+    token: a masked position (padding, or a tool result between two turns: not the policy's action) is
+    skipped, as if the row held only its valid tokens. Masked positions stay 0.
     """
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
@@ -52,9 +56,9 @@ def gae(
         valid = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         current = delta + gamma * lam * next_advantage
-        # A padding position passes nothing back: the next valid token sees V = 0 and A = 0 after it.
+        # A masked position passes on what follows it unchanged: after the last valid token that is V = 0, A = 0.
         advantages[:, t] = current * valid
-        next_value = values[:, t] * valid
-        next_advantage = current * valid
+        next_value = torch.where(valid > 0, values[:, t], next_value)
+        next_advantage = torch.where(valid > 0, current, next_advantage)
     returns = (advantages + values) * mask
     return advantages, returns

@@ -32,7 +32,14 @@ from gptpipe.ppo.advantages import gae, masked_mean, token_rewards, whiten
 from gptpipe.ppo.kl import FixedKLController, kl_per_token
 from gptpipe.ppo.losses import entropy_from_logits, policy_loss, value_loss
 from gptpipe.ppo.ptx import PTXBatch, ptx_loss_sum
-from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample
+from gptpipe.ppo.rollout import (
+    Rollout,
+    ToolStep,
+    reference_context,
+    response_logprobs,
+    sample,
+    sample_with_tools,
+)
 from gptpipe.ppo.value import response_values
 
 # score_fn(rollout) -> one scalar per sequence (the frozen reward model, or any Python function)
@@ -66,6 +73,10 @@ class PPOSettings:
     forward_batch_size: int | None = None  # rows per no-grad forward when scoring a rollout (None: all)
     skip_nonfinite: bool = False  # drop a NaN/inf update (counted) instead of raising NonFiniteUpdate
     ptx_coef: float = 0.0  # PPO-ptx: the weight of the language-model loss on ptx rows in every update
+    # With tools: multi-turn rollouts (``rollout.sample_with_tools``); a tool step with ``reset(rows)`` and
+    # ``turns`` (``gptpipe.tool_use.ToolTurns``), and the rounds of calls an episode may take.
+    tool_step: ToolStep | None = None
+    max_tool_calls: int = 3
 
 
 class NonFiniteUpdate(FloatingPointError):
@@ -157,6 +168,10 @@ def ppo_iteration(
         "response_length": e.mask.sum(dim=1).mean().item(),
         "ended_fraction": rollout.ended.float().mean().item(),
     }
+    if settings.tool_step is not None:  # this rollout's calls (validity 1.0 when it made none)
+        counts = settings.tool_step.counts
+        out["tool_calls_per_episode"] = counts["calls"] / len(prompts)
+        out["tool_call_validity"] = counts["valid_calls"] / counts["calls"] if counts["calls"] else 1.0
     accelerator = models.accelerator
     if accelerator is not None and accelerator.num_processes > 1:
         out = _mean_over_processes(out, accelerator)  # every process logs and adapts β on the same numbers
@@ -170,9 +185,24 @@ def generate(models: PPOModels, prompts: list[list[int]], s: PPOSettings) -> Rol
     models.policy.eval()
     with for_generation(models.engine or models.policy, models.accelerator) as generating:
         generating = generating.policy if models.engine is not None else generating
-        return sample(
-            generating, prompts, s.pad_token_id, s.eos_token_ids, s.max_new_tokens, s.temperature, s.top_p
+        if s.tool_step is None:
+            return sample(
+                generating, prompts, s.pad_token_id, s.eos_token_ids, s.max_new_tokens, s.temperature, s.top_p
+            )
+        s.tool_step.reset(len(prompts))
+        rollout = sample_with_tools(
+            generating,
+            prompts,
+            s.tool_step,
+            s.max_tool_calls,
+            s.pad_token_id,
+            s.eos_token_ids,
+            s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
         )
+        rollout.turns = s.tool_step.turns
+        return rollout
 
 
 @torch.no_grad()

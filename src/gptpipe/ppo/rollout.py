@@ -8,6 +8,7 @@ Otherwise the PPO ratio starts away from 1 (PPO-NOTES.md, "Known traps").
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,10 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R): 1 on response tokens up to and including the first EOS
     ended: torch.Tensor  # (B,): the response stopped on its own (an EOS within the length limit)
     prompt_length: int  # P: responses start here
+    # With tools (``sample_with_tools``): each row's last turn (the answer's tokens) and what came between the
+    # prompt and it (the turns with calls and the tool results, as messages); None: one turn, the response.
+    final_turns: list[list[int]] | None = None
+    turns: list[list[dict]] | None = None
 
     @property
     def responses(self) -> torch.Tensor:
@@ -84,6 +89,81 @@ def sample(
         attention_mask=torch.cat([mask, response_mask], dim=1),
         response_mask=response_mask,
         ended=ended,
+        prompt_length=ids.shape[1],
+    )
+
+
+# tool_step(row, context, turn) -> the tokens that follow a generated turn (its calls' results and the next
+# turn's opening) when the turn called tools, else None (the turn is the answer). ``context``: the row's tokens
+# before the turn. ``gptpipe.tool_use.ToolTurns`` is one: it runs the calls with a tool box.
+ToolStep = Callable[[int, list[int], list[int]], list[int] | None]
+
+
+@torch.no_grad()
+def sample_with_tools(
+    model,
+    prompts: list[list[int]],
+    tool_step: ToolStep,
+    max_tool_calls: int,
+    pad_token_id: int,
+    eos_token_ids: list[int],
+    max_new_tokens: int,
+    **sampling,
+) -> Rollout:
+    """Multi-turn rollouts: every open row generates a turn (one batch; ``sampling``: ``sample``'s temperature,
+    top_p, greedy); a turn that ends and calls tools gets its results appended (``tool_step``) and the row goes
+    on, at most ``max_tool_calls`` rounds of calls.
+
+    The response is every turn and every tool result, in order, with no gap (positions stay those of one
+    sequence); ``attention_mask`` covers all of it, ``response_mask`` only the model's own tokens: log-probs,
+    KL, values, advantages and the losses never count a tool result's tokens (``advantages.gae`` passes
+    over them). A row is ``ended`` when its last turn stopped on its own (not cut off at ``max_new_tokens``).
+    """
+    pieces: list[list[tuple[list[int], int]]] = [[] for _ in prompts]  # (tokens, 1 own / 0 tool's) per row
+    contexts = [list(p) for p in prompts]
+    finals: list[list[int]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)
+    open_rows = list(range(len(prompts)))
+    for round_ in range(max_tool_calls + 1):
+        if not open_rows:
+            break
+        batch = [contexts[r] for r in open_rows]
+        turn = sample(model, batch, pad_token_id, eos_token_ids, max_new_tokens, **sampling)
+        still_open = []
+        for i, row in enumerate(open_rows):
+            own = turn.responses[i, : int(turn.response_mask[i].sum())].tolist()
+            before = contexts[row]
+            pieces[row].append((own, 1))
+            contexts[row] = before + own
+            finals[row], ended[row] = own, bool(turn.ended[i])
+            results = tool_step(row, before, own) if ended[row] and round_ < max_tool_calls else None
+            if results:
+                pieces[row].append((results, 0))
+                contexts[row] = contexts[row] + results
+                still_open.append(row)
+        open_rows = still_open
+    rollout = _joined(prompts, pieces, pad_token_id, turn.input_ids.device)
+    rollout.ended, rollout.final_turns = torch.tensor(ended, device=rollout.input_ids.device), finals
+    return rollout
+
+
+def _joined(prompts, pieces, pad_token_id: int, device) -> Rollout:
+    """The prompts left-padded, each row's pieces one after the other, right-padded; own tokens masked 1."""
+    width = max(sum(len(t) for t, _ in row) for row in pieces)
+    responses = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    own_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    real = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, row in enumerate(pieces):
+        tokens = [t for piece, _ in row for t in piece]
+        responses[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        own_mask[r, : len(tokens)] = torch.tensor([o for piece, o in row for _ in piece], dtype=torch.long)
+        real[r, : len(tokens)] = 1
+    ids, mask = left_pad(prompts, pad_token_id)
+    return Rollout(
+        input_ids=torch.cat([ids, responses], dim=1).to(device),
+        attention_mask=torch.cat([mask, real], dim=1).to(device),
+        response_mask=own_mask.to(device),
+        ended=torch.zeros(len(prompts), dtype=torch.bool, device=device),
         prompt_length=ids.shape[1],
     )
 

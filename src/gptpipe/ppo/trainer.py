@@ -15,6 +15,7 @@ engine with one optimizer, a parameter group per model).
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,18 +44,10 @@ from gptpipe.ppo.iteration import (
 )
 from gptpipe.ppo.kl import AdaptiveKLController, FixedKLController
 from gptpipe.ppo.ptx import collate, encode_examples, ptx_rows
-from gptpipe.rlhf import (
-    best_saver,
-    encode_prompts,
-    evaluate,
-    load_watch,
-    new_watch,
-    save_watch,
-    stop_token_ids,
-    watch_step,
-)
+from gptpipe.rlhf import encode_prompts, evaluate, stop_token_ids
 from gptpipe.runs import last_checkpoint, mark_complete, rotate_checkpoints
 from gptpipe.tracking import StepLogger, load_callbacks, truncate_metrics
+from gptpipe.watching import best_saver, load_watch, new_watch, save_watch, watch_step
 
 
 class PPOTrainer:
@@ -66,6 +59,7 @@ class PPOTrainer:
         self.args, self.accelerator, self.tokenizer, self.scorer = args, accelerator, tokenizer, scorer
         self.dataset, self.prompt_ids = train_dataset, encode_prompts(tokenizer, train_dataset["prompt"])
         self.ptx = None  # PPO-ptx's rows, tokenized (mix_in)
+        self.tool_step = None  # episodes that call tools (use_tools)
         self.output_dir = Path(args.output_dir)
         self.is_main, self.rank, self.world = (
             accelerator.is_main_process,
@@ -141,11 +135,19 @@ class PPOTrainer:
     def evaluate(self, heldout) -> dict:
         """Greedy responses to ``heldout`` prompts: reward, KL to the reference, answer accuracy (every process
         measures; ZeRO-3 needs them all)."""
-        m, max_new_tokens = self.models, self.args.max_new_tokens
-        if m.engine is None:
-            return evaluate(self.policy, m.reference, self.tokenizer, heldout, self.scorer, max_new_tokens)
-        with for_generation(m.engine, self.accelerator) as whole:  # ZeRO-3: the weights gathered, hooks off
-            return evaluate(whole.policy, m.reference, self.tokenizer, heldout, self.scorer, max_new_tokens)
+        args, tools = self.args, {"tool_step": self.tool_step, "max_tool_calls": self.args.max_tool_calls}
+        with self.generating() as policy:
+            reference, scorer = self.models.reference, self.scorer
+            return evaluate(policy, reference, self.tokenizer, heldout, scorer, args.max_new_tokens, **tools)
+
+    @contextmanager
+    def generating(self):
+        """The policy, whole, to generate with (ZeRO-3: its weights gathered, hooks off); every process enters."""
+        if self.models.engine is None:
+            yield self.policy
+            return
+        with for_generation(self.models.engine, self.accelerator) as whole:
+            yield whole.policy
 
     def watch(self, prompts) -> None:
         """Evaluate on ``prompts`` every ``eval_steps`` iterations, with the reward-hacking alarm when they carry
@@ -160,6 +162,13 @@ class PPOTrainer:
         """PPO-ptx: every update also takes ``ptx_coef`` x the language-model loss on rows of ``ptx_dataset``
         (conversations or ``text``), tokenized once here; each update's rows are chosen by its step."""
         self.ptx = encode_examples(self.tokenizer, list(ptx_dataset), self.args.ptx_max_length)
+
+    def use_tools(self, tool_step) -> None:
+        """Episodes call tools: ``tool_step`` (``gptpipe.tool_use.ToolTurns``) runs each turn's calls; every
+        prompt shows the tools' schemas; rollouts and evaluations go on through the calls (``max_tool_calls``
+        rounds), the loss on the model's own tokens only."""
+        self.tool_step = self.settings.tool_step = tool_step
+        self.prompt_ids = encode_prompts(self.tokenizer, self.dataset["prompt"], tool_step.toolbox.schemas)
 
     def _watch_step(self) -> bool:
         """At an evaluation step: evaluate the watched prompts, log eval/*, warn on reward hacking; whether to
@@ -335,4 +344,5 @@ def ppo_settings(args, tokenizer) -> PPOSettings:
         forward_batch_size=args.forward_batch_size,
         skip_nonfinite=args.on_nonfinite == "skip",
         ptx_coef=args.ptx_coef,
+        max_tool_calls=args.max_tool_calls,
     )

@@ -58,6 +58,8 @@ from gptpipe.rlhf import (
     reward_scorer,
 )
 from gptpipe.runs import Run
+from gptpipe.tool_use import ToolTurns, tool_evidence, tool_line, tool_questions
+from gptpipe.tools import ToolBox, load_tools
 
 
 def main(cfg: RLConfig, run: Run) -> dict:
@@ -88,6 +90,7 @@ def main(cfg: RLConfig, run: Run) -> dict:
         train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
         judged = judged_prompts(cfg)  # the whole assistant: generalization and retained prompts
         ptx = ptx_data(cfg) if cfg.ptx_coef else None
+        tool_rows = tool_questions(cfg)
     if heldout is None:
         raise UserError("eval_datasets: PPO needs held-out prompts for its evidence (or set eval_split_size)")
     heldout = heldout.select(range(min(cfg.eval_prompts, len(heldout))))
@@ -114,10 +117,24 @@ def main(cfg: RLConfig, run: Run) -> dict:
     if reference is not None:
         reference.to(accelerator.device)
 
+    toolbox = ToolBox(load_tools(cfg.tools), cfg.tool_timeout) if cfg.tools else None
+    tool_step = ToolTurns(tokenizer, toolbox) if toolbox is not None else None
     trainer = PPOTrainer(cfg, policy, reference, critic, scorer, tokenizer, train, accelerator)
+    if tool_step is not None:
+        trainer.use_tools(tool_step)
     if ptx is not None:
         trainer.mix_in(ptx)
-    baseline = run.baseline(lambda: measure_all(trainer.evaluate, heldout, judged))
+
+    def measure() -> dict:  # the whole assistant; with tool_datasets, its tool use with tools and without
+        found = measure_all(trainer.evaluate, heldout, judged)
+        if tool_rows:
+            with trainer.generating() as model:
+                found |= tool_evidence(
+                    model, tokenizer, tool_rows, toolbox, cfg.max_tool_calls, cfg.tool_eval_max_new_tokens
+                )
+        return found
+
+    baseline = run.baseline(measure)
     if run.resume_from:
         run.say(f"[rl] resuming from {run.resume_from}")
     world = accelerator.num_processes
@@ -130,7 +147,7 @@ def main(cfg: RLConfig, run: Run) -> dict:
     trainer.watch(heldout.select(range(min(cfg.watch_prompts, len(heldout)))))
     step = trainer.train(run.resume_from)
 
-    evidence = before_after(baseline, measure_all(trainer.evaluate, heldout, judged))
+    evidence = before_after(baseline, measure())
     evidence |= {"skipped_nonfinite_steps": trainer.skipped} if trainer.settings.skip_nonfinite else {}
     evidence |= {
         "train_steps": step,
@@ -143,6 +160,8 @@ def main(cfg: RLConfig, run: Run) -> dict:
     trainer.save_model(tmp)
     if run.is_main:
         publish_policy(run, tmp, evidence, "rl")
+        if tool_rows:
+            run.say("[rl] tools: " + tool_line(evidence))
     accelerator.wait_for_everyone()
     return evidence
 

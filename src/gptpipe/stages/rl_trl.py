@@ -36,25 +36,23 @@ from gptpipe.modeling import (
 )
 from gptpipe.ppo.ptx import collate, encode_examples, ptx_loss_sum, ptx_rows
 from gptpipe.rlhf import (
-    WatchCallback,
     before_after,
-    best_saver,
     evaluate,
     judged_prompts,
-    load_watch,
     measure_all,
     merge_adapters,
-    new_watch,
     prompt_rows,
     ptx_data,
     publish_policy,
     reward_functions,
     reward_scorer,
     stop_token_ids,
-    watch_step,
 )
 from gptpipe.runs import Run
+from gptpipe.tool_use import ToolTurns, tool_evidence, tool_line, tool_questions
+from gptpipe.tools import ToolBox, load_tools
 from gptpipe.tracking import MetricsLogger, append_metrics, load_callbacks
+from gptpipe.watching import WatchCallback, best_saver, load_watch, new_watch, watch_step
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 
@@ -74,6 +72,7 @@ def main(cfg, run: Run) -> dict:
             f"eval_datasets: {name} needs held-out prompts for its evidence (or set eval_split_size)"
         )
     heldout = heldout.select(range(min(cfg.eval_prompts, len(heldout))))
+    toolbox, tool_step, tool_rows = _tools(cfg, tokenizer)
 
     set_seed(cfg.seed)
     policy = build_model(cfg.model, tokenizer)
@@ -105,6 +104,7 @@ def main(cfg, run: Run) -> dict:
         if reward_model is not None
         else None,
         callbacks=[PTXLog(ptx_log), MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
+        **({"tools": toolbox.as_functions()} if toolbox is not None else {}),  # TRL runs the calls
     )
     policy = trainer.accelerator.unwrap_model(trainer.model)
     reference = frozen_reference(trainer, cfg, tokenizer)
@@ -113,16 +113,27 @@ def main(cfg, run: Run) -> dict:
     def measure(
         prompts,
     ) -> dict:  # every process measures (ZeRO-3 forwards are collective); the main one writes
-        return evaluate(policy, reference, tokenizer, prompts, scorer, cfg.max_completion_length)
+        tools = {"tool_step": tool_step, "max_tool_calls": cfg.max_tool_calls}
+        return evaluate(policy, reference, tokenizer, prompts, scorer, cfg.max_completion_length, **tools)
 
-    baseline = run.baseline(lambda: measure_all(measure, heldout, judged))
+    def measure_whole() -> (
+        dict
+    ):  # the whole assistant; with tool_datasets, its tool use with tools and without
+        found = measure_all(measure, heldout, judged)
+        if tool_rows:
+            found |= tool_evidence(
+                policy, tokenizer, tool_rows, toolbox, cfg.max_tool_calls, cfg.tool_eval_max_new_tokens
+            )
+        return found
+
+    baseline = run.baseline(measure_whole)
     if run.resume_from:
         say(f"[{name}] resuming from {run.resume_from}")
     watch = _watch(cfg, run, trainer, heldout, measure)
     guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
     trainer.train(resume_from_checkpoint=run.resume_checkpoint)
 
-    evidence = before_after(baseline, measure_all(measure, heldout, judged)) | watch.evidence()
+    evidence = before_after(baseline, measure_whole()) | watch.evidence()
     evidence |= guard.summary()  # updates dropped by on_nonfinite: skip
     evidence |= {
         "algorithm": name,
@@ -137,8 +148,20 @@ def main(cfg, run: Run) -> dict:
     if run.is_main:
         policy.generation_config.save_pretrained(tmp)
         publish_policy(run, tmp, evidence, name)
+        if tool_rows:
+            say(f"[{name}] tools: " + tool_line(evidence))
     trainer.accelerator.wait_for_everyone()
     return evidence
+
+
+def _tools(cfg, tokenizer):
+    """(tool box, the evaluation's tool step, tool_datasets rows), all None without ``tools``. GRPO rolls out
+    through TRL's own tool loop (``tools=``: results masked from the loss), up to ``max_tool_calls`` rounds."""
+    if not cfg.tools:
+        return None, None, None
+    cfg.max_tool_calling_iterations = cfg.max_tool_calls
+    toolbox = ToolBox(load_tools(cfg.tools), cfg.tool_timeout)
+    return toolbox, ToolTurns(tokenizer, toolbox), tool_questions(cfg)
 
 
 def _with_ptx(trainer_class, cfg, tokenizer, ptx, log: list):

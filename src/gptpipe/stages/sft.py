@@ -42,7 +42,7 @@ from gptpipe.modeling import (
 )
 from gptpipe.runs import Run
 from gptpipe.sft_trainer import PadStatsSFTTrainer
-from gptpipe.tool_use import TOOL_KEYS, tool_evidence, tool_line
+from gptpipe.tool_use import TOOL_KEYS, tool_evidence, tool_line, tool_questions
 from gptpipe.tools import ToolBox, load_tools
 from gptpipe.tracking import MetricsLogger, eval_loss, load_callbacks, perplexity
 
@@ -54,7 +54,7 @@ def main(cfg: SFTConfig, run: Run) -> dict:
     train, heldout = data["train"], data.get("eval")
     with cfg.main_process_first(desc="loading answer data"):  # small: held-out questions
         answers = _answers(cfg)
-        tool_rows = _tool_rows(cfg)
+        tool_rows = tool_questions(cfg)
     toolbox = ToolBox(load_tools(cfg.tools), cfg.tool_timeout) if cfg.tools else None
     end_of_turn = (
         chat_templates.end_of_turn_token(tokenizer) if summary["kind"] != "text" else tokenizer.eos_token
@@ -242,12 +242,6 @@ def _answers(cfg: SFTConfig):
     if not cfg.answer_datasets:
         return None
     return load_mixture(cfg.answer_datasets, ["messages", "answer"], seed=cfg.seed)
-
-
-def _tool_rows(cfg: SFTConfig):
-    if not cfg.tool_datasets:
-        return None
-    return list(load_mixture(cfg.tool_datasets, ["messages", "answer"], seed=cfg.seed))
 
 
 def _tokenizer(cfg: SFTConfig):
