@@ -150,3 +150,18 @@ def test_the_run_report_plots_reward_against_accuracy_with_the_alarms(tmp_path):
     assert (folder / "plots" / "reward_vs_accuracy.png").stat().st_size > 1000
     assert "plots/reward_vs_accuracy.png" in report
     assert "| generalization_answer_accuracy | 0.2 | 0.3 |" in report
+
+
+def test_the_card_shows_the_tool_rows_of_a_stage_that_measured_them(tmp_path):
+    from gptpipe.report import report_card
+
+    tools = {"tool_answer_accuracy_before": 0.0, "tool_answer_accuracy_after": 0.91}
+    tools |= {"no_tool_answer_accuracy_before": 0.02, "no_tool_answer_accuracy_after": 0.03}
+    tools |= {"tool_call_validity_before": None, "tool_call_validity_after": 0.99}
+    sft = _run(
+        tmp_path / "sft-tools", {"answer_accuracy_before": 0.6, "answer_accuracy_after": 0.58, **tools}, {}
+    )
+    card = report_card([("sft-tools", "sft", sft)])
+    assert "| sft-tools | answer_accuracy | 0.6 | 0.58 |" in card
+    assert "|  | tool_answer_accuracy | 0 | 0.91 |" in card and "|  | tool_call_validity |  | 0.99 |" in card
+    assert "tool_calls_per_answer" not in card  # only what the stage measured

@@ -18,6 +18,9 @@ from pathlib import Path
 import yaml
 
 from gptpipe.files import redact
+from gptpipe.tool_use import (
+    TOOL_KEYS,
+)  # with tools: answers with them and without, valid calls, calls per answer
 from gptpipe.tracking import read_metrics
 
 # Every stage after SFT: the new skill, what it had to keep, the skill in a phrasing no training data has.
@@ -26,10 +29,10 @@ WHOLE_ASSISTANT = ["answer_accuracy", "retained_answer_accuracy", "generalizatio
 HEADLINES = {
     "tokenizer": ["bytes_per_token", "roundtrip_lossless", "vocab_size"],
     "pretrain": ["perplexity", "probe_accuracy"],
-    "sft": ["answer_accuracy", "exact_match", "eval_loss"],
+    "sft": ["answer_accuracy", "exact_match", "eval_loss", *TOOL_KEYS],
     "rank": ["pairs", "kept", "top_score_share"],
     "reward": ["pairwise_accuracy"],
-    "rl": ["reward", "kl", *WHOLE_ASSISTANT, "rm_agreement"],
+    "rl": ["reward", "kl", *WHOLE_ASSISTANT, "rm_agreement", *TOOL_KEYS],
     "dpo": ["implicit_reward_accuracy", "preference_accuracy", "kl", *WHOLE_ASSISTANT],
     "kto": ["implicit_reward_ranking", "implicit_reward_accuracy", "kl", *WHOLE_ASSISTANT],
     "distill": [*WHOLE_ASSISTANT, "teacher_answer_accuracy", "kl"],
