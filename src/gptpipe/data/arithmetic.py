@@ -2,8 +2,8 @@
 
 Two- and three-digit additions and multiplications, asked as the tiny world asks its sums ("What is 123 plus
 456?"), answered by calling a tool: the user's question, the assistant's call (``add`` or ``multiply``, in
-the ``tool_calls`` shape transformers and TRL use), the tool's result, and the answer in the house style
-("123 plus 456 is 579."). ``train`` and ``eval`` use disjoint operand pairs: the held-out questions cannot be
+the ``tool_calls`` shape transformers and TRL use), the tool's result, and the answer, which states the result
+("It is 579."). ``train`` and ``eval`` use disjoint operand pairs: the held-out questions cannot be
 answered from memory, only by calling the tool. Each row carries ``tools`` (the JSON schemas, as
 ``get_json_schema`` builds them from ``add`` and ``multiply`` below: ``tools: [gptpipe.data.arithmetic:add]``
 in a recipe runs the same function) and ``answer``.
@@ -55,7 +55,11 @@ def conversation(tool: str, a: int, b: int) -> list[dict]:
         {"role": "user", "content": f"What is {a} {word} {b}?"},
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": str(value)},
-        {"role": "assistant", "content": f"{a} {word} {b} is {value}."},
+        # Not the house style "123 plus 456 is 579.": after "123 plus 456 is" the tiny model's pretraining (sums
+        # worked out in worksheets) pulls it to compute instead of copying the result, and copying the operands
+        # again doubles what it must copy right. Measured (a plain loop, seed 42, the SFT model, lr 2e-3): whole
+        # replies right on held-out pairs 0.56 / 0.88 at 400 / 500 steps, against 0.13 / 0.22 in the house style.
+        {"role": "assistant", "content": f"It is {value}."},
     ]
 
 
