@@ -290,3 +290,34 @@ def test_the_tiny_worlds_calculator_part_holds_out_operand_pairs_and_converts():
     converted = formats.convert(Dataset.from_list(heldout), "messages", "tinyworld:tools")
     [stored], [made] = converted[0]["messages"][1]["tool_calls"], heldout[0]["messages"][1]["tool_calls"]
     assert json.loads(stored["function"]["arguments"]) == made["function"]["arguments"]
+
+
+def test_a_rollouts_tool_step_reads_the_turn_and_appends_what_the_template_would_write(tokenizer):
+    """PPO's tool step (gptpipe.tool_use.ToolTurns), under both built-in templates: the model's turn (its own
+    tokens), the call run, and the tokens after it equal the template's rendering of the whole conversation."""
+    from gptpipe.tool_use import ToolTurns
+    from gptpipe.tools import ToolBox, load_tools
+
+    box = ToolBox(load_tools(["gptpipe.data.arithmetic:add"]))
+    question = [{"role": "user", "content": "What is 123 plus 456?"}]
+    asked = [*question, {"role": "assistant", "content": "", "tool_calls": [call("add", a=123, b=456)]}]
+
+    def ids(messages, **kwargs):
+        return tokenizer.apply_chat_template(
+            messages, tools=box.schemas, tokenize=True, return_dict=True, **kwargs
+        )["input_ids"]
+
+    context = ids(question, add_generation_prompt=True)
+    end = tokenizer.convert_tokens_to_ids(chat_templates.end_of_turn_token(tokenizer))
+    whole = ids(asked)
+    turn = whole[len(context) : max(i for i, t in enumerate(whole) if t == end) + 1]  # up to its end of turn
+    step = ToolTurns(tokenizer, box)
+    step.reset(1)
+    after = step(0, context, turn)
+    expected = ids([*asked, {"role": "tool", "name": "add", "content": "579"}], add_generation_prompt=True)
+    assert context + turn + after == expected
+    assert step.turns[0][1] == {"role": "tool", "content": "579", "name": "add"}
+    assert dict(step.counts) == {"calls": 1, "valid_calls": 1}
+    assert (
+        step(0, context, tokenizer.encode("It is 579.", add_special_tokens=False) + [end]) is None
+    )  # an answer

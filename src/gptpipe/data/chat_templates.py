@@ -186,14 +186,18 @@ def end_of_turn_token(tokenizer) -> str:
     out = tokenizer.apply_chat_template(
         SAMPLE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
+    # The named special tokens and those added as special (install's, e.g. chatml's <|im_end|> on a tokenizer
+    # that had none): all_special_ids holds only the first.
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
-    if marked and marked[-1] in tokenizer.all_special_ids:
+    if marked and marked[-1] in special:
         return tokenizer.convert_ids_to_tokens(marked[-1])
     ids = out["input_ids"]
     reply = tokenizer.encode("Hello there", add_special_tokens=False)
     for i in range(len(ids) - len(reply) + 1):  # no markers: the first special token after the reply
         if ids[i : i + len(reply)] == reply:
-            after = [t for t in ids[i + len(reply) :] if t in tokenizer.all_special_ids]
+            after = [t for t in ids[i + len(reply) :] if t in special]
             if after:
                 return tokenizer.convert_ids_to_tokens(after[0])
     return tokenizer.eos_token
