@@ -179,9 +179,15 @@ def test_a_tool_result_is_appended_attended_to_and_masked_out_of_the_response():
     result = [30, 31, 32]  # a tool's result (and the next turn's opening), as the tool step gives it
     seen = []
 
-    def tool_step(row, context, turn):  # row 0 calls a tool in its first turn; row 1 answers at once
-        seen.append((row, context, turn))
-        return result if row == 0 and len(context) == len(prompts[0]) else None
+    class ToolStep:  # row 0 calls a tool in its first turn; row 1 answers at once
+        def reset(self, rows):
+            self.turns = [[] for _ in range(rows)]
+
+        def __call__(self, row, context, turn):
+            seen.append((row, context, turn))
+            return result if row == 0 and len(context) == len(prompts[0]) else None
+
+    tool_step = ToolStep()
 
     every_token_stops = list(range(40))  # each turn is one token and ends: the layout is known in advance
     torch.manual_seed(3)

@@ -263,12 +263,10 @@ def evaluate(
         if tool_step is None:
             rollout = sample(policy, batch, tokenizer.pad_token_id, stop_ids, max_new_tokens, greedy=True)
         else:
-            tool_step.reset(len(batch))
             pad = tokenizer.pad_token_id
             rollout = sample_with_tools(
                 policy, batch, tool_step, max_tool_calls, pad, stop_ids, max_new_tokens, greedy=True
             )
-            rollout.turns = tool_step.turns
         if scorer is not None:
             found["reward"] += scorer(heldout[i : i + batch_size])(rollout).sum().item()
         logp, _ = response_logprobs(policy, rollout)

@@ -21,7 +21,7 @@ from gptpipe.data.chat_templates import end_of_turn_token
 from gptpipe.data.sources import load_mixture
 from gptpipe.errors import UserError
 from gptpipe.generation import complete
-from gptpipe.tools import ToolBox
+from gptpipe.tools import ToolBox, load_tools
 
 # A call the model got wrong, as opposed to a valid call whose tool failed (``raised``, ``timeout``).
 INVALID = ("unreadable", "unknown_tool", "bad_arguments")
@@ -198,6 +198,15 @@ def _calls(message: dict | None) -> list[dict] | None:
         arguments = function.get("arguments", {})
         calls.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
     return calls
+
+
+def recipe_tools(cfg, tokenizer) -> tuple[ToolBox | None, ToolTurns | None, list[dict] | None]:
+    """An RL recipe's tools: (the tool box, the tool step its rollouts and evaluations run calls with, the
+    ``tool_datasets`` rows), all None without ``tools``."""
+    if not cfg.tools:
+        return None, None, None
+    toolbox = ToolBox(load_tools(cfg.tools), cfg.tool_timeout)
+    return toolbox, ToolTurns(tokenizer, toolbox), tool_questions(cfg)
 
 
 def tool_questions(cfg) -> list[dict] | None:

@@ -73,8 +73,7 @@ class PPOSettings:
     forward_batch_size: int | None = None  # rows per no-grad forward when scoring a rollout (None: all)
     skip_nonfinite: bool = False  # drop a NaN/inf update (counted) instead of raising NonFiniteUpdate
     ptx_coef: float = 0.0  # PPO-ptx: the weight of the language-model loss on ptx rows in every update
-    # With tools: multi-turn rollouts (``rollout.sample_with_tools``); a tool step with ``reset(rows)`` and
-    # ``turns`` (``gptpipe.tool_use.ToolTurns``), and the rounds of calls an episode may take.
+    # With tools: multi-turn rollouts (``rollout.sample_with_tools``) and the rounds of calls an episode may take.
     tool_step: ToolStep | None = None
     max_tool_calls: int = 3
 
@@ -189,8 +188,7 @@ def generate(models: PPOModels, prompts: list[list[int]], s: PPOSettings) -> Rol
             return sample(
                 generating, prompts, s.pad_token_id, s.eos_token_ids, s.max_new_tokens, s.temperature, s.top_p
             )
-        s.tool_step.reset(len(prompts))
-        rollout = sample_with_tools(
+        return sample_with_tools(
             generating,
             prompts,
             s.tool_step,
@@ -201,8 +199,6 @@ def generate(models: PPOModels, prompts: list[list[int]], s: PPOSettings) -> Rol
             temperature=s.temperature,
             top_p=s.top_p,
         )
-        rollout.turns = s.tool_step.turns
-        return rollout
 
 
 @torch.no_grad()

@@ -8,8 +8,8 @@ Otherwise the PPO ratio starts away from 1 (PPO-NOTES.md, "Known traps").
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import GenerationConfig
@@ -93,10 +93,18 @@ def sample(
     )
 
 
-# tool_step(row, context, turn) -> the tokens that follow a generated turn (its calls' results and the next
-# turn's opening) when the turn called tools, else None (the turn is the answer). ``context``: the row's tokens
-# before the turn. ``gptpipe.tool_use.ToolTurns`` is one: it runs the calls with a tool box.
-ToolStep = Callable[[int, list[int], list[int]], list[int] | None]
+class ToolStep(Protocol):
+    """What runs a turn's calls (``gptpipe.tool_use.ToolTurns`` is one: it runs them with a tool box).
+
+    ``step(row, context, turn)``: the tokens that follow a generated turn (its calls' results and the next turn's
+    opening) when the turn called tools, else None (the turn is the answer); ``context`` is the row's tokens
+    before the turn. ``reset(rows)`` starts a batch; ``turns[row]``: the messages the row's calls added."""
+
+    turns: list[list[dict]]
+
+    def reset(self, rows: int) -> None: ...
+
+    def __call__(self, row: int, context: list[int], turn: list[int]) -> list[int] | None: ...
 
 
 @torch.no_grad()
@@ -119,6 +127,7 @@ def sample_with_tools(
     KL, values, advantages and the losses never count a tool result's tokens (``advantages.gae`` passes
     over them). A row is ``ended`` when its last turn stopped on its own (not cut off at ``max_new_tokens``).
     """
+    tool_step.reset(len(prompts))
     pieces: list[list[tuple[list[int], int]]] = [[] for _ in prompts]  # (tokens, 1 own / 0 tool's) per row
     contexts = [list(p) for p in prompts]
     finals: list[list[int]] = [[] for _ in prompts]
@@ -144,6 +153,7 @@ def sample_with_tools(
         open_rows = still_open
     rollout = _joined(prompts, pieces, pad_token_id, turn.input_ids.device)
     rollout.ended, rollout.final_turns = torch.tensor(ended, device=rollout.input_ids.device), finals
+    rollout.turns = tool_step.turns
     return rollout
 
 

@@ -57,7 +57,7 @@ class PPOTrainer:
 
     def __init__(self, args, policy, reference, critic, scorer, tokenizer, train_dataset, accelerator):
         self.args, self.accelerator, self.tokenizer, self.scorer = args, accelerator, tokenizer, scorer
-        self.dataset, self.prompt_ids = train_dataset, encode_prompts(tokenizer, train_dataset["prompt"])
+        self.dataset, self._prompt_ids = train_dataset, None  # encoded at the first iteration (prompt_ids)
         self.ptx = None  # PPO-ptx's rows, tokenized (mix_in)
         self.tool_step = None  # episodes that call tools (use_tools)
         self.output_dir = Path(args.output_dir)
@@ -168,7 +168,14 @@ class PPOTrainer:
         prompt shows the tools' schemas; rollouts and evaluations go on through the calls (``max_tool_calls``
         rounds), the loss on the model's own tokens only."""
         self.tool_step = self.settings.tool_step = tool_step
-        self.prompt_ids = encode_prompts(self.tokenizer, self.dataset["prompt"], tool_step.toolbox.schemas)
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        """The training prompts rendered once (with the tools' schemas when episodes call tools)."""
+        if self._prompt_ids is None:
+            schemas = self.tool_step.toolbox.schemas if self.tool_step is not None else None
+            self._prompt_ids = encode_prompts(self.tokenizer, self.dataset["prompt"], schemas)
+        return self._prompt_ids
 
     def _watch_step(self) -> bool:
         """At an evaluation step: evaluate the watched prompts, log eval/*, warn on reward hacking; whether to

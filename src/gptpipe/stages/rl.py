@@ -58,8 +58,7 @@ from gptpipe.rlhf import (
     reward_scorer,
 )
 from gptpipe.runs import Run
-from gptpipe.tool_use import ToolTurns, tool_evidence, tool_line, tool_questions
-from gptpipe.tools import ToolBox, load_tools
+from gptpipe.tool_use import recipe_tools, tool_evidence, tool_line
 
 
 def main(cfg: RLConfig, run: Run) -> dict:
@@ -90,7 +89,7 @@ def main(cfg: RLConfig, run: Run) -> dict:
         train, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
         judged = judged_prompts(cfg)  # the whole assistant: generalization and retained prompts
         ptx = ptx_data(cfg) if cfg.ptx_coef else None
-        tool_rows = tool_questions(cfg)
+        toolbox, tool_step, tool_rows = recipe_tools(cfg, tokenizer)
     if heldout is None:
         raise UserError("eval_datasets: PPO needs held-out prompts for its evidence (or set eval_split_size)")
     heldout = heldout.select(range(min(cfg.eval_prompts, len(heldout))))
@@ -117,8 +116,6 @@ def main(cfg: RLConfig, run: Run) -> dict:
     if reference is not None:
         reference.to(accelerator.device)
 
-    toolbox = ToolBox(load_tools(cfg.tools), cfg.tool_timeout) if cfg.tools else None
-    tool_step = ToolTurns(tokenizer, toolbox) if toolbox is not None else None
     trainer = PPOTrainer(cfg, policy, reference, critic, scorer, tokenizer, train, accelerator)
     if tool_step is not None:
         trainer.use_tools(tool_step)

@@ -49,8 +49,7 @@ from gptpipe.rlhf import (
     stop_token_ids,
 )
 from gptpipe.runs import Run
-from gptpipe.tool_use import ToolTurns, tool_evidence, tool_line, tool_questions
-from gptpipe.tools import ToolBox, load_tools
+from gptpipe.tool_use import recipe_tools, tool_evidence, tool_line
 from gptpipe.tracking import MetricsLogger, append_metrics, load_callbacks
 from gptpipe.watching import WatchCallback, best_saver, load_watch, new_watch, watch_step
 
@@ -72,7 +71,9 @@ def main(cfg, run: Run) -> dict:
             f"eval_datasets: {name} needs held-out prompts for its evidence (or set eval_split_size)"
         )
     heldout = heldout.select(range(min(cfg.eval_prompts, len(heldout))))
-    toolbox, tool_step, tool_rows = _tools(cfg, tokenizer)
+    toolbox, tool_step, tool_rows = recipe_tools(cfg, tokenizer)
+    if toolbox is not None:  # GRPO rolls out through TRL's tool loop (results masked from the loss)
+        cfg.max_tool_calling_iterations = cfg.max_tool_calls
 
     set_seed(cfg.seed)
     policy = build_model(cfg.model, tokenizer)
@@ -152,16 +153,6 @@ def main(cfg, run: Run) -> dict:
             say(f"[{name}] tools: " + tool_line(evidence))
     trainer.accelerator.wait_for_everyone()
     return evidence
-
-
-def _tools(cfg, tokenizer):
-    """(tool box, the evaluation's tool step, tool_datasets rows), all None without ``tools``. GRPO rolls out
-    through TRL's own tool loop (``tools=``: results masked from the loss), up to ``max_tool_calls`` rounds."""
-    if not cfg.tools:
-        return None, None, None
-    cfg.max_tool_calling_iterations = cfg.max_tool_calls
-    toolbox = ToolBox(load_tools(cfg.tools), cfg.tool_timeout)
-    return toolbox, ToolTurns(tokenizer, toolbox), tool_questions(cfg)
 
 
 def _with_ptx(trainer_class, cfg, tokenizer, ptx, log: list):
