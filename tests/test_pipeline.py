@@ -130,8 +130,14 @@ def test_pipeline_skips_resumes_refuses_and_reruns(tmp_path, capsys):
     assert "report card" in out
 
     finished = {s: (runs / s / "eval.json").stat().st_mtime_ns for s in ("tokenizer", "pretrain", "sft")}
+    # A run of an older gptpipe: its config.yaml lacks the settings added since, which are at their defaults
+    saved_path = runs / "sft/config.yaml"
+    saved = yaml.safe_load(saved_path.read_text())
+    saved_path.write_text(yaml.safe_dump({k: v for k, v in saved.items() if not k.startswith("ptx_")}))
     run(["pipeline", str(pipeline)])  # everything finished with the same settings: nothing retrains
     assert capsys.readouterr().out.count("skipped") == 3
+    with pytest.raises(UserError, match=r"stage sft: .* different settings \(ptx_coef, ptx_datasets\)"):
+        run(["pipeline", str(pipeline), "sft.ptx_coef=0.5", "sft.ptx_datasets=[{path: tinyworld:pretrain}]"])
     assert finished == {s: (runs / s / "eval.json").stat().st_mtime_ns for s in finished}
 
     with pytest.raises(UserError, match=r"stage sft: .* different settings \(learning_rate\).*--rerun sft"):

@@ -23,8 +23,9 @@ one resumes from its newest checkpoint; a finished stage whose settings changed 
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -243,14 +244,30 @@ def _compare_stages(settings: CompareSettings, planned: list[PlannedStage], out:
 
 
 def changed_settings(cfg, run_dir: Path) -> list[str]:
-    """Keys whose value differs from the finished run's ``config.yaml`` (how-to-run keys ignored)."""
+    """Keys whose value differs from the finished run's ``config.yaml`` (how-to-run keys ignored). A key the
+    saved config lacks, now at its default, is a setting newer than that run and changes nothing."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return ["config.yaml (missing)"]
     saved = yaml.safe_load(saved_path.read_text()) or {}
     current = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    defaults = {f.name: _default(f) for f in dataclasses.fields(cfg)}
     keys = sorted((set(saved) | set(current)) - RUN_ONLY_KEYS)
-    return [k for k in keys if saved.get(k) != current.get(k)]
+    return [
+        k
+        for k in keys
+        if saved.get(k) != current.get(k)
+        and not (k not in saved and current.get(k) == defaults.get(k, MISSING))
+    ]
+
+
+def _default(f: dataclasses.Field):
+    """A field's default as config.yaml writes it (MISSING when it has none or YAML cannot write it)."""
+    value = f.default_factory() if f.default_factory is not MISSING else f.default
+    try:
+        return yaml.safe_load(yaml.safe_dump(value))
+    except yaml.YAMLError:
+        return MISSING
 
 
 def run_pipeline(

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from gptpipe.data import chat_templates, formats
+from gptpipe.data import chat_templates
 from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.data.formats import RowError
 from gptpipe.data.formats import _messages as messages
-from gptpipe.data.sources import describe, load_mixture
+from gptpipe.data.sources import load_mixture
 from gptpipe.errors import UserError
 from gptpipe.modeling import is_adapter, merge_adapter, merged_copy
 from gptpipe.ppo.rollout import Rollout, reference_context, response_logprobs, sample, sample_with_tools
@@ -80,24 +80,6 @@ def measure_all(measure, heldout, judged: dict) -> dict:
     for name, prompts in judged.items():
         found |= {f"{name}_{k}": v for k, v in measure(prompts).items()}
     return found
-
-
-def ptx_data(cfg):
-    """PPO-ptx's rows (``ptx_datasets``): conversations in any format SFT reads (``format:``, ``messages`` when
-    the rows have no ``text`` column) or ``text`` documents, one kind per run."""
-
-    kinds: set[bool] = set()  # text documents or conversations: one schema per mixture
-
-    def prepare(ds, src):
-        fmt = src.format or ("text" if "text" in ds.column_names else "messages")
-        kinds.add(fmt == "text")
-        if len(kinds) > 1:
-            raise UserError(
-                f"ptx_datasets: {describe(src)}: mix either text documents or conversations, not both in one run"
-            )
-        return formats.convert(ds, fmt, f"ptx_datasets: {describe(src)}", cfg.dataset_num_proc)
-
-    return load_mixture(cfg.ptx_datasets, [], seed=cfg.seed, prepare=prepare)
 
 
 def reward_functions(cfg) -> list:

@@ -79,7 +79,31 @@ class ToolSettings:
 
 
 @dataclass
-class SFTConfig(ToolSettings, RunSettings, trl.SFTConfig):
+class PTXSettings:
+    """InstructGPT's ptx term (eq. 2) for RL (every algorithm: PPO-ptx) and SFT (``gptpipe.ptx_term``)."""
+
+    # In every update, ptx_coef x the language-model loss
+    # (token mean) on a batch of ptx_datasets rows: conversations (format messages, alpaca, sharegpt...; the loss
+    # on the final assistant turn, as SFT) or `text` documents (every token, as pretraining). It keeps what SFT
+    # taught while RL or a second SFT trains on new prompts (the alignment tax). 0: no ptx term
+    ptx_coef: float = 0.0
+    ptx_datasets: list[DataSource] = field(default_factory=list)
+    # rows per update and process; None: PPO's minibatch rows, GRPO's/RLOO's prompts per micro-batch, SFT's rows
+    ptx_batch_size: int | None = None
+    ptx_max_length: int = 256  # tokens per ptx row (longer rows are cut at the end)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ptx_coef < 0 or (self.ptx_coef > 0) != bool(self.ptx_datasets):
+            raise ValueError(  # build_dataclass reports it with the file
+                f"ptx_coef: {self.ptx_coef} with {len(self.ptx_datasets)} ptx_datasets: the ptx term needs both, a "
+                "positive ptx_coef (the tiny recipes: 1.0) and the data to keep (ptx_datasets: "
+                "[{path: tinyworld:sft}]); leave both out for no ptx term"
+            )
+
+
+@dataclass
+class SFTConfig(ToolSettings, PTXSettings, RunSettings, trl.SFTConfig):
     """Supervised finetuning with ``trl.SFTTrainer`` on conversations (see ``gptpipe.data.formats``).
 
     Loss masks are TRL's switches: ``assistant_only_loss`` (our default: train on what the assistant
@@ -131,7 +155,7 @@ class AssistantEvidence(RunSettings):
 
 
 @dataclass
-class RLSettings(ToolSettings, AssistantEvidence):
+class RLSettings(ToolSettings, PTXSettings, AssistantEvidence):
     """What every RL algorithm's recipe adds: the frozen reward model, the template and the evidence size."""
 
     algorithm: str = "ppo"  # ppo (gptpipe's own trainer) | grpo | rloo (TRL's trainers)
@@ -150,24 +174,9 @@ class RLSettings(ToolSettings, AssistantEvidence):
     hacking_window: int = 3
     stop_on_reward_hacking: bool = False
     keep_best_model: bool = False
-    # PPO-ptx (InstructGPT eq. 2), for every algorithm: in every update, ptx_coef x the language-model loss
-    # (token mean) on a batch of ptx_datasets rows: conversations (format messages, alpaca, sharegpt...; the loss
-    # on the final assistant turn, as SFT) or `text` documents (every token, as pretraining). It keeps what SFT
-    # taught while RL trains on new prompts (the alignment tax). 0: no ptx term
-    ptx_coef: float = 0.0
-    ptx_datasets: list[DataSource] = field(default_factory=list)
-    # rows per update and process; None: PPO's minibatch rows, GRPO's/RLOO's prompts per micro-batch
-    ptx_batch_size: int | None = None
-    ptx_max_length: int = 256  # tokens per ptx row (longer rows are cut at the end)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.ptx_coef < 0 or (self.ptx_coef > 0) != bool(self.ptx_datasets):
-            raise ValueError(  # build_dataclass reports it with the file
-                f"ptx_coef: {self.ptx_coef} with {len(self.ptx_datasets)} ptx_datasets: PPO-ptx needs both, a "
-                "positive ptx_coef (the tiny recipes: 1.0) and the data to keep (ptx_datasets: "
-                "[{path: tinyworld:sft}]); leave both out for no ptx term"
-            )
         if self.tools and self.algorithm == "rloo":
             raise ValueError(
                 "tools: TRL's RLOOTrainer takes no tools; use algorithm: grpo (TRL's tool loop) or ppo (gptpipe's)"

@@ -45,6 +45,7 @@ from gptpipe.ppo.engine import (
 )
 from gptpipe.ppo.trainer import PPOTrainer
 from gptpipe.ppo.value import build_value_model
+from gptpipe.ptx_term import ptx_data
 from gptpipe.rlhf import (
     before_after,
     check_critic_tokenizer,
@@ -52,7 +53,6 @@ from gptpipe.rlhf import (
     measure_all,
     merge_adapters,
     prompt_rows,
-    ptx_data,
     publish_policy,
     reward_functions,
     reward_scorer,

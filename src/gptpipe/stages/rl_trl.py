@@ -19,7 +19,7 @@ reward-hacking alarm (a callback). With ``ptx_coef`` and ``ptx_datasets``, Instr
 
 from __future__ import annotations
 
-from transformers import AutoModelForSequenceClassification, TrainerCallback, set_seed
+from transformers import AutoModelForSequenceClassification, set_seed
 from trl import GRPOTrainer, RLOOTrainer
 
 from gptpipe import faults
@@ -34,7 +34,7 @@ from gptpipe.modeling import (
     load_for_inference,
     load_tokenizer,
 )
-from gptpipe.ppo.ptx import collate, encode_examples, ptx_loss_sum, ptx_rows
+from gptpipe.ptx_term import PTXLog, ptx_data, with_ptx
 from gptpipe.rlhf import (
     before_after,
     evaluate,
@@ -42,7 +42,6 @@ from gptpipe.rlhf import (
     measure_all,
     merge_adapters,
     prompt_rows,
-    ptx_data,
     publish_policy,
     reward_functions,
     reward_scorer,
@@ -93,7 +92,8 @@ def main(cfg, run: Run) -> dict:
     ptx_log: list[float] = []  # the ptx term's values since the last log (PTXLog adds their mean to the logs)
     trainer_class = TRAINERS[name]
     if cfg.ptx_coef:
-        trainer_class = _with_ptx(trainer_class, cfg, tokenizer, ptx_data(cfg), ptx_log)
+        size = cfg.ptx_batch_size or max(cfg.per_device_train_batch_size // cfg.num_generations, 1)
+        trainer_class = with_ptx(trainer_class, cfg, tokenizer, ptx_data(cfg), size, ptx_log)
         say(f"[{name}] PPO-ptx: ptx_coef {cfg.ptx_coef} on {len(trainer_class.ptx_examples)} rows")
     trainer = trainer_class(
         model=policy,
@@ -153,49 +153,6 @@ def main(cfg, run: Run) -> dict:
             say(f"[{name}] tools: " + tool_line(evidence))
     trainer.accelerator.wait_for_everyone()
     return evidence
-
-
-def _with_ptx(trainer_class, cfg, tokenizer, ptx, log: list):
-    """TRL's trainer with InstructGPT's ptx term (``gptpipe.ppo.ptx``): each micro-batch's loss plus ``ptx_coef``
-    times the language-model loss on ptx rows chosen by the step and micro-batch (exact resume), scaled for
-    gradient accumulation as the trainer scales its own loss. TRL has no such term; ``compute_loss`` is the
-    Trainer's documented hook for a loss of one's own."""
-    examples = encode_examples(tokenizer, list(ptx), cfg.ptx_max_length)
-    size = cfg.ptx_batch_size or max(cfg.per_device_train_batch_size // cfg.num_generations, 1)
-
-    class WithPTX(trainer_class):
-        ptx_examples = examples
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if not model.training:
-                return loss
-            step, accumulation = self.state.global_step, self.current_gradient_accumulation_steps
-            micro = self.ptx_micro + 1 if getattr(self, "ptx_step", None) == step else 0
-            self.ptx_step, self.ptx_micro = step, micro
-            rank, world = self.accelerator.process_index, self.accelerator.num_processes
-            rows = ptx_rows(len(examples), size, step, accumulation, micro, rank, world, cfg.seed)
-            batch = collate([examples[i] for i in rows], tokenizer.pad_token_id)
-            term = ptx_loss_sum(model, batch) / batch.tokens.clamp(min=1)
-            log.append(term.item())
-            scaled = self.loss_is_scaled_for_ga  # the Trainer divides the loss by the accumulation unless set
-            if scaled is None:
-                scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            return loss + cfg.ptx_coef * (term / accumulation if scaled else term)
-
-    return WithPTX
-
-
-class PTXLog(TrainerCallback):
-    """``ptx_loss`` (the mean since the last log) in the trainer's logs, for metrics.jsonl and the trackers."""
-
-    def __init__(self, values: list):
-        self.values = values
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.values and logs is not None:
-            logs["ptx_loss"] = sum(self.values) / len(self.values)
-            self.values.clear()
 
 
 def _watch(cfg, run: Run, trainer, heldout, measure):
