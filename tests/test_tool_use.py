@@ -257,7 +257,9 @@ def test_validate_refuses_an_undocumented_tool_and_tool_questions_without_tools(
     )
 
 
-STEPS, VALID, CALLS = 60, 0.5, 0.5  # MEASURING
+# Valid calls after 80 constant-rate steps, seeds 0 / 1: 0.81 / 0.56 (seed 42, 60 steps: 0.97); calls per
+# question 1.00 on each. Before: no call at all. The spread is wide: a stronger signal (more steps) is owed.
+STEPS, VALID, CALLS = 80, 0.4, 0.9
 
 
 @pytest.mark.learning
@@ -271,6 +273,9 @@ def test_sft_on_tool_calls_learns_to_call_the_calculator(tiny_sft, tmp_path):
     out = tmp_path / "sft-tools"
     settings = {"output_dir": out, "model.name_or_path": tiny_sft, "answer_datasets": "[]"}
     settings |= {"tool_datasets.0.max_samples": 32, "eval_datasets.0.max_samples": 8}
+    # Learning to call, at the recipe's rate held constant: the cosine decay and the ptx term (what keeps SFT's
+    # answers, measured in the recipe's header) only slow it in a short run
+    settings |= {"lr_scheduler_type": "constant_with_warmup", "ptx_coef": 0, "ptx_datasets": "[]"}
     run(
         [
             "train",
