@@ -16,7 +16,8 @@ correctly by greedy generation, before and after; with ``tools`` and ``tool_data
 
 With ``ptx_coef`` and ``ptx_datasets``, every step also takes ``ptx_coef`` x the language-model loss on pretraining
 or SFT rows (InstructGPT's ptx term, ``gptpipe.ptx_term``): a second SFT that teaches a new skill (tool calls)
-keeps what the model knew (the tiny tool pipeline: held-out questions 0.62 -> 0.30 without it).
+keeps what the model knew (the tiny tool pipeline, seed 42: SFT's held-out questions 0.62 right -> 0.19 without it,
+-> 0.68 with it).
 """
 
 from __future__ import annotations
