@@ -2,6 +2,7 @@
 changed settings refused unless rerun; every run folder gets report.md and plots, the pipeline a report card."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -142,6 +143,10 @@ def test_pipeline_skips_resumes_refuses_and_reruns(tmp_path, capsys):
 
     with pytest.raises(UserError, match=r"stage sft: .* different settings \(learning_rate\).*--rerun sft"):
         run(["pipeline", str(pipeline), "sft.learning_rate=1e-4"])
+    # The folder copied elsewhere (to branch an experiment off it): its stages are still finished there
+    shutil.copytree(runs, tmp_path / "copy")
+    run(["pipeline", str(pipeline), "--output-dir", str(tmp_path / "copy")])
+    assert capsys.readouterr().out.count("skipped") == 3
 
     # An interrupted SFT (a checkpoint, no final/) resumes; the stages before it are skipped.
     (runs / "sft/eval.json").unlink()

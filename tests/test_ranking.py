@@ -97,6 +97,14 @@ def test_rank_command_writes_the_ranked_format(tmp_path, capsys):
     assert json.loads((tmp_path / "samples.ranked.jsonl").read_text())["responses"] == ["bb", "a"]
     with pytest.raises(UserError, match="cannot import 'nowhere:fn'"):
         run(["rank", str(path), "--labeler", "nowhere:fn"])
+    # a labeler in a file, as reward functions and tools are named: shortest first this time
+    (tmp_path / "mine.py").write_text(
+        "def shortest(rows):\n    return [-len(r['completion']) for r in rows]\n"
+    )
+    run(["rank", str(path), "--labeler", f"{tmp_path / 'mine.py'}:shortest"])
+    assert json.loads((tmp_path / "samples.ranked.jsonl").read_text())["responses"] == ["a", "bb"]
+    with pytest.raises(UserError, match="not found"):
+        run(["rank", str(path), "--labeler", f"{tmp_path / 'absent.py'}:shortest"])
 
 
 def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tiny_reward, tmp_path):

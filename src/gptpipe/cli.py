@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("samples", help="jsonl from gptpipe generate (several samples per prompt id)")
     by = rank.add_mutually_exclusive_group(required=True)
     by.add_argument(
-        "--labeler", help="module:function scoring one prompt's samples, e.g. gptpipe.data.tinyworld:label"
+        "--labeler",
+        help="module:function or file.py:function scoring one prompt's samples, e.g. gptpipe.data.tinyworld:label",
     )
     by.add_argument("--rankings", help="jsonl of human rankings: {id, ranking: [sample numbers, best first]}")
     rank.add_argument(

@@ -249,7 +249,7 @@ def changed_settings(cfg, run_dir: Path) -> list[str]:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return ["config.yaml (missing)"]
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved = _moved(yaml.safe_load(saved_path.read_text()) or {}, run_dir)
     current = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     defaults = {f.name: _default(f) for f in dataclasses.fields(cfg)}
     keys = sorted((set(saved) | set(current)) - RUN_ONLY_KEYS)
@@ -259,6 +259,27 @@ def changed_settings(cfg, run_dir: Path) -> list[str]:
         if saved.get(k) != current.get(k)
         and not (k not in saved and current.get(k) == defaults.get(k, MISSING))
     ]
+
+
+def _moved(saved: dict, run_dir: Path) -> dict:
+    """A finished run's settings as if its pipeline folder had always been where ``run_dir`` now is: a copied or
+    moved folder (``cp -r runs/tiny runs/try``, then ``--output-dir runs/try``) keeps its finished stages, their
+    paths into the old folder (``output_dir``, the previous stages' models) read as paths into the new one."""
+    old = saved.get("output_dir")
+    if not isinstance(old, str) or Path(old).name != run_dir.name or Path(old).parent == run_dir.parent:
+        return saved
+    old_root, new_root = str(Path(old).parent), str(run_dir.parent)
+
+    def move(value):
+        if isinstance(value, str) and (value == old_root or value.startswith(old_root + "/")):
+            return new_root + value[len(old_root) :]
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    return move(saved)
 
 
 def _default(f: dataclasses.Field):

@@ -6,7 +6,7 @@ each group by a labeler or by human rankings, writing the ``ranked`` preference 
 ``responses`` best to worst, with a scoring labeler their ``scores``) that the reward stage reads and expands
 into pairs.
 
-- A labeler is a Python callable named ``module:function``. It is called once per prompt with that prompt's
+- A labeler is a Python callable named ``module:function`` or ``path/to/file.py:function``. It is called once per prompt with that prompt's
   sample rows (``prompt``, ``completion``, ``sample`` and the prompt file's other fields, e.g. ``answer``) and
   returns a score per sample (higher is better) or ``{"ranking": [sample numbers, best first]}``.
 - Human rankings: a jsonl file of ``{"id": ..., "ranking": [sample numbers, best first]}``; prompts without a
@@ -21,27 +21,19 @@ dropped (counted).
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 from gptpipe.errors import UserError
+from gptpipe.plugins import import_callable
 
 Labeler = Callable[[list[dict]], list[float] | dict]
 
 
 def load_labeler(spec: str, where: str = "labeler") -> Labeler:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UserError(f"{where}: expected 'module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"{where}: cannot import {spec!r}: {e}") from None
-    if not callable(fn):
-        raise UserError(f"{where}: {spec!r} is not callable")
-    return fn
+    """The labeler ``module:function`` or ``path/to/file.py:function`` names (the loader reward functions use)."""
+    return import_callable(spec, where)
 
 
 def read_jsonl(path: str | Path, what: str) -> list[dict]:
