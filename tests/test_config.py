@@ -161,3 +161,13 @@ def test_a_saved_ppo_config_reads_back(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_recipe(tmp_path / "config.yaml")
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_a_flag_the_command_lacks_is_refused_naming_it(capsys):
+    """key=value after an option is an override (tests/test_pipeline.py: `--rerun sft sft.learning_rate=1e-4`);
+    anything else argparse does not know still exits 2, naming it."""
+    from gptpipe.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(REPO / "recipes/tiny/rl.yaml"), "--no-such-flag", "max_steps=1"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

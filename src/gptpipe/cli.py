@@ -221,7 +221,14 @@ def _config_processes(config: str) -> int:
 
 def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after an option (`pipeline p.yaml --rerun sft sft.learning_rate=1e-4`): argparse ends
+    # a positional list at the first option, so those come back unrecognized; they are overrides all the same
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "launch", None):
         return _relaunch(args, argv)
     if args.command == "train":
