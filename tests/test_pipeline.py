@@ -154,9 +154,8 @@ def test_pipeline_skips_resumes_refuses_and_reruns(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"resuming from {runs / 'sft/checkpoint-10'}" in out and out.count("skipped") == 2
 
-    run(
-        ["pipeline", str(pipeline), "--rerun", "sft", "sft.learning_rate=1e-4"]
-    )  # overrides after an option too
+    # overrides after an option too
+    run(["pipeline", str(pipeline), "--rerun", "sft", "sft.learning_rate=1e-4"])
     assert "[pipeline] sft: rerun" in capsys.readouterr().out
     saved = yaml.safe_load((runs / "sft/config.yaml").read_text())
     assert saved["learning_rate"] == 1e-4

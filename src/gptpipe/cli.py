@@ -297,8 +297,9 @@ def run(argv: list[str] | None = None) -> None:
         print(f"wrote {n} completions to {out}")
     elif args.command == "rank":
         from gptpipe.data import ranking
+        from gptpipe.plugins import import_callable
 
-        labeler = ranking.load_labeler(args.labeler, "--labeler") if args.labeler else None
+        labeler = import_callable(args.labeler, "--labeler") if args.labeler else None
         human = ranking.read_rankings(args.rankings) if args.rankings else None
         ranked, stats = ranking.rank_samples(ranking.read_jsonl(args.samples, "samples"), labeler, human)
         out = args.out or str(Path(args.samples).with_suffix("")) + ".ranked.jsonl"

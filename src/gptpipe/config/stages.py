@@ -335,9 +335,8 @@ class RankConfig(DataSettings):
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 32
-    labeler: str | None = (
-        None  # "module:function" or "path/to/file.py:function", e.g. gptpipe.data.tinyworld:label
-    )
+    # "module:function" or "path/to/file.py:function", e.g. gptpipe.data.tinyworld:label
+    labeler: str | None = None
     # Rejection sampling: each prompt's best sample (with a labeler, when its score is at least min_score) as an
     # SFT conversation in final/best.jsonl (format messages), for an SFT stage after this one
     min_score: float | None = None

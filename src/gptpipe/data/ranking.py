@@ -6,9 +6,10 @@ each group by a labeler or by human rankings, writing the ``ranked`` preference 
 ``responses`` best to worst, with a scoring labeler their ``scores``) that the reward stage reads and expands
 into pairs.
 
-- A labeler is a Python callable named ``module:function`` or ``path/to/file.py:function``. It is called once per prompt with that prompt's
-  sample rows (``prompt``, ``completion``, ``sample`` and the prompt file's other fields, e.g. ``answer``) and
-  returns a score per sample (higher is better) or ``{"ranking": [sample numbers, best first]}``.
+- A labeler is a Python callable named ``module:function`` or ``path/to/file.py:function`` (loaded by
+  ``gptpipe.plugins.import_callable``, as reward functions and tools are). It is called once per prompt with that
+  prompt's sample rows (``prompt``, ``completion``, ``sample`` and the prompt file's other fields, e.g.
+  ``answer``) and returns a score per sample (higher is better) or ``{"ranking": [sample numbers, best first]}``.
 - Human rankings: a jsonl file of ``{"id": ..., "ranking": [sample numbers, best first]}``; prompts without a
   row are left out.
 
@@ -26,14 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gptpipe.errors import UserError
-from gptpipe.plugins import import_callable
 
 Labeler = Callable[[list[dict]], list[float] | dict]
-
-
-def load_labeler(spec: str, where: str = "labeler") -> Labeler:
-    """The labeler ``module:function`` or ``path/to/file.py:function`` names (the loader reward functions use)."""
-    return import_callable(spec, where)
 
 
 def read_jsonl(path: str | Path, what: str) -> list[dict]:

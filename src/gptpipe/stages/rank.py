@@ -25,6 +25,7 @@ from gptpipe.config import RankConfig
 from gptpipe.data import ranking
 from gptpipe.data.sources import load_train_eval
 from gptpipe.errors import UserError
+from gptpipe.plugins import import_callable
 from gptpipe.replies import generate_file
 from gptpipe.rlhf import prompt_rows
 from gptpipe.runs import Run
@@ -37,7 +38,7 @@ def main(cfg: RankConfig, run: Run) -> dict:
         )
     if (cfg.labeler is None) == (cfg.rankings is None):
         raise UserError("set exactly one of labeler: (module:function) and rankings: (a jsonl file)")
-    labeler = ranking.load_labeler(cfg.labeler, "labeler") if cfg.labeler else None  # fail before sampling
+    labeler = import_callable(cfg.labeler, "labeler") if cfg.labeler else None  # fail before sampling
     human = ranking.read_rankings(cfg.rankings) if cfg.rankings else None
     prompts, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
     if cfg.max_prompts:
