@@ -31,7 +31,7 @@ class TokenizerConfig(DataSettings):
     vocab_size: int = 4096  # an upper bound: BPE stops early when no pair reaches min_frequency
     min_frequency: int = 2
     max_train_documents: int | None = None  # cap on documents read for training (large corpora)
-    # every digit its own token (as Llama's and Qwen's tokenizers): numbers copy alike
+    # every digit its own token (as Llama's and Qwen's tokenizers), a space kept on the first: numbers copy alike
     split_digits: bool = False
     seed: int = 42
     overwrite: bool = False

@@ -11,7 +11,7 @@ on assistant tokens only. Evidence (``eval.json``): round trip on held-out text 
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from gptpipe.config import TokenizerConfig
@@ -58,13 +58,16 @@ def train_bpe(
     texts, length: int, vocab_size: int, min_frequency: int, split_digits: bool = False
 ) -> Tokenizer:
     """Train byte-level BPE on an iterator of strings; ``split_digits``: no merge ever joins two digits, so
-    a number is the same tokens wherever it appears (after a space, inside JSON, alone)."""
+    a number is the same digit tokens wherever it appears (after a space, inside JSON, alone). A space before
+    a number stays on its first digit (" 812" is " 8", "1", "2"), as GPT-2's pre-tokenizer keeps a word's
+    space: with the space a token of its own, the first digit follows a token that says nothing of where it
+    stands, and the tiny model never learned to copy a number's first digit into a tool call (docs/tools.md:
+    0.34 of the held-out calculator questions, against 1.00 with the space kept on the digit)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if split_digits:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer]
-        )
+        digits = pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([digits, tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
