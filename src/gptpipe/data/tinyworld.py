@@ -20,7 +20,8 @@ additions. Those facts become:
   facts of each kind, ``eval`` about the other half; ``unseen`` asks the ``eval`` half with yet another
   phrasing RL never trained on ("Say how old Anna is."): how far what RL learned carries over.
 - ``tools``: two- and three-digit arithmetic answered by calling a calculator tool (``gptpipe.data.arithmetic``),
-  the held-out split on operand pairs training never has.
+  the held-out split on operand pairs training never has; ``chats``: SFT's training chats, every other one with
+  the calculator shown (answered without a call: what a tool user must keep doing).
 
 Every part has a ``train`` and an ``eval`` split. ``gptpipe data tinyworld --out DIR`` writes them as
 ``DIR/<part>/<split>.jsonl``; recipes read them as ``path: tinyworld:<part>``.
@@ -39,7 +40,7 @@ from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
 from gptpipe.files import cache_dir
 
-VERSION = 9  # bump when the generated data changes, so cached copies are regenerated
+VERSION = 10  # bump when the generated data changes, so cached copies are regenerated
 PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts", "questions", "tools")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
@@ -330,6 +331,12 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     ]
     out["questions"]["eval"] = prompt_rows(heldout_facts, {k: q[0] for k, q in QUESTIONS.items()})
     out["tools"] = arithmetic.rows(seed)  # its own random stream: the parts above are as they were
+    # SFT's chats, every other one with the calculator shown: a tool user still answers what needs no tool.
+    # Trained on calls alone, the model called the calculator for every question once tools were shown.
+    schemas = out["tools"]["train"][0]["tools"]
+    out["tools"]["chats"] = [
+        dict(row, tools=None if i % 2 else schemas) for i, row in enumerate(out["sft"]["train"])
+    ]
     return out
 
 
