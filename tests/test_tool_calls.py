@@ -291,15 +291,11 @@ def test_the_tiny_worlds_calculator_part_holds_out_operand_pairs_and_converts():
     [stored], [made] = converted[0]["messages"][1]["tool_calls"], heldout[0]["messages"][1]["tool_calls"]
     assert json.loads(stored["function"]["arguments"]) == made["function"]["arguments"]
     # SFT's chats, every other one with the calculator shown and answered without a call
-    chats = world["tools"]["chats"]
+    chats, schemas = world["tools"]["chats"], train[0]["tools"]
     assert [r["messages"] for r in chats] == [r["messages"] for r in world["sft"]["train"]]
-    assert [bool(r["tools"]) for r in chats[:4]] == [True, False, True, False] and chats[0]["tools"] == train[
-        0
-    ]["tools"]
+    assert [r["tools"] for r in chats[:4]] == [schemas, None, schemas, None]
     converted = formats.convert(Dataset.from_list(chats[:2]), "messages", "tinyworld:tools")
-    assert (
-        json.loads(converted[0]["tools"]) == json.loads(train[0]["tools"]) and converted[1]["tools"] is None
-    )
+    assert json.loads(converted[0]["tools"]) == json.loads(schemas) and converted[1]["tools"] is None
 
 
 def test_a_rollouts_tool_step_reads_the_turn_and_appends_what_the_template_would_write(tokenizer):
