@@ -102,14 +102,35 @@ def test_each_rl_stage_gets_a_verdict_with_its_reason(tmp_path):
                 check,
             ),
         ),
+        (
+            "sft-tools",  # an SFT after SFT that teaches tool use: judged on the tools, what SFT taught kept
+            "sft",
+            _run(
+                tmp_path / "sft-tools",
+                {
+                    "answer_accuracy_before": 0.59,
+                    "answer_accuracy_after": 0.51,
+                    "tool_answer_accuracy_before": 0.0,
+                    "tool_answer_accuracy_after": 1.0,
+                    "generalization_answer_accuracy_before": 0.0,
+                    "generalization_answer_accuracy_after": 0.9,
+                },
+                {"ptx_coef": 0.5},
+            ),
+        ),
         ("ppo-toy", "rl", _run(tmp_path / "toy", {"reward_before": 0.0, "reward_after": 1.0}, rm)),
         ("missing", "rl", tmp_path / "never-ran"),
     ]
     lines = assistant_verdicts(stages).splitlines()
     assert lines[0].startswith("Did each stage make a better assistant")
     verdicts = {line.split("**")[1]: line for line in lines if line.startswith("- **")}
-    # SFT is judged on its own; no accuracy, or no run: no verdict
-    assert set(verdicts) == {"rl", "grpo", "ppo-taxed", "dpo", "rloo"}
+    # The first SFT is judged on its own; no accuracy, or no run: no verdict
+    assert set(verdicts) == {"rl", "grpo", "ppo-taxed", "dpo", "rloo", "sft-tools"}
+    assert (
+        "gained the new skill (new skill 0 -> 1; retained 0.59 -> 0.51; unseen phrasing 0 -> 0.9)."
+        in verdicts["sft-tools"]
+    )
+    assert "alignment tax" in verdicts["sft-tools"] and "raise ptx_coef (now 0.5)" in verdicts["sft-tools"]
     assert "did not improve (new skill 0.59 -> 0.47) although its reward rose" in verdicts["rl"]
     assert "reward hacking" in verdicts["rl"] and "the reward model scores" in verdicts["rl"]
     # within 0.03 of the retained accuracy it started with: a better assistant

@@ -278,10 +278,16 @@ def test_the_tiny_worlds_calculator_part_holds_out_operand_pairs_and_converts():
     from gptpipe.data import arithmetic, tinyworld
 
     world = tinyworld.generate(0)
-    train, heldout = world["tools"]["train"], world["tools"]["eval"]
+    train, heldout, unseen = (world["tools"][split] for split in ("train", "eval", "unseen"))
     question = lambda row: row["messages"][0]["content"]  # noqa: E731
-    assert len(train) == 2000 and len(heldout) == 100
+    assert len(train) == 2000 and len(heldout) == len(unseen) == 100
     assert not {question(r) for r in train} & {question(r) for r in heldout}
+    # training asks in three phrasings; the unseen split asks the held-out questions in a fourth
+    assert [question(r).split()[0] for r in train[:4]] == ["What", "How", "Work", "What"]
+    assert [r["messages"][1:] for r in unseen] == [r["messages"][1:] for r in heldout]
+    assert question(unseen[0]).startswith("Say what ") and not any(
+        question(r).startswith("Say") for r in train
+    )
     for row in heldout[:20]:
         [call] = row["messages"][1]["tool_calls"]
         fn, _ = arithmetic.OPERATIONS[call["function"]["name"]]

@@ -273,6 +273,7 @@ def test_sft_on_tool_calls_learns_to_call_the_calculator(tiny_sft, tmp_path):
     out = tmp_path / "sft-tools"
     settings = {"output_dir": out, "model.name_or_path": tiny_sft, "answer_datasets": "[]"}
     settings |= {"tool_datasets.0.max_samples": 32, "eval_datasets.0.max_samples": 8}
+    settings |= {"generalization_datasets.0.max_samples": 32}
     # Learning to call, at the recipe's rate held constant: the cosine decay and the ptx term (what keeps SFT's
     # answers, measured in the recipe's header) only slow it in a short run
     settings |= {"lr_scheduler_type": "constant_with_warmup", "ptx_coef": 0, "ptx_datasets": "[]"}
@@ -288,6 +289,9 @@ def test_sft_on_tool_calls_learns_to_call_the_calculator(tiny_sft, tmp_path):
         assert f"{key}_before" in evidence and f"{key}_after" in evidence
     assert evidence["tool_calls_per_answer_before"] == 0 and evidence["tool_call_validity_before"] is None
     assert evidence["tool_answer_accuracy_before"] <= 0.25 and len(evidence["tool_examples_after"]) == 3
+    # the unseen phrasing ("Say what 812 plus 677 is."), asked with the tools offered
+    assert evidence["generalization_tool_calls_per_answer_before"] == 0
+    assert "generalization_answer_accuracy_after" in evidence
     with learning_checks() as check:
         check.at_least("valid calls after tool SFT", evidence["tool_call_validity_after"] or 0, VALID)
         check.at_least("calls per held-out question", evidence["tool_calls_per_answer_after"], CALLS)

@@ -29,7 +29,7 @@ WHOLE_ASSISTANT = ["answer_accuracy", "retained_answer_accuracy", "generalizatio
 HEADLINES = {
     "tokenizer": ["bytes_per_token", "roundtrip_lossless", "vocab_size"],
     "pretrain": ["perplexity", "probe_accuracy"],
-    "sft": ["answer_accuracy", "exact_match", "eval_loss", *TOOL_KEYS],
+    "sft": ["answer_accuracy", "exact_match", "eval_loss", *TOOL_KEYS, "generalization_answer_accuracy"],
     "rank": ["pairs", "kept", "top_score_share"],
     "reward": ["pairwise_accuracy"],
     "rl": ["reward", "kl", *WHOLE_ASSISTANT, "rm_agreement", *TOOL_KEYS],
@@ -219,9 +219,11 @@ def assistant_verdicts(stages: list[tuple[str, str, Path]]) -> str:
     lines = []
     for name, kind, run_dir in stages:
         path = run_dir / "eval.json"
-        if kind not in POLICY_STAGES or not path.is_file():
+        if not path.is_file() or kind not in (*POLICY_STAGES, "sft"):
             continue
         e, config = json.loads(path.read_text()), _read_config(run_dir)
+        if kind == "sft":  # an SFT that teaches tool use after SFT: judged as a whole assistant too
+            e = _tool_sft_as_assistant(e)
         if "answer_accuracy_after" not in e:
             continue
         lines.append(f"- **{name}**: {_verdict(e, config, kind)}")
@@ -231,6 +233,23 @@ def assistant_verdicts(stages: list[tuple[str, str, Path]]) -> str:
         "Did each stage make a better assistant (new skill up; retained skills within "
         f"{TAX_TOLERANCE}; unseen phrasing shown)?\n\n" + "\n".join(lines)
     )
+
+
+def _tool_sft_as_assistant(e: dict) -> dict:
+    """A tool SFT's evidence in the whole assistant's terms: the new skill is answering with the tools, what it
+    had to keep is SFT's answers (``answer_datasets``); {} for an SFT without tool evidence (the first SFT)."""
+    if "tool_answer_accuracy_after" not in e or "answer_accuracy_after" not in e:
+        return {}
+    found = {}
+    for key, as_key in (
+        ("tool_answer_accuracy", "answer_accuracy"),
+        ("answer_accuracy", "retained_answer_accuracy"),
+        ("generalization_answer_accuracy", "generalization_answer_accuracy"),
+    ):
+        for when in ("before", "after"):
+            if f"{key}_{when}" in e:
+                found[f"{as_key}_{when}"] = e[f"{key}_{when}"]
+    return found
 
 
 def _moved(e: dict, key: str, label: str) -> str:
@@ -248,12 +267,12 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
     kept = "retained_answer_accuracy_before" not in e or (
         e["retained_answer_accuracy_after"] >= e["retained_answer_accuracy_before"] - TAX_TOLERANCE
     )
-    if kind != "rl":
+    if kind not in ("rl", "sft"):
         cure = "train fewer steps or at a lower learning rate"
     elif config.get("ptx_coef"):
         cure = f"raise ptx_coef (now {config['ptx_coef']}) or train fewer steps"
     else:
-        cure = "set ptx_coef and ptx_datasets (PPO-ptx: InstructGPT's cure)"
+        cure = "set ptx_coef and ptx_datasets (InstructGPT's ptx term: PPO-ptx in RL)"
     tax = (
         ""
         if kept
@@ -263,7 +282,7 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
             f"(more than {TAX_TOLERANCE}); {cure} (docs/rl.md)."
         )
     )
-    if kind != "rl":  # preference and distillation stages: no reward to explain
+    if kind != "rl":  # SFT, preference and distillation stages: no reward to explain
         if after - before > tolerance:
             return (f"better assistant ({moved})." if kept else f"gained the new skill ({moved}).") + tax
         return f"no new skill ({moved}).{tax}"

@@ -225,18 +225,25 @@ def question(row: dict) -> list[dict]:
 
 
 def tool_evidence(
-    model, tokenizer, rows: list[dict], toolbox: ToolBox, max_tool_calls: int = 3, max_new_tokens: int = 64
+    model,
+    tokenizer,
+    rows: list[dict],
+    toolbox: ToolBox,
+    max_tool_calls: int = 3,
+    max_new_tokens: int = 64,
+    without_tools: bool = True,
 ) -> dict:
     """Held-out questions (``messages``, ``answer``) answered with the tools offered and run, and without.
 
     ``tool_answer_accuracy``: the right answer in the first sentence of the final reply, tools offered;
     ``no_tool_answer_accuracy``: the same, no tools shown (what the model does in its head);
     ``tool_call_validity``: calls that were readable, named a known tool and fit its schema, over calls made
-    (None without calls); ``tool_calls_per_answer``: calls per question, tools offered.
+    (None without calls); ``tool_calls_per_answer``: calls per question, tools offered. ``without_tools``
+    false: the questions are not asked a second time without tools.
     """
     questions = [question(r) for r in rows]
     found: dict = {}
-    for prefix, box in (("tool_", toolbox), ("no_tool_", None)):
+    for prefix, box in (("tool_", toolbox), ("no_tool_", None))[: 2 if without_tools else 1]:
         episodes = converse(model, tokenizer, questions, box, max_tool_calls, max_new_tokens)
         right = [answers_in_first_sentence(e.reply, r["answer"]) for e, r in zip(episodes, rows, strict=True)]
         found[f"{prefix}answer_accuracy"] = sum(right) / len(rows)

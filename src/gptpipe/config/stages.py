@@ -116,6 +116,9 @@ class SFTConfig(ToolSettings, PTXSettings, RunSettings, trl.SFTConfig):
     chat_template: str | None = None  # None: the tokenizer's own; or chatml | gptpipe | a .jinja file
     answer_datasets: list[DataSource] = field(default_factory=list)  # held-out chats with an `answer` field
     answer_max_new_tokens: int = 48
+    # The new skill asked in a phrasing no training data has (chats with an `answer` field), answered greedily
+    # before and after as generalization_answer_accuracy; with tools, with the tools offered and run
+    generalization_datasets: list[DataSource] = field(default_factory=list)
     # true: TRL's fused LM head (per-token log-probs in chunks, never the full logits: saves memory with large
     # vocabularies, costs time with small ones); false: the model's own loss on full logits; None: fused for
     # vocabularies of 32k tokens or more, except under DeepSpeed ZeRO-3, whose sharded LM head it cannot read.

@@ -1,10 +1,11 @@
 """The tiny world's calculator part (``tinyworld:tools``): arithmetic a 1.9M model cannot do in its head.
 
 Two- and three-digit additions and multiplications, asked as the tiny world asks its sums ("What is 123 plus
-456?"), answered by calling a tool: the user's question, the assistant's call (``add`` or ``multiply``, in
+456?", "How much is...", "Work out..."), answered by calling a tool: the user's question, the assistant's call (``add`` or ``multiply``, in
 the ``tool_calls`` shape transformers and TRL use), the tool's result, and the answer, which states the result
 ("It is 579."). ``train`` and ``eval`` use disjoint operand pairs: the held-out questions cannot be
-answered from memory, only by calling the tool. Each row carries ``tools`` (the JSON schemas, as
+answered from memory, only by calling the tool. ``unseen`` asks ``eval``'s questions in a phrasing no data has
+("Say what 123 plus 456 is."): whether the tool use carries over to a new way of asking. Each row carries ``tools`` (the JSON schemas, as
 ``get_json_schema`` builds them from ``add`` and ``multiply`` below: ``tools: [gptpipe.data.arithmetic:add]``
 in a recipe runs the same function) and ``answer``.
 """
@@ -36,6 +37,13 @@ def multiply(a: int, b: int) -> int:
 
 
 OPERATIONS = {"add": (add, "plus"), "multiply": (multiply, "times")}
+QUESTION = "What is {a} {word} {b}?"  # the held-out questions' phrasing
+# Training asks in these in turn: trained on one phrasing, the model called the calculator for it alone and
+# answered "Say what 812 plus 677 is." in its head (0.00 of the held-out questions so phrased, seed 42).
+TRAIN_QUESTIONS = (QUESTION, "How much is {a} {word} {b}?", "Work out {a} {word} {b}.")
+UNSEEN_QUESTION = (
+    "Say what {a} {word} {b} is."  # in no data at all, as the tiny world's other ``unseen`` splits
+)
 
 
 def tool_schemas() -> list[dict]:
@@ -46,13 +54,13 @@ def tool_schemas() -> list[dict]:
     return [get_json_schema(fn) for fn, _ in OPERATIONS.values()]
 
 
-def conversation(tool: str, a: int, b: int) -> list[dict]:
+def conversation(tool: str, a: int, b: int, question: str = QUESTION) -> list[dict]:
     """The question, the call, the tool's result and the answer."""
     fn, word = OPERATIONS[tool]
     value = fn(a, b)
     call = {"type": "function", "function": {"name": tool, "arguments": {"a": a, "b": b}}}
     return [
-        {"role": "user", "content": f"What is {a} {word} {b}?"},
+        {"role": "user", "content": question.format(a=a, word=word, b=b)},
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": str(value)},
         # Not the house style "123 plus 456 is 579.": after "123 plus 456 is" the tiny model's pretraining (sums
@@ -64,21 +72,27 @@ def conversation(tool: str, a: int, b: int) -> list[dict]:
 
 
 def rows(seed: int, train: int = 2000, heldout: int = 100) -> dict[str, list[dict]]:
-    """``train`` and ``eval`` conversations on disjoint (tool, a, b) questions, operands 10-999."""
+    """``train`` (asked in ``TRAIN_QUESTIONS`` in turn) and ``eval`` (``QUESTION``) conversations on disjoint
+    (tool, a, b) questions, operands 10-999; ``unseen``, ``eval``'s questions in ``UNSEEN_QUESTION``'s phrasing."""
     rng = random.Random(f"{seed}:tools")
     tools = json.dumps(tool_schemas())
     seen: set[tuple] = set()
-    splits: dict[str, list[dict]] = {}
+    keys: dict[str, list[tuple]] = {}
     for split, count in (("eval", heldout), ("train", train)):
-        out = []
-        while len(out) < count:
+        keys[split] = []
+        while len(keys[split]) < count:
             key = (rng.choice(list(OPERATIONS)), rng.randint(10, 999), rng.randint(10, 999))
-            if key in seen:
-                continue
-            seen.add(key)
-            messages = conversation(*key)
-            out.append(
-                {"messages": messages, "tools": tools, "answer": messages[2]["content"], "kind": key[0]}
-            )
-        splits[split] = out
+            if key not in seen:
+                seen.add(key)
+                keys[split].append(key)
+    splits = {
+        "eval": [_row(key, tools) for key in keys["eval"]],
+        "train": [_row(key, tools, TRAIN_QUESTIONS[i % 3]) for i, key in enumerate(keys["train"])],
+        "unseen": [_row(key, tools, UNSEEN_QUESTION) for key in keys["eval"]],
+    }
     return splits
+
+
+def _row(key: tuple, tools: str, question: str = QUESTION) -> dict:
+    messages = conversation(*key, question=question)
+    return {"messages": messages, "tools": tools, "answer": messages[2]["content"], "kind": key[0]}

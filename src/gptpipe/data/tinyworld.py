@@ -20,8 +20,9 @@ additions. Those facts become:
   facts of each kind, ``eval`` about the other half; ``unseen`` asks the ``eval`` half with yet another
   phrasing RL never trained on ("Say how old Anna is."): how far what RL learned carries over.
 - ``tools``: two- and three-digit arithmetic answered by calling a calculator tool (``gptpipe.data.arithmetic``),
-  the held-out split on operand pairs training never has; ``chats``: SFT's training chats, every other one with
-  the calculator shown (answered without a call: what a tool user must keep doing).
+  the held-out split on operand pairs training never has; ``unseen``, the held-out ones in a phrasing no data
+  has; ``chats``: SFT's training chats, every other one with the calculator shown (answered without a call:
+  what a tool user must keep doing).
 
 Every part has a ``train`` and an ``eval`` split. ``gptpipe data tinyworld --out DIR`` writes them as
 ``DIR/<part>/<split>.jsonl``; recipes read them as ``path: tinyworld:<part>``.
@@ -40,7 +41,7 @@ from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
 from gptpipe.files import cache_dir
 
-VERSION = 10  # bump when the generated data changes, so cached copies are regenerated
+VERSION = 11  # bump when the generated data changes, so cached copies are regenerated
 PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts", "questions", "tools")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]

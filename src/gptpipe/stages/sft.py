@@ -61,6 +61,7 @@ def main(cfg: SFTConfig, run: Run) -> dict:
     with cfg.main_process_first(desc="loading answer data"):  # small: held-out questions
         answers = _answers(cfg)
         tool_rows = tool_questions(cfg)
+        unseen = _answers(cfg, cfg.generalization_datasets)
     toolbox = ToolBox(load_tools(cfg.tools), cfg.tool_timeout) if cfg.tools else None
     end_of_turn = (
         chat_templates.end_of_turn_token(tokenizer) if summary["kind"] != "text" else tokenizer.eos_token
@@ -102,13 +103,13 @@ def main(cfg: SFTConfig, run: Run) -> dict:
             callbacks=[PTXLog(ptx_log), MetricsLogger(run.output_dir), *load_callbacks(cfg.callbacks)],
         )
     with evaluation_before_training(trainer):  # DeepSpeed needs help evaluating before train()
-        baseline = run.baseline(lambda: _measure(trainer, heldout, answers, tool_rows, toolbox, cfg))
+        baseline = run.baseline(lambda: _measure(trainer, heldout, answers, tool_rows, toolbox, unseen, cfg))
     if run.resume_from:
         say(f"[sft] resuming from {run.resume_from}")
     guard = faults.guard(trainer, cfg)  # preemption, NaN/inf, disk space: gptpipe.faults
     trainer.train(resume_from_checkpoint=run.resume_checkpoint)
 
-    after = _measure(trainer, heldout, answers, tool_rows, toolbox, cfg)
+    after = _measure(trainer, heldout, answers, tool_rows, toolbox, unseen, cfg)
     tmp = run.final_dir()
     trainer.save_model(str(tmp))  # a full model, or the LoRA adapter; with the tokenizer
     if run.is_main:
@@ -150,6 +151,12 @@ def main(cfg: SFTConfig, run: Run) -> dict:
                     f"    Q: {example['prompt']}\n    "
                     + "\n    ".join(example["turns"] + [f"A: {example['reply']}"])
                 )
+        if unseen is not None:
+            say(
+                "[sft] unseen phrasing, right answer: "
+                f"{evidence['generalization_answer_accuracy_before']:.2f} -> "
+                f"{evidence['generalization_answer_accuracy_after']:.2f}"
+            )
     trainer.accelerator.wait_for_everyone()
     return evidence
 
@@ -252,10 +259,12 @@ def load_conversations(cfg: SFTConfig):
     return tuple(_shape_for_loss(ds, cfg) if ds is not None else None for ds in (train, heldout))
 
 
-def _answers(cfg: SFTConfig):
-    if not cfg.answer_datasets:
+def _answers(cfg: SFTConfig, sources=None):
+    """Held-out chats with an ``answer`` (``answer_datasets``, or the ``sources`` given), or None without them."""
+    sources = cfg.answer_datasets if sources is None else sources
+    if not sources:
         return None
-    return load_mixture(cfg.answer_datasets, ["messages", "answer"], seed=cfg.seed)
+    return load_mixture(sources, ["messages", "answer"], seed=cfg.seed)
 
 
 def _tokenizer(cfg: SFTConfig):
@@ -295,28 +304,31 @@ def _shape_for_loss(ds, cfg: SFTConfig):
     return ds
 
 
-def _measure(trainer, heldout, answers, tool_rows, toolbox, cfg: SFTConfig) -> dict:
-    """Held-out loss and, with answer_datasets, greedy answer accuracy; with tool_datasets, tool use."""
+def _measure(trainer, heldout, answers, tool_rows, toolbox, unseen, cfg: SFTConfig) -> dict:
+    """Held-out loss and, with answer_datasets, greedy answer accuracy; with tool_datasets, tool use; with
+    generalization_datasets, the answers in the unseen phrasing (the tools offered when the recipe has them)."""
+    model, tokenizer = trainer.model, trainer.processing_class
     found = {"eval_loss": eval_loss(trainer)} if heldout is not None else {}
     if answers is not None:
-        found |= answer_accuracy(
-            trainer.model, trainer.processing_class, list(answers), cfg.answer_max_new_tokens
-        )
+        found |= answer_accuracy(model, tokenizer, list(answers), cfg.answer_max_new_tokens)
+    tool_args = (toolbox, cfg.max_tool_calls, cfg.tool_eval_max_new_tokens)
     if tool_rows is not None:
-        found |= tool_evidence(
-            trainer.model,
-            trainer.processing_class,
-            tool_rows,
-            toolbox,
-            cfg.max_tool_calls,
-            cfg.tool_eval_max_new_tokens,
-        )
+        found |= tool_evidence(model, tokenizer, tool_rows, *tool_args)
+    if unseen is not None and toolbox is not None:  # and whether the model calls a tool when so asked
+        use = tool_evidence(model, tokenizer, list(unseen), *tool_args, without_tools=False)
+        found["generalization_answer_accuracy"] = use["tool_answer_accuracy"]
+        found["generalization_tool_calls_per_answer"] = use["tool_calls_per_answer"]
+    elif unseen is not None:
+        found["generalization_answer_accuracy"] = answer_accuracy(
+            model, tokenizer, list(unseen), cfg.answer_max_new_tokens
+        )["answer_accuracy"]
     return found
 
 
 def _evidence(before: dict, after: dict) -> dict:
     evidence = {}
     keys = ("eval_loss", "exact_match", "answer_accuracy", *TOOL_KEYS)
+    keys += ("generalization_answer_accuracy", "generalization_tool_calls_per_answer")
     for key in keys:
         if key in before:
             evidence[f"{key}_before"] = before[key]
