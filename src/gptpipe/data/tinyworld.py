@@ -20,9 +20,8 @@ additions. Those facts become:
   facts of each kind, ``eval`` about the other half; ``unseen`` asks the ``eval`` half with yet another
   phrasing RL never trained on ("Say how old Anna is."): how far what RL learned carries over.
 - ``tools``: two- and three-digit arithmetic answered by calling a calculator tool (``gptpipe.data.arithmetic``),
-  the held-out split on operand pairs training never has; ``unseen``, the held-out ones in a phrasing no data
-  has; ``chats``: SFT's training chats, every other one with the calculator shown (answered without a call:
-  what a tool user must keep doing).
+  held-out operand pairs in ``eval`` and, phrased as no data has, ``unseen``; ``chats``: SFT's training chats,
+  every other one with the calculator shown (answered without a call: what a tool user must keep doing).
 
 Every part has a ``train`` and an ``eval`` split. ``gptpipe data tinyworld --out DIR`` writes them as
 ``DIR/<part>/<split>.jsonl``; recipes read them as ``path: tinyworld:<part>``.
@@ -47,24 +46,7 @@ PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts", "questions", 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
 JOBS = ["baker", "doctor", "farmer", "teacher", "pilot", "painter", "singer", "driver", "writer", "nurse"]
 PETS = ["cat", "dog", "horse", "parrot", "rabbit", "turtle", "goat", "hamster"]
-SYLLABLES = [
-    "an",
-    "bo",
-    "ka",
-    "li",
-    "mo",
-    "ra",
-    "te",
-    "vi",
-    "su",
-    "del",
-    "mar",
-    "no",
-    "pe",
-    "zu",
-    "fin",
-    "ta",
-]
+SYLLABLES = "an bo ka li mo ra te vi su del mar no pe zu fin ta".split()
 ATTRIBUTES = ("city", "job", "age", "pet")
 
 # Statements of each fact, for pretraining documents.
