@@ -91,6 +91,19 @@ def test_stages_are_wired_to_the_previous_final(tmp_path):
     assert cfg["dpo"].beta == 0.3
 
 
+def test_output_dir_moves_the_paths_a_stage_names_in_the_pipelines_folder():
+    """--output-dir runs/try: a stage that names a model or file in the pipeline's own folder reads it from runs/try
+    (it read the original folder's, silently: pipeline-tools' sft-tools started from another run's SFT model)."""
+    _, planned = load_pipeline(TINY / "pipeline-tools.yaml", output_dir="runs/try")
+    cfg = {p.name: p.cfg for p in planned}
+    assert cfg["sft-tools"].model.name_or_path == "runs/try/sft/final"
+    assert cfg["rl-tools"].model.name_or_path == "runs/try/sft-tools/final"
+    _, planned = load_pipeline(TINY / "pipeline-rejection.yaml", output_dir="runs/try")
+    assert [d.path for d in planned[-1].cfg.datasets][1] == "runs/try/rank-best/final/best.jsonl"
+    _, planned = load_pipeline(TINY / "pipeline-tools.yaml")
+    assert planned[3].cfg.model.name_or_path == "runs/tiny-tools/sft/final"
+
+
 def test_rank_stage_feeds_the_reward_stage_its_comparisons(tmp_path):
     stages = [{"recipe": str(TINY / f"{s}.yaml")} for s in ("sft", "rank", "reward")]
     _, planned = load_pipeline(write_pipeline(tmp_path, stages))

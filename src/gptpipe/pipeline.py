@@ -134,7 +134,15 @@ def load_pipeline(
         pipe = build_dataclass(PipelineConfig, read_yaml(path))
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    if output_dir:
+    if output_dir:  # a stage's overrides that name the file's folder (a model, ranked samples) follow it
+        for stage in pipe.stages:
+            stage.overrides = _rebased(stage.overrides, pipe.output_dir, output_dir)
+            stage.stages = [  # a rounds block's stages
+                {**s, "overrides": _rebased(s.get("overrides", {}), pipe.output_dir, output_dir)}
+                if isinstance(s, dict)
+                else s
+                for s in stage.stages
+            ]
         pipe.output_dir = output_dir
     if not pipe.stages:
         raise UserError(f"{path}: `stages:` is empty; list the stage recipes to run, e.g. - recipe: sft.yaml")
@@ -268,18 +276,18 @@ def _moved(saved: dict, run_dir: Path) -> dict:
     old = saved.get("output_dir")
     if not isinstance(old, str) or Path(old).name != run_dir.name or Path(old).parent == run_dir.parent:
         return saved
-    old_root, new_root = str(Path(old).parent), str(run_dir.parent)
+    return _rebased(saved, str(Path(old).parent), str(run_dir.parent))
 
-    def move(value):
-        if isinstance(value, str) and (value == old_root or value.startswith(old_root + "/")):
-            return new_root + value[len(old_root) :]
-        if isinstance(value, list):
-            return [move(v) for v in value]
-        if isinstance(value, dict):
-            return {k: move(v) for k, v in value.items()}
-        return value
 
-    return move(saved)
+def _rebased(value, old_root: str, new_root: str):
+    """``value`` (a setting, list or dict) with every path in ``old_root`` moved to the same place in ``new_root``."""
+    if isinstance(value, str) and (value == old_root or value.startswith(old_root.rstrip("/") + "/")):
+        return new_root.rstrip("/") + value[len(old_root.rstrip("/")) :]
+    if isinstance(value, list):
+        return [_rebased(v, old_root, new_root) for v in value]
+    if isinstance(value, dict):
+        return {k: _rebased(v, old_root, new_root) for k, v in value.items()}
+    return value
 
 
 def _default(f: dataclasses.Field):
