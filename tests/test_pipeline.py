@@ -99,7 +99,7 @@ def test_output_dir_moves_the_paths_a_stage_names_in_the_pipelines_folder():
     assert cfg["sft-tools"].model.name_or_path == "runs/try/sft/final"
     assert cfg["rl-tools"].model.name_or_path == "runs/try/sft-tools/final"
     _, planned = load_pipeline(TINY / "pipeline-rejection.yaml", output_dir="runs/try")
-    assert [d.path for d in planned[-1].cfg.datasets][1] == "runs/try/rank-best/final/best.jsonl"
+    assert planned[-1].cfg.datasets[1].path == "runs/try/rank-best/final/best.jsonl"
     _, planned = load_pipeline(TINY / "pipeline-tools.yaml")
     assert planned[3].cfg.model.name_or_path == "runs/tiny-tools/sft/final"
 

@@ -137,12 +137,7 @@ def load_pipeline(
     if output_dir:  # a stage's overrides that name the file's folder (a model, ranked samples) follow it
         for stage in pipe.stages:
             stage.overrides = _rebased(stage.overrides, pipe.output_dir, output_dir)
-            stage.stages = [  # a rounds block's stages
-                {**s, "overrides": _rebased(s.get("overrides", {}), pipe.output_dir, output_dir)}
-                if isinstance(s, dict)
-                else s
-                for s in stage.stages
-            ]
+            stage.stages = _rebased(stage.stages, pipe.output_dir, output_dir)  # a rounds block's stages
         pipe.output_dir = output_dir
     if not pipe.stages:
         raise UserError(f"{path}: `stages:` is empty; list the stage recipes to run, e.g. - recipe: sft.yaml")
@@ -281,8 +276,9 @@ def _moved(saved: dict, run_dir: Path) -> dict:
 
 def _rebased(value, old_root: str, new_root: str):
     """``value`` (a setting, list or dict) with every path in ``old_root`` moved to the same place in ``new_root``."""
-    if isinstance(value, str) and (value == old_root or value.startswith(old_root.rstrip("/") + "/")):
-        return new_root.rstrip("/") + value[len(old_root.rstrip("/")) :]
+    old_root, new_root = old_root.rstrip("/"), new_root.rstrip("/")
+    if isinstance(value, str) and (value == old_root or value.startswith(old_root + "/")):
+        return new_root + value[len(old_root) :]
     if isinstance(value, list):
         return [_rebased(v, old_root, new_root) for v in value]
     if isinstance(value, dict):
