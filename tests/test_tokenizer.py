@@ -62,6 +62,8 @@ def test_split_digits_gives_a_number_the_same_tokens_everywhere():
     from gptpipe.stages.tokenizer import train_bpe, wrap
 
     texts = [f"Bo is {n} years old. {n} + {n % 7} = {n + n % 7}. The code is {n}{n}." for n in range(10, 400)]
+    arabic = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")  # Arabic-Indic digits: another script's numbers
+    texts += [f"Bo is {str(n).translate(arabic)} years old." for n in range(10, 400)]
     merged, split = (wrap(train_bpe(iter(texts), len(texts), 600, 2, split_digits=s)) for s in (False, True))
 
     def pieces(tok, text):
@@ -75,3 +77,4 @@ def test_split_digits_gives_a_number_the_same_tokens_everywhere():
         assert [p.strip() for p in digits] == ["1", "4", "8", "9"] and " " not in pieces(split, text), text
         assert digits[0] == (" 1" if " 1489" in text else "1") and digits[1:] == ["4", "8", "9"], text
         assert split.decode(split(text, add_special_tokens=False)["input_ids"]) == text  # still lossless
+    assert [p for p in pieces(split, " is ١٤٨٩.") if p.strip() not in ("is", ".")] == [" ١", "٤", "٨", "٩"]

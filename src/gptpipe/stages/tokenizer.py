@@ -62,11 +62,12 @@ def train_bpe(
     a number stays on its first digit (" 812" is " 8", "1", "2"), as GPT-2's pre-tokenizer keeps a word's
     space: with the space a token of its own, the first digit follows a token that says nothing of where it
     stands, and the tiny model never learned to copy a number's first digit into a tool call (docs/tools.md:
-    0.34 of the held-out calculator questions, against 1.00 with the space kept on the digit)."""
+    0.34 of the held-out calculator questions, against 1.00 with the space kept on the digit). Every script's
+    decimal digits split alike (Arabic-Indic, Devanagari...), as the ``Digits`` pre-tokenizer did."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if split_digits:
-        digits = pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated")
+        digits = pre_tokenizers.Split(Regex(r" ?\p{Nd}"), behavior="isolated")  # any script's digits
         tok.pre_tokenizer = pre_tokenizers.Sequence([digits, tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
