@@ -147,7 +147,10 @@ def test_pipeline_skips_resumes_refuses_and_reruns(tmp_path, capsys):
     # A run of an older gptpipe: its config.yaml lacks the settings added since, which are at their defaults
     saved_path = runs / "sft/config.yaml"
     saved = yaml.safe_load(saved_path.read_text())
-    saved_path.write_text(yaml.safe_dump({k: v for k, v in saved.items() if not k.startswith("ptx_")}))
+    older = {k: v for k, v in saved.items() if not k.startswith("ptx_")}
+    older["datasets"] = [{k: v for k, v in d.items() if k != "show_tools"} for d in saved["datasets"]]
+    older["model"] = {k: v for k, v in saved["model"].items() if k != "merge_lora"}  # nested settings too
+    saved_path.write_text(yaml.safe_dump(older))
     run(["pipeline", str(pipeline)])  # everything finished with the same settings: nothing retrains
     assert capsys.readouterr().out.count("skipped") == 3
     with pytest.raises(UserError, match=r"stage sft: .* different settings \(ptx_coef, ptx_datasets\)"):

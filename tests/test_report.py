@@ -118,6 +118,36 @@ def test_each_rl_stage_gets_a_verdict_with_its_reason(tmp_path):
                 {"ptx_coef": 0.5},
             ),
         ),
+        (
+            "ppo-ceiling",  # 2 of 100 questions lost at the ceiling: within chance, not a failed update
+            "rl",
+            _run(
+                tmp_path / "ceiling",
+                {
+                    "answer_accuracy_before": 0.98,
+                    "answer_accuracy_after": 0.96,
+                    "answer_prompts_after": 100,
+                    "reward_before": 0.98,
+                    "reward_after": 0.96,
+                },
+                check,
+            ),
+        ),
+        (
+            "ppo-broken",  # the same fall in reward, beyond chance on 100 questions
+            "rl",
+            _run(
+                tmp_path / "broken",
+                {
+                    "answer_accuracy_before": 0.98,
+                    "answer_accuracy_after": 0.88,
+                    "answer_prompts_after": 100,
+                    "reward_before": 0.98,
+                    "reward_after": 0.88,
+                },
+                check,
+            ),
+        ),
         ("ppo-toy", "rl", _run(tmp_path / "toy", {"reward_before": 0.0, "reward_after": 1.0}, rm)),
         ("missing", "rl", tmp_path / "never-ran"),
     ]
@@ -125,7 +155,16 @@ def test_each_rl_stage_gets_a_verdict_with_its_reason(tmp_path):
     assert lines[0].startswith("Did each stage make a better assistant")
     verdicts = {line.split("**")[1]: line for line in lines if line.startswith("- **")}
     # The first SFT is judged on its own; no accuracy, or no run: no verdict
-    assert set(verdicts) == {"rl", "grpo", "ppo-taxed", "dpo", "rloo", "sft-tools"}
+    assert set(verdicts) == {
+        "rl",
+        "grpo",
+        "ppo-taxed",
+        "dpo",
+        "rloo",
+        "sft-tools",
+        "ppo-ceiling",
+        "ppo-broken",
+    }
     assert (
         "gained the new skill (new skill 0 -> 1; retained 0.59 -> 0.51; unseen phrasing 0 -> 0.9)."
         in verdicts["sft-tools"]
@@ -144,6 +183,10 @@ def test_each_rl_stage_gets_a_verdict_with_its_reason(tmp_path):
     assert "no new skill (new skill 0.185 -> 0.162; retained 0.885 -> 0.936)" in verdicts["dpo"]
     assert "alignment tax" not in verdicts["dpo"] + verdicts["grpo"]
     assert verdicts["rloo"].startswith("- **rloo**: unchanged")  # under one prompt in a hundred
+    # with the count of prompts recorded, a move within two standard errors is chance (0.048 on 100 at 0.97)
+    assert verdicts["ppo-ceiling"].startswith("- **ppo-ceiling**: unchanged (new skill 0.98 -> 0.96")
+    assert "within 0.05, the noise of 100 prompts" in verdicts["ppo-ceiling"]
+    assert "the update went wrong; lower the learning rate" in verdicts["ppo-broken"]
     assert assistant_verdicts(stages[:1]) == ""
 
 

@@ -257,6 +257,37 @@ def test_validate_refuses_an_undocumented_tool_and_tool_questions_without_tools(
     )
 
 
+def test_show_tools_shows_the_recipes_tools_on_a_share_of_chats_and_is_refused_where_unread(capsys):
+    """``show_tools: 0.5`` on a chat source: half its conversations carry the recipe's tools (as a ``tools``
+    column, which TRL renders) with their replies unchanged; validate refuses it without tools, outside SFT and
+    outside (0, 1], naming the source."""
+    from gptpipe.cli import main
+    from gptpipe.recipe import load_recipe
+    from gptpipe.stages import sft
+
+    recipe = str(REPO / "recipes/tiny/sft-tools.yaml")
+    chats = "datasets=[{path: tinyworld:sft, show_tools: 0.5}]"
+    train, _ = sft.load_conversations(load_recipe(recipe, [chats]))
+    plain, _ = sft.load_conversations(load_recipe(recipe, ["datasets=[{path: tinyworld:sft}]"]))
+    shown = [t for t in train["tools"] if t is not None]
+    assert len(shown) == round(len(train) / 2) and set(shown) == {json.dumps(arithmetic.tool_schemas())}
+    assert train["messages"] == plain["messages"] and set(plain["tools"]) == {None}
+    for override, expected in (
+        (
+            "tools=[]",
+            "datasets.0 (tinyworld:sft): show_tools 0.5: shows the recipe's tools, but tools: is empty",
+        ),
+        ("datasets.0.show_tools=1.5", "above 0 and at most 1"),
+    ):
+        extra = ["tool_datasets=[]", "generalization_datasets=[]"] if override == "tools=[]" else []
+        with pytest.raises(SystemExit) as exit_:
+            main(["validate", recipe, "--set", chats, override, *extra])
+        assert exit_.value.code == 2 and expected in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(REPO / "recipes/tiny/grpo-tools.yaml"), "--set", "datasets.0.show_tools=0.5"])
+    assert exit_.value.code == 2 and "only SFT reads it" in capsys.readouterr().err
+
+
 # Valid calls after 80 constant-rate steps, seeds 0 / 1: 0.81 / 0.56 (seed 42, 60 steps: 0.97); calls per
 # question 1.00 on each. Before: no call at all. The spread is wide: a stronger signal (more steps) is owed.
 STEPS, VALID, CALLS = 80, 0.4, 0.9
@@ -271,7 +302,7 @@ def test_sft_on_tool_calls_learns_to_call_the_calculator(tiny_sft, tmp_path):
     from gptpipe.cli import run
 
     out = tmp_path / "sft-tools"
-    settings = {"output_dir": out, "model.name_or_path": tiny_sft, "answer_datasets": "[]"}
+    settings = {"output_dir": out, "model.name_or_path": tiny_sft, "answer_datasets.0.max_samples": 8}
     settings |= {"tool_datasets.0.max_samples": 32, "eval_datasets.0.max_samples": 8}
     settings |= {"generalization_datasets.0.max_samples": 32}
     # Learning to call, at the recipe's rate held constant: the cosine decay and the ptx term (what keeps SFT's
@@ -292,6 +323,12 @@ def test_sft_on_tool_calls_learns_to_call_the_calculator(tiny_sft, tmp_path):
     # the unseen phrasing ("Say what 812 plus 677 is."), asked with the tools offered
     assert evidence["generalization_tool_calls_per_answer_before"] == 0
     assert "generalization_answer_accuracy_after" in evidence
+    # what SFT taught, asked without the tools and with them shown (as RL asks it): no call is the right turn
+    assert {
+        "answer_accuracy_after",
+        "tools_shown_answer_accuracy_after",
+        "tools_shown_calls_per_answer_after",
+    } <= set(evidence)
     with learning_checks() as check:
         check.at_least("valid calls after tool SFT", evidence["tool_call_validity_after"] or 0, VALID)
         check.at_least("calls per held-out question", evidence["tool_calls_per_answer_after"], CALLS)

@@ -23,9 +23,8 @@ one resumes from its newest checkpoint; a finished stage whose settings changed 
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +32,7 @@ import yaml
 
 from gptpipe import compare
 from gptpipe.compare import MODEL_STAGES, CompareSettings, reward_models_on_own_samples
+from gptpipe.config.settings import with_new_defaults
 from gptpipe.errors import UserError
 from gptpipe.export import export
 from gptpipe.recipe import (
@@ -248,20 +248,15 @@ def _compare_stages(settings: CompareSettings, planned: list[PlannedStage], out:
 
 def changed_settings(cfg, run_dir: Path) -> list[str]:
     """Keys whose value differs from the finished run's ``config.yaml`` (how-to-run keys ignored). A key the
-    saved config lacks, now at its default, is a setting newer than that run and changes nothing."""
+    saved config lacks, now at its default, at any level, is a setting newer than that run and changes nothing."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return ["config.yaml (missing)"]
     saved = _moved(yaml.safe_load(saved_path.read_text()) or {}, run_dir)
+    saved = with_new_defaults(saved, type(cfg))
     current = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    defaults = {f.name: _default(f) for f in dataclasses.fields(cfg)}
     keys = sorted((set(saved) | set(current)) - RUN_ONLY_KEYS)
-    return [
-        k
-        for k in keys
-        if saved.get(k) != current.get(k)
-        and not (k not in saved and current.get(k) == defaults.get(k, MISSING))
-    ]
+    return [k for k in keys if saved.get(k) != current.get(k)]
 
 
 def _moved(saved: dict, run_dir: Path) -> dict:
@@ -284,15 +279,6 @@ def _rebased(value, old_root: str, new_root: str):
     if isinstance(value, dict):
         return {k: _rebased(v, old_root, new_root) for k, v in value.items()}
     return value
-
-
-def _default(f: dataclasses.Field):
-    """A field's default as config.yaml writes it (MISSING when it has none or YAML cannot write it)."""
-    value = f.default_factory() if f.default_factory is not MISSING else f.default
-    try:
-        return yaml.safe_load(yaml.safe_dump(value))
-    except yaml.YAMLError:
-        return MISSING
 
 
 def run_pipeline(

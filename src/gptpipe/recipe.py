@@ -122,7 +122,33 @@ def build_stage_config(tree: dict) -> Any:
             "output_dir is required (where the run folder goes, e.g. output_dir: runs/tiny/pretrain)"
         )
     refuse_unread_keys(cls, tree, cfg)
+    refuse_misplaced_show_tools(cls.__name__, cfg)
     return cfg
+
+
+def refuse_misplaced_show_tools(name: str, cfg: Any) -> None:
+    """A source's ``show_tools`` is read by SFT alone, on conversations, and shows the recipe's ``tools:``."""
+    for key in ("datasets", "eval_datasets"):
+        for i, src in enumerate(getattr(cfg, key, None) or []):
+            if not src.show_tools:
+                continue
+            where = f"{key}.{i} ({src.path}): show_tools {src.show_tools}"
+            if name != "SFTConfig":
+                raise UserError(
+                    f"{where}: only SFT reads it (RL shows the tools with every prompt; other stages have "
+                    "none); remove it"
+                )
+            if not 0 < src.show_tools <= 1:
+                raise UserError(
+                    f"{where}: a share of the conversations, above 0 and at most 1 (0.5: half of them)"
+                )
+            if not cfg.tools:
+                raise UserError(
+                    f"{where}: shows the recipe's tools, but tools: is empty; name them, e.g. "
+                    "tools: [gptpipe.data.arithmetic:add, gptpipe.data.arithmetic:multiply]"
+                )
+            if src.format == "text":
+                raise UserError(f"{where}: format text has no conversations to show tools with; remove it")
 
 
 def refuse_unread_keys(cls: type, tree: dict, cfg: Any) -> None:

@@ -29,7 +29,14 @@ WHOLE_ASSISTANT = ["answer_accuracy", "retained_answer_accuracy", "generalizatio
 HEADLINES = {
     "tokenizer": ["bytes_per_token", "roundtrip_lossless", "vocab_size"],
     "pretrain": ["perplexity", "probe_accuracy"],
-    "sft": ["answer_accuracy", "exact_match", "eval_loss", *TOOL_KEYS, "generalization_answer_accuracy"],
+    "sft": [
+        "answer_accuracy",
+        "exact_match",
+        "eval_loss",
+        *TOOL_KEYS,
+        "tools_shown_answer_accuracy",
+        "generalization_answer_accuracy",
+    ],
     "rank": ["pairs", "kept", "top_score_share"],
     "reward": ["pairwise_accuracy"],
     "rl": ["reward", "kl", *WHOLE_ASSISTANT, "rm_agreement", *TOOL_KEYS],
@@ -241,9 +248,12 @@ def _tool_sft_as_assistant(e: dict) -> dict:
     if "tool_answer_accuracy_after" not in e or "answer_accuracy_after" not in e:
         return {}
     found = {}
+    # what it had to keep, asked as RL asks it (the tools shown) when measured so, else without the tools
+    kept = "tools_shown_answer_accuracy" if "tools_shown_answer_accuracy_after" in e else "answer_accuracy"
     for key, as_key in (
         ("tool_answer_accuracy", "answer_accuracy"),
-        ("answer_accuracy", "retained_answer_accuracy"),
+        ("tool_questions", "answer_prompts"),
+        (kept, "retained_answer_accuracy"),
         ("generalization_answer_accuracy", "generalization_answer_accuracy"),
     ):
         for when in ("before", "after"):
@@ -263,7 +273,7 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
     moved = f"new skill {fmt(before)} -> {fmt(after)}"
     moved += _moved(e, "retained_answer_accuracy", "retained")
     moved += _moved(e, "generalization_answer_accuracy", "unseen phrasing")
-    tolerance = 0.01  # about one held-out prompt in a hundred: less is noise
+    tolerance = noise_band(before, after, e.get("answer_prompts_after"))
     kept = "retained_answer_accuracy_before" not in e or (
         e["retained_answer_accuracy_after"] >= e["retained_answer_accuracy_before"] - TAX_TOLERANCE
     )
@@ -285,7 +295,7 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
     if kind != "rl":  # SFT, preference and distillation stages: no reward to explain
         if after - before > tolerance:
             return (f"better assistant ({moved})." if kept else f"gained the new skill ({moved}).") + tax
-        return f"no new skill ({moved}).{tax}"
+        return f"no new skill ({moved}{_within(tolerance, e)}).{tax}"
     reward = f"reward {fmt(e.get('reward_before'))} -> {fmt(e.get('reward_after'))}"
     judge = "reward functions" if config.get("reward_funcs") else "the reward model"
     if config.get("reward_funcs") and config.get("reward_model"):
@@ -304,7 +314,22 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
             f"did not improve ({moved}) and its reward fell too ({reward}): the update went wrong; lower the "
             f"learning rate.{tax}"
         )
-    return f"unchanged ({moved}, {reward}).{tax}"
+    return f"unchanged ({moved}, {reward}{_within(tolerance, e)}).{tax}"
+
+
+def noise_band(before: float, after: float, prompts: int | None) -> float:
+    """How far an accuracy on ``prompts`` held-out prompts moves by chance: two standard errors of the
+    difference of two accuracies near their mean (0.05 for 0.98 -> 0.96 on 100 prompts, 0.16 for 0.18 -> 0.42 on
+    65), never under one prompt; 0.01 when the count is not recorded (evidence written before it was)."""
+    if not prompts:
+        return 0.01
+    p = (before + after) / 2
+    return max(1 / prompts, 2 * math.sqrt(2 * p * (1 - p) / prompts))
+
+
+def _within(tolerance: float, e: dict) -> str:
+    prompts = e.get("answer_prompts_after")
+    return f"; within {tolerance:.2f}, the noise of {prompts} prompts" if prompts else ""
 
 
 def _read_config(run_dir: Path) -> dict:

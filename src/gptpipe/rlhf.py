@@ -268,6 +268,7 @@ def evaluate(
     found = {k: v / len(prompts) for k, v in found.items()}
     if answers is not None:
         found["answer_accuracy"] = right / len(prompts)
+        found["answer_prompts"] = len(prompts)  # how far the accuracy moves by chance (the card's verdict)
     agreement = rank_agreement(judged)
     return found | ({"rm_agreement": agreement} if agreement is not None else {})
 

@@ -242,7 +242,7 @@ def tool_evidence(
     false: the questions are not asked a second time without tools.
     """
     questions = [question(r) for r in rows]
-    found: dict = {}
+    found: dict = {"tool_questions": len(rows)}
     for prefix, box in (("tool_", toolbox), ("no_tool_", None))[: 2 if without_tools else 1]:
         episodes = converse(model, tokenizer, questions, box, max_tool_calls, max_new_tokens)
         right = [answers_in_first_sentence(e.reply, r["answer"]) for e, r in zip(episodes, rows, strict=True)]

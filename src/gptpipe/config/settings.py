@@ -1,13 +1,17 @@
 """The settings groups every stage's config shares: the model (``model:``: LoRA, quantization), the data
 (``datasets:``, ``eval_datasets:``) and a run's own switches (resume, faults, callbacks); and ``plain``, a
-config as plain data. The stage classes are ``gptpipe.config.stages``."""
+config as plain data; ``with_new_defaults``, a saved config read with the settings added since. The stage
+classes are ``gptpipe.config.stages``."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal
+
+import yaml
 
 # Config fields that may hold credentials: never written to config.yaml (tokens belong in the environment).
 SECRET_FIELDS = {"hub_token"}
@@ -80,6 +84,9 @@ class DataSource:
     max_samples: int | None = None  # keep only the first N rows (quick experiments)
     sample_by: str = "line"  # .txt files: one row per line | paragraph | document
     format: str | None = None  # data format; stages that accept several formats read it (pretraining: text)
+    # SFT with tools: the share of this source's conversations (those without tools of their own) shown the
+    # recipe's tools and answered as they are, with no call: a tool user still answers what needs no tool
+    show_tools: float = 0.0
 
 
 @dataclass
@@ -136,3 +143,43 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)
+
+
+def with_new_defaults(saved: Any, cls: type) -> Any:
+    """``saved`` (a config as config.yaml wrote it) with the fields ``cls`` has gained since, at their defaults,
+    at every level (a source in ``datasets:``, the ``model:`` settings): a setting newer than a finished run
+    changes nothing it did."""
+    if not isinstance(saved, dict) or not dataclasses.is_dataclass(cls):
+        return saved
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # a library's annotation that does not resolve: the top level alone
+        hints = {}
+    out = dict(saved)
+    for f in dataclasses.fields(cls):
+        inner = _dataclass_in(hints.get(f.name))
+        if f.name not in out:
+            default = yaml_default(f)
+            if default is not MISSING:
+                out[f.name] = default
+        elif inner is not None and isinstance(out[f.name], list):
+            out[f.name] = [with_new_defaults(v, inner) for v in out[f.name]]
+        elif inner is not None:
+            out[f.name] = with_new_defaults(out[f.name], inner)
+    return out
+
+
+def yaml_default(f: dataclasses.Field) -> Any:
+    """A field's default as config.yaml writes it (MISSING when it has none or YAML cannot write it)."""
+    value = f.default_factory() if f.default_factory is not MISSING else f.default
+    try:
+        return yaml.safe_load(yaml.safe_dump(plain(value)))
+    except yaml.YAMLError:
+        return MISSING
+
+
+def _dataclass_in(hint) -> type | None:
+    """The settings class a field holds (``DataSource`` in ``list[DataSource]``, ``LoraSettings | None``)."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    return next((c for c in map(_dataclass_in, typing.get_args(hint)) if c is not None), None)

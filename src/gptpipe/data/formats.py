@@ -23,6 +23,7 @@ call or a list, and ``observation`` turns the results.
 from __future__ import annotations
 
 import json
+import random
 
 from datasets import Dataset, Features, Value
 
@@ -283,6 +284,20 @@ def convert(ds: Dataset, fmt: str, where: str, num_proc: int | None = None) -> D
         features=CHAT_FEATURES,
         num_proc=num_proc,
         desc=f"converting {where} ({fmt})",
+    )
+
+
+def show_tools(ds: Dataset, tools: str, share: float, seed: int) -> Dataset:
+    """``share`` of the conversations without tools of their own (a seeded choice) get ``tools`` (the JSON
+    schemas, as the ``tools`` column holds them) and keep their replies: trained on them, a model that learns
+    calls elsewhere still answers a question that needs no tool without calling one."""
+    bare = [i for i, t in enumerate(ds["tools"]) if t is None]
+    chosen = set(random.Random(seed).sample(bare, round(share * len(bare))))
+    return ds.map(
+        lambda row, i: {"tools": tools if i in chosen else row["tools"]},
+        with_indices=True,
+        features=CHAT_FEATURES,
+        desc=f"showing the tools on {len(chosen)} conversations",
     )
 
 

@@ -23,6 +23,7 @@ keeps what the model knew (the tiny tool pipeline, seed 42: SFT's held-out quest
 from __future__ import annotations
 
 import contextlib
+import json
 from types import SimpleNamespace
 
 from transformers import set_seed
@@ -178,6 +179,7 @@ DATA_KEYS = [
     "truncation_mode",
     "shuffle_dataset",
     "dataset_text_field",
+    "tools",  # shown on a source's share of chats (show_tools)
 ]
 
 
@@ -290,7 +292,11 @@ def _convert(ds, src, cfg: SFTConfig):
         raise UserError(
             f"{describe(src)}: format text has no assistant turns; set assistant_only_loss: false to train on every token"
         )
-    return formats.convert(ds, fmt, describe(src), cfg.dataset_num_proc)
+    ds = formats.convert(ds, fmt, describe(src), cfg.dataset_num_proc)
+    if src.show_tools:  # recipe.refuse_misplaced_show_tools: a conversational SFT source with tools: named
+        schemas = json.dumps(ToolBox(load_tools(cfg.tools), cfg.tool_timeout).schemas)
+        ds = formats.show_tools(ds, schemas, src.show_tools, cfg.seed)
+    return ds
 
 
 def _shape_for_loss(ds, cfg: SFTConfig):
@@ -314,6 +320,12 @@ def _measure(trainer, heldout, answers, tool_rows, toolbox, unseen, cfg: SFTConf
     tool_args = (toolbox, cfg.max_tool_calls, cfg.tool_eval_max_new_tokens)
     if tool_rows is not None:
         found |= tool_evidence(model, tokenizer, tool_rows, *tool_args)
+    if (
+        answers is not None and toolbox is not None
+    ):  # the same questions with the tools shown, as RL asks them
+        shown = tool_evidence(model, tokenizer, list(answers), *tool_args, without_tools=False)
+        found["tools_shown_answer_accuracy"] = shown["tool_answer_accuracy"]
+        found["tools_shown_calls_per_answer"] = shown["tool_calls_per_answer"]  # a call here is a wrong turn
     if unseen is not None and toolbox is not None:  # and whether the model calls a tool when so asked
         use = tool_evidence(model, tokenizer, list(unseen), *tool_args, without_tools=False)
         found["generalization_answer_accuracy"] = use["tool_answer_accuracy"]
@@ -329,6 +341,7 @@ def _evidence(before: dict, after: dict) -> dict:
     evidence = {}
     keys = ("eval_loss", "exact_match", "answer_accuracy", *TOOL_KEYS)
     keys += ("generalization_answer_accuracy", "generalization_tool_calls_per_answer")
+    keys += ("tools_shown_answer_accuracy", "tools_shown_calls_per_answer", "tool_questions")
     for key in keys:
         if key in before:
             evidence[f"{key}_before"] = before[key]
