@@ -320,9 +320,8 @@ def _measure(trainer, heldout, answers, tool_rows, toolbox, unseen, cfg: SFTConf
     tool_args = (toolbox, cfg.max_tool_calls, cfg.tool_eval_max_new_tokens)
     if tool_rows is not None:
         found |= tool_evidence(model, tokenizer, tool_rows, *tool_args)
-    if (
-        answers is not None and toolbox is not None
-    ):  # the same questions with the tools shown, as RL asks them
+    # what SFT taught, asked again with the tools shown, as RL asks it
+    if answers is not None and toolbox is not None:
         shown = tool_evidence(model, tokenizer, list(answers), *tool_args, without_tools=False)
         found["tools_shown_answer_accuracy"] = shown["tool_answer_accuracy"]
         found["tools_shown_calls_per_answer"] = shown["tool_calls_per_answer"]  # a call here is a wrong turn
