@@ -257,6 +257,22 @@ def test_validate_refuses_an_undocumented_tool_and_tool_questions_without_tools(
     )
 
 
+def test_a_ptx_row_with_tools_is_rendered_with_them_and_trained_on_its_answer(tokenizer_dir):
+    """PPO-ptx on tool conversations (the rows of a tool SFT, in the ``tools`` column's JSON) shows the model the
+    schemas it was shown in SFT; rendered without them the term would teach calls to tools never offered."""
+    from gptpipe.ppo.ptx import encode_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    chat_templates.install(tokenizer, "gptpipe", True, "tiny")
+    messages = SCRIPT[0][0]
+    row = {"messages": messages, "tools": json.dumps(BOX.schemas)}
+    (ids, labels), (bare, _) = encode_examples(tokenizer, [row, {"messages": messages, "tools": None}], 512)
+    shown = tokenizer.apply_chat_template(messages, tools=BOX.schemas, tokenize=True, return_dict=True)
+    assert ids == shown["input_ids"] and len(bare) < len(ids)
+    trained = tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != -100])
+    assert "12 plus 30 is 42." in trained and '"add"' not in trained  # the final answer alone
+
+
 def test_show_tools_shows_the_recipes_tools_on_a_share_of_chats_and_is_refused_where_unread(capsys):
     """``show_tools: 0.5`` on a chat source: half its conversations carry the recipe's tools (as a ``tools``
     column, which TRL renders) with their replies unchanged; validate refuses it without tools, outside SFT and

@@ -203,13 +203,18 @@ def end_of_turn_token(tokenizer) -> str:
     return tokenizer.eos_token
 
 
-def split_reply(tokenizer, conversation: list[dict]) -> tuple[list[int], list[int]]:
+def split_reply(
+    tokenizer, conversation: list[dict], tools: list[dict] | None = None
+) -> tuple[list[int], list[int]]:
     """(prompt ids, reply ids) of a conversation whose last message is the reply: the reply starts where the
-    rendered prompt (with the assistant's turn opened) and the whole rendered conversation part."""
+    rendered prompt (with the assistant's turn opened) and the whole rendered conversation part. ``tools``: the
+    schemas shown with it (a tool conversation)."""
     prompt = tokenizer.apply_chat_template(
-        conversation[:-1], add_generation_prompt=True, tokenize=True, return_dict=True
+        conversation[:-1], tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
-    whole = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+    whole = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     shared = 0
     while shared < min(len(prompt), len(whole)) and prompt[shared] == whole[shared]:
         shared += 1

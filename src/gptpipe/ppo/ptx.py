@@ -10,6 +10,7 @@ update and the process (``ptx_rows``): a resumed run takes the same batches, and
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -38,13 +39,17 @@ class PTXBatch:
 
 
 def encode_examples(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per row: a conversation (``messages``) rendered with the chat template, labels on its
-    final assistant turn only (the SFT stage's completion loss); a ``text`` row with every token labeled and EOS
-    appended (pretraining). Rows are cut at ``max_length`` tokens."""
+    """(input ids, labels) per row: a conversation (``messages``, its ``tools`` shown when it has them) rendered
+    with the chat template, labels on its final assistant turn only (the SFT stage's completion loss); a ``text``
+    row with every token labeled and EOS appended (pretraining). Rows are cut at ``max_length`` tokens."""
     examples = []
     for row in rows:
         if row.get("messages"):
-            prompt, reply = split_reply(tokenizer, row["messages"])  # as the DPO evidence splits a reply off
+            tools = row.get("tools")  # a tool conversation: rendered with its schemas, as SFT renders it
+            tools = json.loads(tools) if isinstance(tools, str) else tools
+            prompt, reply = split_reply(
+                tokenizer, row["messages"], tools
+            )  # as the DPO evidence splits a reply off
             ids, labels = prompt + reply, [IGNORE] * len(prompt) + reply
         else:
             ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
