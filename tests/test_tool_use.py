@@ -299,9 +299,11 @@ def test_show_tools_shows_the_recipes_tools_on_a_share_of_chats_and_is_refused_w
         with pytest.raises(SystemExit) as exit_:
             main(["validate", recipe, "--set", chats, override, *extra])
         assert exit_.value.code == 2 and expected in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_:
-        main(["validate", str(REPO / "recipes/tiny/grpo-tools.yaml"), "--set", "datasets.0.show_tools=0.5"])
-    assert exit_.value.code == 2 and "only SFT reads it" in capsys.readouterr().err
+    for where, key in (("grpo-tools", "datasets"), ("sft-tools", "ptx_datasets")):  # read elsewhere as it is
+        with pytest.raises(SystemExit) as exit_:
+            main(["validate", str(REPO / f"recipes/tiny/{where}.yaml"), "--set", f"{key}.0.show_tools=0.5"])
+        assert exit_.value.code == 2 and f"{key}.0 " in (err := capsys.readouterr().err)
+        assert "only SFT's datasets and eval_datasets read it" in err
 
 
 # Valid calls after 80 constant-rate steps, seeds 0 / 1: 0.81 / 0.56 (seed 42, 60 steps: 0.97); calls per

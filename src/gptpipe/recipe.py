@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-from gptpipe.config import RL_CONFIGS, STAGE_CONFIGS, plain
+from gptpipe.config import RL_CONFIGS, STAGE_CONFIGS, DataSource, plain
 from gptpipe.data.chat_templates import resolve
 from gptpipe.data.sources import check_sources_exist
 from gptpipe.errors import UserError
@@ -127,16 +127,18 @@ def build_stage_config(tree: dict) -> Any:
 
 
 def refuse_misplaced_show_tools(name: str, cfg: Any) -> None:
-    """A source's ``show_tools`` is read by SFT alone, on conversations, and shows the recipe's ``tools:``."""
-    for key in ("datasets", "eval_datasets"):
-        for i, src in enumerate(getattr(cfg, key, None) or []):
-            if not src.show_tools:
+    """A source's ``show_tools`` is read by SFT alone, in its training and held-out data, on conversations, and
+    shows the recipe's ``tools:``; on any other source list (``ptx_datasets``...) it would be ignored."""
+    lists = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name.endswith("datasets")]
+    for key, sources in lists:
+        for i, src in enumerate(sources if isinstance(sources, list) else []):
+            if not isinstance(src, DataSource) or not src.show_tools:
                 continue
             where = f"{key}.{i} ({src.path}): show_tools {src.show_tools}"
-            if name != "SFTConfig":
+            if name != "SFTConfig" or key not in ("datasets", "eval_datasets"):
                 raise UserError(
-                    f"{where}: only SFT reads it (RL shows the tools with every prompt; other stages have "
-                    "none); remove it"
+                    f"{where}: only SFT's datasets and eval_datasets read it (RL shows the tools with every "
+                    "prompt; other data is read as it is); remove it"
                 )
             if not 0 < src.show_tools <= 1:
                 raise UserError(
