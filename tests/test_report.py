@@ -65,6 +65,7 @@ def test_each_rl_stage_gets_a_verdict_with_its_reason(tmp_path):
                     "answer_accuracy_after": 0.631,
                     "retained_answer_accuracy_before": 0.885,
                     "retained_answer_accuracy_after": 0.705,
+                    "retained_answer_prompts_after": 78,
                     "generalization_answer_accuracy_before": 0.177,
                     "generalization_answer_accuracy_after": 0.3,
                     "reward_before": 0.185,
@@ -178,7 +179,8 @@ def test_each_rl_stage_gets_a_verdict_with_its_reason(tmp_path):
     assert (
         "improved the new skill (new skill 0.185 -> 0.631; retained 0.885 -> 0.705; unseen phrasing" in taxed
     )
-    assert "alignment tax" in taxed and "fell 0.18 " in taxed and "better assistant" not in taxed
+    assert "alignment tax" in taxed and "fell 0.18 (14 of 78 questions; more than 0.03)" in taxed
+    assert "better assistant" not in taxed
     assert "set ptx_coef and ptx_datasets" in taxed  # its config has none
     assert "no new skill (new skill 0.185 -> 0.162; retained 0.885 -> 0.936)" in verdicts["dpo"]
     assert "alignment tax" not in verdicts["dpo"] + verdicts["grpo"]

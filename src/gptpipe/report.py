@@ -289,7 +289,7 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
         else (
             f" It paid an alignment tax: what it had to keep fell "
             f"{fmt(e['retained_answer_accuracy_before'] - e['retained_answer_accuracy_after'])} "
-            f"(more than {TAX_TOLERANCE}); {cure} (docs/rl.md)."
+            f"({_questions(e)}more than {TAX_TOLERANCE}); {cure} (docs/rl.md)."
         )
     )
     if kind != "rl":  # SFT, preference and distillation stages: no reward to explain
@@ -325,6 +325,15 @@ def noise_band(before: float, after: float, prompts: int | None) -> float:
         return 0.01
     p = (before + after) / 2
     return max(1 / prompts, 2 * math.sqrt(2 * p * (1 - p) / prompts))
+
+
+def _questions(e: dict) -> str:
+    """How many of the retained questions the tax is ("3 of 78 questions; "), when their count is recorded."""
+    count = e.get("retained_answer_prompts_after")
+    if not count:
+        return ""
+    lost = round((e["retained_answer_accuracy_before"] - e["retained_answer_accuracy_after"]) * count)
+    return f"{lost} of {count} questions; "
 
 
 def _within(tolerance: float, e: dict) -> str:
