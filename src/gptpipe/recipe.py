@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-from gptpipe.config import RL_CONFIGS, STAGE_CONFIGS, DataSource, plain
+from gptpipe.config import RL_CONFIGS, STAGE_CONFIGS, DataSource, SFTConfig, plain
 from gptpipe.data.chat_templates import resolve
 from gptpipe.data.sources import check_sources_exist
 from gptpipe.errors import UserError
@@ -122,11 +122,11 @@ def build_stage_config(tree: dict) -> Any:
             "output_dir is required (where the run folder goes, e.g. output_dir: runs/tiny/pretrain)"
         )
     refuse_unread_keys(cls, tree, cfg)
-    refuse_misplaced_show_tools(cls.__name__, cfg)
+    refuse_misplaced_show_tools(cfg)
     return cfg
 
 
-def refuse_misplaced_show_tools(name: str, cfg: Any) -> None:
+def refuse_misplaced_show_tools(cfg: Any) -> None:
     """A source's ``show_tools`` is read by SFT alone, in its training and held-out data, on conversations, and
     shows the recipe's ``tools:``; on any other source list (``ptx_datasets``...) it would be ignored."""
     lists = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name.endswith("datasets")]
@@ -135,7 +135,7 @@ def refuse_misplaced_show_tools(name: str, cfg: Any) -> None:
             if not isinstance(src, DataSource) or not src.show_tools:
                 continue
             where = f"{key}.{i} ({src.path}): show_tools {src.show_tools}"
-            if name != "SFTConfig" or key not in ("datasets", "eval_datasets"):
+            if not isinstance(cfg, SFTConfig) or key not in ("datasets", "eval_datasets"):
                 raise UserError(
                     f"{where}: only SFT's datasets and eval_datasets read it (RL shows the tools with every "
                     "prompt; other data is read as it is); remove it"
