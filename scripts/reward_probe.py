@@ -24,8 +24,8 @@ def others(row: dict, values: dict, by_subject: dict, rng: random.Random) -> dic
     """The replies the reference must beat, by kind."""
     reference, value = row["reference"], row["answer"]
     wrong = rng.choice(sorted(values[row["kind"]] - {value}))
-    head = reference[: reference.rindex(value)]  # "Pezu lives in ", "1 plus 4 is "
-    replies = {"wrong value": head + wrong + reference[reference.rindex(value) + len(value) :]}
+    at = reference.rindex(value)  # after "Pezu lives in ", "1 plus 4 is "
+    replies = {"wrong value": reference[:at] + wrong + reference[at + len(value) :]}
     if row["kind"] != "sum":
         subject, rest = reference.split(" ", 1)
         replies["no subject"] = rest

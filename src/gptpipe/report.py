@@ -283,15 +283,14 @@ def _verdict(e: dict, config: dict, kind: str = "rl") -> str:
         cure = f"raise ptx_coef (now {config['ptx_coef']}) or train fewer steps"
     else:
         cure = "set ptx_coef and ptx_datasets (InstructGPT's ptx term: PPO-ptx in RL)"
-    tax = (
-        ""
-        if kept
-        else (
-            f" It paid an alignment tax: what it had to keep fell "
-            f"{fmt(e['retained_answer_accuracy_before'] - e['retained_answer_accuracy_after'])} "
-            f"({_questions(e)}more than {TAX_TOLERANCE}); {cure} (docs/rl.md)."
+    tax = ""
+    if not kept:
+        drop = e["retained_answer_accuracy_before"] - e["retained_answer_accuracy_after"]
+        counted = _questions(drop, e.get("retained_answer_prompts_after"))
+        tax = (
+            f" It paid an alignment tax: what it had to keep fell {fmt(drop)} ({counted}more than "
+            f"{TAX_TOLERANCE}); {cure} (docs/rl.md)."
         )
-    )
     if kind != "rl":  # SFT, preference and distillation stages: no reward to explain
         if after - before > tolerance:
             return (f"better assistant ({moved})." if kept else f"gained the new skill ({moved}).") + tax
@@ -327,13 +326,9 @@ def noise_band(before: float, after: float, prompts: int | None) -> float:
     return max(1 / prompts, 2 * math.sqrt(2 * p * (1 - p) / prompts))
 
 
-def _questions(e: dict) -> str:
+def _questions(drop: float, count: int | None) -> str:
     """How many of the retained questions the tax is ("3 of 78 questions; "), when their count is recorded."""
-    count = e.get("retained_answer_prompts_after")
-    if not count:
-        return ""
-    lost = round((e["retained_answer_accuracy_before"] - e["retained_answer_accuracy_after"]) * count)
-    return f"{lost} of {count} questions; "
+    return f"{round(drop * count)} of {count} questions; " if count else ""
 
 
 def _within(tolerance: float, e: dict) -> str:
