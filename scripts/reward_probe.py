@@ -1,6 +1,6 @@
 """Probe a tiny-world reward model on the held-out RL prompts: for each prompt, does it score the reference reply
 ("Pezu lives in Cairo.") above a wrong value in the same form, the right value without the subject, another
-attribute of the same person, and garbage? Prints the share of prompts where the reference wins, per kind of
+attribute of the same person, the same attribute of another person, and garbage? Prints the share of prompts where the reference wins, per kind of
 reply. A minute on a CPU: the cheap check of a reward-model change before running PPO (docs/rl.md, issue #31).
 
     python scripts/reward_probe.py runs/tiny/reward/final [more reward model folders]
@@ -20,7 +20,7 @@ from gptpipe.data.tinyworld import generate
 GARBAGE = "plus Pean is a nurse."  # what the SFT model says to most prompts of the new phrasing
 
 
-def others(row: dict, values: dict, by_subject: dict, rng: random.Random) -> dict[str, str]:
+def others(row: dict, rows: list[dict], values: dict, by_subject: dict, rng: random.Random) -> dict[str, str]:
     """The replies the reference must beat, by kind."""
     reference, value = row["reference"], row["answer"]
     wrong = rng.choice(sorted(values[row["kind"]] - {value}))
@@ -32,6 +32,8 @@ def others(row: dict, values: dict, by_subject: dict, rng: random.Random) -> dic
         attributes = [r for r in by_subject[subject] if r["kind"] != row["kind"]]
         if attributes:
             replies["other attribute"] = rng.choice(attributes)["reference"]
+        people = [r for r in rows if r["kind"] == row["kind"] and r["reference"].split()[0] != subject]
+        replies["other person"] = rng.choice(people)["reference"]  # "Mobo lives in Cairo.", asked Pezu's city
     replies["garbage"] = GARBAGE
     return replies
 
@@ -55,7 +57,7 @@ def probe(folder: str, rows: list[dict]) -> dict[str, float]:
     rng, wins, counts = random.Random(0), Counter(), Counter()
     for row in rows:
         best = score(row["prompt"], row["reference"])
-        for kind, reply in others(row, values, by_subject, rng).items():
+        for kind, reply in others(row, rows, values, by_subject, rng).items():
             counts[kind] += 1
             wins[kind] += best > score(row["prompt"], reply)
     shares = {kind: wins[kind] / counts[kind] for kind in counts}

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import REPO
 
-from gptpipe.cli import run
+from gptpipe.cli import main, run
 from gptpipe.compare import reward_models_on_own_samples
 from gptpipe.data import ranking
 from gptpipe.data.preferences import from_ranked
@@ -55,6 +55,42 @@ def test_human_rankings_by_sample_number(tmp_path):
     path.write_text(json.dumps({"id": 0, "ranking": [7, 0]}) + "\n")
     with pytest.raises(UserError, match="ranking names sample 7"):
         ranking.rank_samples(samples("a", "b"), rankings=ranking.read_rankings(path))
+
+
+def test_written_replies_are_ranked_beside_the_samples_and_keep_a_prompt_no_sample_got_right():
+    reference = "Anna is 30 years old."
+    rows = samples("30.", "Anna is 40 years old.", reference, answer="30", reference=reference)
+    rows += samples("Bo is 9.", "9 years.", id=1, answer="4", reference="Bo is 4 years old.")  # none right
+    candidates = rows + ranking.written_replies(rows, "reference", number=3, others=1)
+    assert [r["sample"] for r in candidates[-4:]] == [3, 4, 3, 4] and candidates[-1]["answer"] == "4"
+    ranked, stats = ranking.rank_samples(candidates, label)
+    # the sample that wrote the reply word for word counts once; the other prompt's reply is scored as wrong
+    assert ranked[0]["responses"] == [reference, "30.", "Anna is 40 years old.", "Bo is 4 years old."]
+    assert ranked[0]["scores"] == [2, 1, 0, 0]
+    # prompt 1 is kept: its own reply above both samples and above Anna's
+    assert ranked[1]["responses"] == ["Bo is 4 years old.", "Bo is 9.", "9 years.", reference]
+    assert stats["kept"] == 2 and stats["pairs"] == 5 + 3
+    assert ranking.rank_samples(rows, label)[1]["kept"] == 1  # without them, the prompt's samples all tie
+    with pytest.raises(UserError, match="prompt 1 has no written reply in 'reference'"):
+        ranking.written_replies(rows[:3] + samples("x", id=1, reference=" "), "reference", 3)
+    with pytest.raises(UserError, match="there are 2 prompts; give at most 1"):
+        ranking.written_replies(rows, "reference", 3, others=2)
+
+
+def test_rank_refuses_a_reference_column_the_prompts_lack(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "train",
+                str(REPO / "recipes/tiny/rank.yaml"),
+                f"output_dir={tmp_path / 'rank'}",
+                "model.name_or_path=unused-before-the-check",
+                "reference_column=gold",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "reference_column: 'gold': the prompts have no such column" in err
+    assert not (tmp_path / "rank/eval.json").exists() and not (tmp_path / "rank/final").exists()
 
 
 def test_rejection_sampling_keeps_each_prompts_best_sample_above_min_score(tmp_path):
@@ -117,6 +153,8 @@ def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tiny_reward, tmp_
             f"model.name_or_path={tiny_sft}",
             "max_prompts=24",
             "num_samples=4",  # the recipe's 32 make 8 times the samples
+            "reference_column=reference",  # each prompt's written reply and two others' ranked beside them
+            "other_references=2",
             "eval_datasets=[{path: 'tinyworld:rl_prompts', split: eval, max_samples: 16}]",
         ]
     )
@@ -128,10 +166,13 @@ def test_rank_stage_ranks_the_sft_models_own_samples(tiny_sft, tiny_reward, tmp_
     rows = [json.loads(line) for line in (out / "final/comparisons.jsonl").read_text().splitlines()]
     assert len(rows) == evidence["kept"] and all(len(r["responses"]) >= 2 for r in rows)
     samples_file = [json.loads(line) for line in (out / "final/samples.jsonl").read_text().splitlines()]
-    by_text = {(s["id"], s["completion"]): s for s in samples_file}
+    assert len(samples_file) == 96  # the written replies are ranked, not samples
+    by_id = {s["id"]: s for s in samples_file}
+    assert evidence["kept"] == 24  # every prompt: its written reply above its wrong samples
     for row in rows:  # best first by the tiny world's labeler, with the real answers, ties marked
-        scored = label([by_text[(row["id"], c)] for c in row["responses"]])
+        scored = label([{**by_id[row["id"]], "completion": c} for c in row["responses"]])
         assert scored == sorted(scored, reverse=True) == row["scores"] and len(set(scored)) >= 2
+        assert row["responses"][0] == by_id[row["id"]]["reference"] and len(row["responses"]) >= 3
 
     # The report card's section: every finished reward run of the folder scored on the held-out comparisons.
     heldout = out / "final/heldout_comparisons.jsonl"

@@ -343,6 +343,13 @@ class RankConfig(DataSettings):
     # Rejection sampling: each prompt's best sample (with a labeler, when its score is at least min_score) as an
     # SFT conversation in final/best.jsonl (format messages), for an SFT stage after this one
     min_score: float | None = None
+    # A prompt column holding a written reply (a demonstration, e.g. tinyworld:rl_prompts' reference), ranked
+    # beside the samples as one more candidate (sample number num_samples), on the training prompts only: the
+    # reward model then sees the reply the policy should write against those it does write (SPIN's pairs)
+    reference_column: str | None = None
+    other_references: int = (
+        0  # and N other prompts' written replies ranked beside them (answers to another question)
+    )
     rankings: str | None = (
         None  # or a jsonl file of human rankings: {id, ranking: [sample numbers, best first]}
     )

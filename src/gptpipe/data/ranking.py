@@ -23,6 +23,7 @@ dropped (counted).
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,6 +105,35 @@ def _distinct_texts(rows: list[dict]) -> list[dict]:
         if text and text not in seen:
             seen.add(text)
             out.append(row)
+    return out
+
+
+def written_replies(
+    samples: list[dict], column: str, number: int, others: int = 0, seed: int = 0
+) -> list[dict]:
+    """Each prompt's written reply (its row's ``column``) as one more sample of that prompt, numbered ``number``
+    (a human ranking names it so): a copy of the prompt's first sample with that reply as its completion. With
+    ``others``, that many other prompts' written replies too (drawn with ``seed``, numbered ``number + 1`` on):
+    fluent answers to another question, which the labeler scores as it scores any sample."""
+    firsts = [rows[0] for rows in group_by_prompt(samples).values()]
+    for row in firsts:
+        reply = row.get(column)
+        if not isinstance(reply, str) or not reply.strip():
+            raise UserError(
+                f"reference_column: prompt {row['id']!r} has no written reply in {column!r} "
+                f"(got {reply!r}); every prompt needs one"
+            )
+    if others >= len(firsts):
+        raise UserError(
+            f"other_references: {others} other prompts' replies asked for, but there are {len(firsts)} prompts; "
+            f"give at most {len(firsts) - 1}"
+        )
+    rng = random.Random(seed)
+    out = []
+    for i, row in enumerate(firsts):
+        drawn = rng.sample([j for j in range(len(firsts)) if j != i], others)
+        replies = [row[column]] + [firsts[j][column] for j in drawn]
+        out += [{**row, "completion": reply, "sample": number + k} for k, reply in enumerate(replies)]
     return out
 
 

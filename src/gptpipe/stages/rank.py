@@ -6,7 +6,11 @@
 For each prompt of ``datasets`` the model samples ``num_samples`` answers (``gptpipe generate``), which a
 labeler (``labeler: module:function``) or a file of human rankings (``rankings:``) orders best to worst
 (``gptpipe.data.ranking``). ``final/comparisons.jsonl`` holds them in the ``ranked`` format; ``final/samples.jsonl``
-every sample. In a pipeline the reward stage after this one trains on them. With ``eval_datasets``, held-out
+every sample. With ``reference_column``, each training prompt's written reply (that column of the prompt
+data, a demonstration) is ranked beside its samples as one more candidate: the reward model learns the reply the
+policy should write against the ones it does write, also on prompts where no sample is right; with
+``other_references: N``, N other prompts' written replies are ranked too (fluent, but answers to another
+question: a reply about someone else, which no sample of the SFT model shows the reward model). In a pipeline the reward stage after this one trains on them. With ``eval_datasets``, held-out
 prompts are sampled and ranked the same way into ``final/heldout_comparisons.jsonl``; the pipeline's report card
 scores every reward model of its run folder on them (how well each judges the model's own samples).
 ``final/best.jsonl`` holds each prompt's best sample as an SFT conversation (rejection sampling; with a labeler,
@@ -41,6 +45,16 @@ def main(cfg: RankConfig, run: Run) -> dict:
     labeler = import_callable(cfg.labeler, "labeler") if cfg.labeler else None  # fail before sampling
     human = ranking.read_rankings(cfg.rankings) if cfg.rankings else None
     prompts, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
+    if cfg.other_references < 0 or (cfg.other_references and not cfg.reference_column):
+        raise UserError(
+            f"other_references: {cfg.other_references}: a count of other prompts' written replies (0 or more), "
+            "with reference_column naming the column that holds them"
+        )
+    if cfg.reference_column and cfg.reference_column not in prompts.column_names:
+        raise UserError(
+            f"reference_column: {cfg.reference_column!r}: the prompts have no such column (they have "
+            f"{prompts.column_names}); name the column that holds each prompt's written reply, or leave it out"
+        )
     if cfg.max_prompts:
         prompts = prompts.select(range(min(cfg.max_prompts, len(prompts))))
     tmp = run.final_dir()
@@ -98,7 +112,12 @@ def _sample_and_rank(cfg: RankConfig, prompts, tmp: Path, prefix: str, labeler, 
         batch_size=cfg.batch_size,
     )
     samples = ranking.read_jsonl(tmp / f"{prefix}samples.jsonl", "samples")
-    ranked, stats = ranking.rank_samples(samples, labeler, human)
+    candidates = samples
+    if cfg.reference_column and not prefix:  # held out: the model's own samples alone, the yardstick
+        candidates = samples + ranking.written_replies(
+            samples, cfg.reference_column, cfg.num_samples, cfg.other_references, cfg.seed
+        )
+    ranked, stats = ranking.rank_samples(candidates, labeler, human)
     if ranked:
         ranking.write_jsonl(ranked, tmp / f"{prefix}comparisons.jsonl")
     return samples, ranked, stats
