@@ -20,7 +20,7 @@ LOCK ?= requirements/$(if $(GPU),cuda,cpu).txt
 PIP_LOCK := $(if $(LOCK),-c $(LOCK))
 # --compile-bytecode: each package's .pyc written at install, as pip does. Python writes none at import where
 # PYTHONDONTWRITEBYTECODE is set (many containers, this workplace's machines), and then compiled every module from
-# source in every process: 20-25 s of imports per `gptpipe` command on 2 cores, 3-6 s with the bytecode.
+# source in every process: `gptpipe validate` took 30 s on a 2-core EPYC, 11.5 s with the bytecode (docs/testing.md).
 UV_PIP = $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode
 
 setup: $(VENV)/.installed

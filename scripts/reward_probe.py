@@ -1,7 +1,8 @@
 """Probe a tiny-world reward model on the held-out RL prompts: for each prompt, does it score the reference reply
 ("Pezu lives in Cairo.") above a wrong value in the same form, the right value without the subject, another
-attribute of the same person, the same attribute of another person, and garbage? Prints the share of prompts where the reference wins, per kind of
-reply. A minute on a CPU: the cheap check of a reward-model change before running PPO (docs/rl.md, issue #31).
+attribute of the same person, the same attribute of another person, and garbage? Prints the share of prompts
+where the reference wins, per kind of reply. A minute on a CPU: the cheap check of a reward-model change before
+running PPO (docs/rl.md, issue #31).
 
     python scripts/reward_probe.py runs/tiny/reward/final [more reward model folders]
 """

@@ -345,11 +345,10 @@ class RankConfig(DataSettings):
     min_score: float | None = None
     # A prompt column holding a written reply (a demonstration, e.g. tinyworld:rl_prompts' reference), ranked
     # beside the samples as one more candidate (sample number num_samples), on the training prompts only: the
-    # reward model then sees the reply the policy should write against those it does write (SPIN's pairs)
+    # reward model then sees the reply the policy should write against those it does write (SPIN's pairs);
+    # other_references: N other prompts' written replies ranked beside them too (answers to another question)
     reference_column: str | None = None
-    other_references: int = (
-        0  # and N other prompts' written replies ranked beside them (answers to another question)
-    )
+    other_references: int = 0
     rankings: str | None = (
         None  # or a jsonl file of human rankings: {id, ranking: [sample numbers, best first]}
     )

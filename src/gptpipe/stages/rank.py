@@ -10,7 +10,8 @@ every sample. With ``reference_column``, each training prompt's written reply (t
 data, a demonstration) is ranked beside its samples as one more candidate: the reward model learns the reply the
 policy should write against the ones it does write, also on prompts where no sample is right; with
 ``other_references: N``, N other prompts' written replies are ranked too (fluent, but answers to another
-question: a reply about someone else, which no sample of the SFT model shows the reward model). In a pipeline the reward stage after this one trains on them. With ``eval_datasets``, held-out
+question: a reply about someone else, which no sample of the SFT model shows the reward model). In a pipeline
+the reward stage after this one trains on them. With ``eval_datasets``, held-out
 prompts are sampled and ranked the same way into ``final/heldout_comparisons.jsonl``; the pipeline's report card
 scores every reward model of its run folder on them (how well each judges the model's own samples).
 ``final/best.jsonl`` holds each prompt's best sample as an SFT conversation (rejection sampling; with a labeler,
@@ -44,12 +45,12 @@ def main(cfg: RankConfig, run: Run) -> dict:
         raise UserError("set exactly one of labeler: (module:function) and rankings: (a jsonl file)")
     labeler = import_callable(cfg.labeler, "labeler") if cfg.labeler else None  # fail before sampling
     human = ranking.read_rankings(cfg.rankings) if cfg.rankings else None
-    prompts, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
     if cfg.other_references < 0 or (cfg.other_references and not cfg.reference_column):
         raise UserError(
             f"other_references: {cfg.other_references}: a count of other prompts' written replies (0 or more), "
             "with reference_column naming the column that holds them"
         )
+    prompts, heldout = load_train_eval(cfg, [], seed=cfg.seed, prepare=prompt_rows)
     if cfg.reference_column and cfg.reference_column not in prompts.column_names:
         raise UserError(
             f"reference_column: {cfg.reference_column!r}: the prompts have no such column (they have "
