@@ -131,7 +131,8 @@ def written_replies(
     rng = random.Random(seed)
     out = []
     for i, row in enumerate(firsts):
-        drawn = rng.sample([j for j in range(len(firsts)) if j != i], others)
+        # any prompt but i: sampled from a range (O(others)), not a list of every other prompt
+        drawn = [j + (j >= i) for j in rng.sample(range(len(firsts) - 1), others)]
         replies = [row[column]] + [firsts[j][column] for j in drawn]
         out += [{**row, "completion": reply, "sample": number + k} for k, reply in enumerate(replies)]
     return out
