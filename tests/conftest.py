@@ -165,12 +165,14 @@ def reward_overrides(base: Path, output_dir: Path, **extra) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_reward(tiny_sft, tmp_path_factory) -> Path:
-    """A reward model from the tiny SFT model on the tiny world's comparisons (~45 s)."""
+    """A reward model from the tiny SFT model on the tiny world's comparisons (~50 s). 100 steps at 1e-3, not
+    the recipe's 600 at 3e-4: held-out pairwise accuracy 0.70-0.75 over seeds 42 and 0-2 (250 steps at 3e-4, in
+    the suite until 2026-12-07: 0.73-0.85, at 2.5 times the time; docs/testing.md)."""
     from gptpipe.cli import run
 
     def train(out):
         overrides = reward_overrides(
-            tiny_sft, out, max_steps=250, learning_rate="3e-4", logging_steps=25, eval_steps=250
+            tiny_sft, out, max_steps=100, learning_rate="1e-3", logging_steps=25, eval_steps=100
         )
         run(["train", str(REPO / "recipes/tiny/reward.yaml"), *overrides])
 
@@ -217,13 +219,6 @@ def tiny_llama_config(**overrides):
 TRAINED_MODELS = {"tiny_base", "tiny_sft", "tiny_reward"}
 
 
-# Under pytest-xdist (`make test`: -n 2) the tests run in this order: those that need the SFT model first (the
-# worker that gets them trains the base and SFT models from the start), then those that need no trained model
-# (the other worker, meanwhile), the base model's (trained by then), the reward model's last. Any order is
-# correct (the models are shared under a lock, see shared_run); this one keeps both workers busy.
-QUEUE = ("sft", None, "base", "reward")
-
-
 def _chain_part(names: set) -> str | None:
     return (
         "reward"
@@ -236,16 +231,56 @@ def _chain_part(names: set) -> str | None:
     )
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (`make test`: -n 2) each worker is handed one test at a time, in the order below, as it
+    # frees up (xdist's --maxschedchunk 1), rather than a quarter of the suite up front: a worker that waits on
+    # the chain (tokenizer, base, SFT: ~5 minutes) cannot hold tests the other worker could run meanwhile.
+    if hasattr(config.option, "maxschedchunk") and config.option.maxschedchunk is None:
+        config.option.maxschedchunk = 1
+
+
+def _queue_place(part: str | None, long: bool, trains: bool) -> int:
+    """The tests in this order: one that needs the SFT model (its worker trains the chain, ~5 minutes), those
+    that need no trained model (the other worker, meanwhile), the base model's (trained by then), the SFT model's
+    long ones (learning, or several processes), the first of the reward model's (it trains the model: the other
+    worker takes the SFT model's short tests meanwhile, not one that would wait on it), the rest, long first, so
+    that short tests, not a long one started late, fill the end while the other worker finishes. Any order is
+    correct (the models are shared under a lock, see shared_run); this one keeps both workers busy
+    (docs/testing.md)."""
+    if trains:
+        return 0 if part == "sft" else 4
+    if part in (None, "base"):
+        return 1 if part is None else 2
+    return 3 if part == "sft" and long else 5 if part == "sft" else 6
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     part = {}
-    for item in items:
+    for item in items:  # before -m deselects: `make test-fast` leaves the slow tests out
         names = set(getattr(item, "fixturenames", ()))
         if TRAINED_MODELS & names:
             item.add_marker(pytest.mark.slow)
         part[item] = _chain_part(names)
-    # Within each part the multi-process tests first (the longest), so that short tests, not a 2-process run
-    # started last, fill the end while the other worker finishes; stable: file order otherwise.
-    items.sort(key=lambda item: (QUEUE.index(part[item]), item.get_closest_marker("distributed") is None))
+    yield  # the order below is of the tests that -m and -k kept
+
+    def long(item):
+        return item.get_closest_marker("distributed") or item.get_closest_marker("learning")
+
+    # The first test to ask for the SFT model, and for the reward model (a long one, if any)
+    first = {
+        p: next((i for i in sorted(items, key=lambda i: not long(i)) if part[i] == p), None)
+        for p in ("sft", "reward")
+    }
+
+    def place(item):
+        trains = item in first.values()
+        return (
+            _queue_place(part[item], bool(long(item)), trains),
+            item.get_closest_marker("distributed") is None,
+        )
+
+    items.sort(key=place)  # stable: file order otherwise
 
 
 @pytest.hookimpl(hookwrapper=True)
