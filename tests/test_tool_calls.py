@@ -280,7 +280,7 @@ def test_the_tiny_worlds_calculator_part_holds_out_operand_pairs_and_converts():
     world = tinyworld.generate(0)
     train, heldout, unseen = (world["tools"][split] for split in ("train", "eval", "unseen"))
     question = lambda row: row["messages"][0]["content"]  # noqa: E731
-    assert len(train) == 2000 and len(heldout) == len(unseen) == 100
+    assert len(train) == arithmetic.TRAIN_PAIRS == 16000 and len(heldout) == len(unseen) == 100
     assert not {question(r) for r in train} & {question(r) for r in heldout}
     # training asks in three phrasings; the unseen split asks the held-out questions in a fourth
     assert [question(r).split()[0] for r in train[:4]] == ["What", "How", "Work", "What"]
