@@ -72,8 +72,8 @@ def conversation(tool: str, a: int, b: int, question: str = QUESTION) -> list[di
 
 
 # Enough pairs that tool SFT sees each about once: with 2,000 it saw each ten times and could answer them from
-# memory. Seeds 42 / 0 / 1 / 2, 800 steps: held-out loss 0.0006-0.0009 on three seeds (2,000 pairs: 0.0033-0.0040
-# where measured); docs/tools.md. The first 2,000 are those of before: ``max_samples: 2000`` gives them back.
+# memory. Seed 1, 800 steps of the cosine schedule: held-out tool answers 0.94 -> 1.00, held-out loss
+# 0.0033 -> 0.0009 (docs/tools.md). The first 2,000 are those of before: ``max_samples: 2000`` gives them back.
 TRAIN_PAIRS = 16000
 
 
