@@ -51,6 +51,10 @@ def test_precedence_defaults_recipe_command_line():
         ("model.tie_word_embeddings=3", "model.tie_word_embeddings: expected true or false, got 3"),
         ("datasets=oops", "datasets: expected a list, got 'oops'"),
         ("lr_scheduler_type=cosin", "cosin is not a valid SchedulerType"),
+        (
+            "lr_scheduler_kwargs={num_decay_steps: 10}",
+            "lr_scheduler_kwargs: lr_scheduler_type cosine takes no num_decay_steps",
+        ),
         ("max_steps", "expected key=value"),
     ],
 )

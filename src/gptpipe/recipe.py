@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import inspect
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import yaml
 from transformers import TrainingArguments
+from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 
 from gptpipe.config import RL_CONFIGS, STAGE_CONFIGS, DataSource, SFTConfig, plain
 from gptpipe.data.chat_templates import resolve
@@ -123,7 +125,28 @@ def build_stage_config(tree: dict) -> Any:
         )
     refuse_unread_keys(cls, tree, cfg)
     refuse_misplaced_show_tools(cfg)
+    refuse_foreign_scheduler_kwargs(cfg)
     return cfg
+
+
+def refuse_foreign_scheduler_kwargs(cfg: Any) -> None:
+    """``lr_scheduler_kwargs`` that the chosen schedule does not take (``num_decay_steps`` left behind when
+    ``lr_scheduler_type`` is overridden): transformers would raise a TypeError at the first step."""
+    kwargs = getattr(cfg, "lr_scheduler_kwargs", None) or {}
+    schedule = TYPE_TO_SCHEDULER_FUNCTION.get(getattr(cfg, "lr_scheduler_type", None))
+    if not kwargs or schedule is None:
+        return
+    params = inspect.signature(schedule).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    taken = set(params) - {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+    foreign = sorted(set(kwargs) - taken)
+    if foreign:
+        name = getattr(cfg.lr_scheduler_type, "value", cfg.lr_scheduler_type)
+        raise UserError(
+            f"lr_scheduler_kwargs: lr_scheduler_type {name} takes no {', '.join(foreign)} "
+            f"(it takes: {', '.join(sorted(taken)) or 'none'}); remove them, e.g. lr_scheduler_kwargs={{}}"
+        )
 
 
 def refuse_misplaced_show_tools(cfg: Any) -> None:
