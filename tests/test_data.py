@@ -102,6 +102,10 @@ def test_tinyworld_is_deterministic_and_holds_out_questions():
     assert not any(q in texts for q in asked["train"] | asked["eval"])
     texts += " ".join(asked["train"] | asked["eval"])
     assert not any(q in texts for q in asked["unseen"]) and len(asked["unseen"]) == 130
+    # The demo's extra pretraining documents ask in the RL phrasing about the RL half only, never the held-out half.
+    extra = " ".join(d["text"] for d in one["pretrain"]["asked"])
+    assert len(one["pretrain"]["asked"]) == 40 and sum(q in extra for q in asked["train"]) >= 40
+    assert not any(q in extra for q in asked["eval"] | asked["unseen"])
 
 
 def test_tinyworld_cli_writes_every_part(tmp_path, capsys):
@@ -111,4 +115,4 @@ def test_tinyworld_cli_writes_every_part(tmp_path, capsys):
     for part in tinyworld.PARTS:
         for split in ("train", "eval"):
             assert (tmp_path / "tw" / part / f"{split}.jsonl").stat().st_size > 0
-    assert "pretrain: train 4000, eval 200 rows" in capsys.readouterr().out
+    assert "pretrain: train 4000, eval 200, asked 40 rows" in capsys.readouterr().out

@@ -186,6 +186,11 @@ def test_shipped_pipeline_validates(capsys, monkeypatch):
     run(["validate", "recipes/tiny/pipeline.yaml"])
     assert "tokenizer -> pretrain -> sft -> rank -> reward -> rl" in capsys.readouterr().out
     _, planned = load_pipeline(REPO / "recipes/tiny/pipeline.yaml")
+    pretrain = next(p.cfg for p in planned if p.name == "pretrain")  # the corpus plus Q/A in the RL phrasing
+    assert [(d.path, d.split) for d in pretrain.datasets] == [
+        ("tinyworld:pretrain", "train"),
+        ("tinyworld:pretrain", "asked"),
+    ]
     reward = next(p.cfg for p in planned if p.name == "reward")
     assert [(d.path, d.format) for d in reward.datasets] == [
         ("runs/tiny/rank/final/comparisons.jsonl", "ranked"),

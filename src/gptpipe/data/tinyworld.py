@@ -4,7 +4,8 @@ A seeded generator invents people, each with a city, a job, an age and a pet, pl
 additions. Those facts become:
 
 - ``pretrain``: documents (bios, fact lists, arithmetic worksheets, plain-text Q/A) — the corpus a
-  base model learns the facts from. Held-out documents are new sentences about the same facts.
+  base model learns the facts from. Held-out documents are new sentences about the same facts. ``asked``: 40
+  documents of Q/A in the RL prompts' phrasing about the RL half (the demo's pretraining adds them).
 - ``probes``: cloze prompts with one right continuation ("The age of Anna is" -> "34"), to check that
   pretraining stored facts (perplexity alone is a weak signal: it falls long before facts are recalled).
 - ``sft``: chats in the ``messages`` format, one question and the assistant's answer in a fixed style
@@ -15,8 +16,9 @@ additions. Those facts become:
   model does not generalize to facts it never judged); held-out pairs use a new question phrasing
   and new rejected answers.
 - ``rl_prompts``: prompts with their known right answer (``answer``) for RL and accuracy checks, asked with a
-  phrasing in no training data ("Tell me how old Anna is."), where the SFT model mostly fails (it answers
-  without the subject: " is 34 years old.") and RL has something to learn. ``train`` asks about half of the
+  phrasing no chat or comparison has ("Tell me how old Anna is."; only ``pretrain`` ``asked`` does, for the train
+  half), where the SFT model mostly fails (it answers without the subject: " is 34 years old.") and RL has
+  something to learn. ``train`` asks about half of the
   facts of each kind, ``eval`` about the other half; ``unseen`` asks the ``eval`` half with yet another
   phrasing RL never trained on ("Say how old Anna is."): how far what RL learned carries over.
 - ``tools``: two- and three-digit arithmetic answered by calling a calculator tool (``gptpipe.data.arithmetic``),
@@ -40,7 +42,7 @@ from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
 from gptpipe.files import cache_dir
 
-VERSION = 12  # bump when the generated data changes, so cached copies are regenerated
+VERSION = 13  # bump when the generated data changes, so cached copies are regenerated
 PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts", "questions", "tools")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
@@ -215,6 +217,15 @@ def _documents(facts: list[Fact], qa_facts: list[Fact], rng: random.Random, coun
     return docs
 
 
+def _asked_documents(facts: list[Fact], rng: random.Random, count: int) -> list[dict]:
+    """Plain-text Q/A documents in the RL phrasing, three facts each."""
+
+    def qa(f: Fact) -> str:
+        return f"Q: {f.render(RL_QUESTIONS[f.kind])} A: {f.render(ANSWERS[f.kind])}"
+
+    return [{"text": " ".join(qa(f) for f in rng.sample(facts, 3))} for _ in range(count)]
+
+
 def _chat(question: str, answer: str) -> tuple[list[dict], list[dict]]:
     return [{"role": "user", "content": question}], [{"role": "assistant", "content": answer}]
 
@@ -307,6 +318,10 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     out["rl_prompts"]["train"] = prompt_rows(rl_half, RL_QUESTIONS)
     out["rl_prompts"]["eval"] = prompt_rows(heldout_half, RL_QUESTIONS)
     out["rl_prompts"]["unseen"] = prompt_rows(heldout_half, UNSEEN_QUESTIONS)
+    # Pretraining text that has seen the RL phrasing (1% of the documents, plain-text Q/A about the RL half only):
+    # the base model knows the words, SFT never asks them in a chat. Without it the SFT model's samples of the RL
+    # prompts named the subject 0.03-0.07 of the time and RL had little to raise (docs/rl.md).
+    out["pretrain"]["asked"] = _asked_documents(rl_half, random.Random(seed + 7), count=40)
     # SFT's questions as prompts with their answers (stages that sample their own replies: distillation): train,
     # the SFT facts in SFT's three phrasings; eval, SFT's held-out questions (the SFT stage's answer accuracy).
     out["questions"]["train"] = [
