@@ -18,9 +18,9 @@ additions. Those facts become:
 - ``rl_prompts``: prompts with their known right answer (``answer``) for RL and accuracy checks, asked with a
   phrasing no chat or comparison has ("Tell me how old Anna is."; only ``pretrain`` ``asked`` does, for the train
   half), where the SFT model mostly fails (it answers without the subject: " is 34 years old.") and RL has
-  something to learn. ``train`` asks about half of the
-  facts of each kind, ``eval`` about the other half; ``unseen`` asks the ``eval`` half with yet another
-  phrasing RL never trained on ("Say how old Anna is."): how far what RL learned carries over.
+  something to learn. ``train`` asks about half of the facts of each kind, ``eval`` about the other half;
+  ``unseen`` asks the ``eval`` half with yet another phrasing RL never trained on ("Say how old Anna is."): how
+  far what RL learned carries over.
 - ``tools``: two- and three-digit arithmetic answered by calling a calculator tool (``gptpipe.data.arithmetic``),
   held-out operand pairs in ``eval`` and, phrased as no data has, ``unseen``; ``chats``: SFT's training chats,
   every other one with the calculator shown (answered without a call: what a tool user must keep doing).
