@@ -339,8 +339,9 @@ def run(argv: list[str] | None = None) -> None:
     elif args.command == "data":
         from gptpipe.data import tinyworld
 
-        folder = tinyworld.write(args.out, seed=args.seed)
-        for part, splits in tinyworld.generate(args.seed).items():
+        world = tinyworld.generate(args.seed)
+        folder = tinyworld.write(args.out, seed=args.seed, world=world)
+        for part, splits in world.items():
             sizes = ", ".join(f"{split} {len(rows)}" for split, rows in splits.items())
             print(f"{folder / part}: {sizes} rows")
 

@@ -338,11 +338,12 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
-def write(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write every part as ``out_dir/<part>/<split>.jsonl`` (atomically: a folder appears only when complete)."""
+def write(out_dir: str | Path, seed: int = 0, world: dict | None = None) -> Path:
+    """Write every part as ``out_dir/<part>/<split>.jsonl`` (atomically: a folder appears only when complete);
+    ``world``: ``generate(seed)``'s rows when the caller has them already."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    for part, splits in generate(seed).items():
+    for part, splits in (world if world is not None else generate(seed)).items():
         (tmp / part).mkdir(parents=True, exist_ok=True)
         for split, rows in splits.items():
             with open(tmp / part / f"{split}.jsonl", "w") as fh:
