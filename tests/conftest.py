@@ -66,6 +66,22 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return shared_run(tmp_path_factory, "tokenizer", train)
 
 
+@pytest.fixture(scope="session")
+def scripted(tokenizer_dir):
+    """(model, tokenizer): a tiny Llama that says tests/helpers/scripted_tools.py's SCRIPT, tool calls included."""
+    from scripted_tools import learn_script
+
+    return learn_script(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def scripted_dir(scripted, tmp_path_factory) -> Path:
+    """The scripted model as a model folder, and a tool file no code of gptpipe knows (its own ``add``)."""
+    from scripted_tools import save_scripted
+
+    return save_scripted(*scripted, tmp_path_factory.mktemp("scripted"))
+
+
 def small_pretrain(tokenizer_dir: Path, output_dir: Path, **extra) -> list[str]:
     """Overrides that shrink the tiny pretraining recipe to seconds."""
     settings = {
