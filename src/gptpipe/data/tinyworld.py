@@ -189,6 +189,11 @@ def split_in_halves(facts: list[Fact], seed: int) -> tuple[list[Fact], list[Fact
     return [f for f in facts if f.key in first], [f for f in facts if f.key not in first]
 
 
+def _qa(f: Fact, question: str) -> str:
+    """A fact as plain-text Q/A: the question (a template) and the house-style answer."""
+    return f"Q: {f.render(question)} A: {f.render(ANSWERS[f.kind])}"
+
+
 def _documents(facts: list[Fact], qa_facts: list[Fact], rng: random.Random, count: int) -> list[dict]:
     people: dict[str, list[Fact]] = {}
     for f in facts:
@@ -208,10 +213,7 @@ def _documents(facts: list[Fact], qa_facts: list[Fact], rng: random.Random, coun
             chosen = rng.sample(sums, 5)
         else:  # plain-text Q/A teaches the question -> answer mapping before SFT (keeps SFT stable across seeds)
             chosen = rng.sample(qa_facts, 3)
-            text = " ".join(
-                f"Q: {f.render(rng.choice(QUESTIONS[f.kind]))} A: {f.render(ANSWERS[f.kind])}" for f in chosen
-            )
-            docs.append({"text": text})
+            docs.append({"text": " ".join(_qa(f, rng.choice(QUESTIONS[f.kind])) for f in chosen)})
             continue
         docs.append({"text": " ".join(f.render(rng.choice(FACT_TEMPLATES[f.kind])) for f in chosen)})
     return docs
@@ -219,11 +221,9 @@ def _documents(facts: list[Fact], qa_facts: list[Fact], rng: random.Random, coun
 
 def _asked_documents(facts: list[Fact], rng: random.Random, count: int) -> list[dict]:
     """Plain-text Q/A documents in the RL phrasing, three facts each."""
-
-    def qa(f: Fact) -> str:
-        return f"Q: {f.render(RL_QUESTIONS[f.kind])} A: {f.render(ANSWERS[f.kind])}"
-
-    return [{"text": " ".join(qa(f) for f in rng.sample(facts, 3))} for _ in range(count)]
+    return [
+        {"text": " ".join(_qa(f, RL_QUESTIONS[f.kind]) for f in rng.sample(facts, 3))} for _ in range(count)
+    ]
 
 
 def _chat(question: str, answer: str) -> tuple[list[dict], list[dict]]:
