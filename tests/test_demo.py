@@ -19,9 +19,13 @@ from gptpipe.cli import run
 GAIN, TAX, AGREEMENT = 0.10, 0.10, 0.5
 
 
-def seeds(*stages: str) -> list[str]:
-    """A spread's training seed for every stage that trains (make test-spread), else the recipes' own."""
-    return [f"{stage}.seed={s}" for stage in ("pretrain", "sft", *stages) for s in SEED_SETTINGS.values()]
+def run_pipeline(name: str, out, *stages: str) -> tuple[dict, dict]:
+    """Run recipes/tiny/NAME.yaml into ``out`` with a spread's training seed for every stage that trains (make
+    test-spread; else the recipes' own), and read the last stage's eval.json and its before/after evidence."""
+    seeds = [f"{stage}.seed={s}" for stage in ("pretrain", "sft", *stages) for s in SEED_SETTINGS.values()]
+    run(["pipeline", str(REPO / f"recipes/tiny/{name}.yaml"), "--output-dir", str(out), *seeds])
+    e = json.loads((out / stages[-1] / "eval.json").read_text())
+    return e, {k: v for k, v in e.items() if k.endswith(("_before", "_after"))}
 
 
 @pytest.mark.extended  # make test-all: the whole demo takes ~8 minutes on 2 cores, more than make test can spare
@@ -30,17 +34,7 @@ def seeds(*stages: str) -> list[str]:
 @pytest.mark.timeout(2400)
 def test_the_demos_rlhf_adds_the_new_skill_without_an_alignment_tax(tmp_path):
     out = tmp_path / "demo"
-    run(
-        [
-            "pipeline",
-            str(REPO / "recipes/tiny/pipeline.yaml"),
-            "--output-dir",
-            str(out),
-            *seeds("rank", "reward", "rl"),
-        ]
-    )
-    e = json.loads((out / "rl/eval.json").read_text())
-    evidence = {k: v for k, v in e.items() if k.endswith(("_before", "_after"))}
+    e, evidence = run_pipeline("pipeline", out, "rank", "reward", "rl")
     with learning_checks() as check:
         gain = e["answer_accuracy_after"] - e["answer_accuracy_before"]
         check.at_least("held-out RL prompts' answer accuracy gain", gain, GAIN, evidence)
@@ -65,18 +59,8 @@ TOOL_ANSWERS, VALID_CALLS, NO_TOOLS = 0.9, 0.95, 0.3
 @pytest.mark.timeout(3600)
 def test_the_tool_pipeline_answers_held_out_sums_with_the_calculator(tmp_path):
     out = tmp_path / "tools"
-    run(
-        [
-            "pipeline",
-            str(REPO / "recipes/tiny/pipeline-tools.yaml"),
-            "--output-dir",
-            str(out),
-            *seeds("sft-tools", "rl-tools"),
-        ]
-    )
+    e, evidence = run_pipeline("pipeline-tools", out, "sft-tools", "rl-tools")
     sft = json.loads((out / "sft-tools/eval.json").read_text())
-    e = json.loads((out / "rl-tools/eval.json").read_text())
-    evidence = {k: v for k, v in e.items() if k.endswith(("_before", "_after"))}
     with learning_checks() as check:
         check.at_most(
             "the SFT model's held-out tool answers", sft["tool_answer_accuracy_before"], NO_TOOLS, evidence
