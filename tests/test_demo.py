@@ -53,7 +53,7 @@ def test_the_demos_rlhf_adds_the_new_skill_without_an_alignment_tax(tmp_path):
 TOOL_ANSWERS, VALID_CALLS, NO_TOOLS = 0.9, 0.95, 0.3
 
 
-@pytest.mark.extended  # make test-all: pipeline-tools takes ~17 minutes on 2 cores (docs/tools.md)
+@pytest.mark.extended  # make test-all: pipeline-tools takes 17-21 minutes on 2 cores (1,235 s in pytest)
 @pytest.mark.learning
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
