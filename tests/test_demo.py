@@ -22,7 +22,9 @@ GAIN, TAX, AGREEMENT = 0.10, 0.10, 0.5
 def run_pipeline(name: str, out, *stages: str) -> tuple[dict, dict]:
     """Run recipes/tiny/NAME.yaml into ``out`` with a spread's training seed for every stage that trains (make
     test-spread; else the recipes' own), and read the last stage's eval.json and its before/after evidence."""
-    seeds = [f"{stage}.seed={s}" for stage in ("pretrain", "sft", *stages) for s in SEED_SETTINGS.values()]
+    seeds = [
+        f"{stage}.{key}={v}" for stage in ("pretrain", "sft", *stages) for key, v in SEED_SETTINGS.items()
+    ]
     run(["pipeline", str(REPO / f"recipes/tiny/{name}.yaml"), "--output-dir", str(out), *seeds])
     e = json.loads((out / stages[-1] / "eval.json").read_text())
     return e, {k: v for k, v in e.items() if k.endswith(("_before", "_after"))}
@@ -50,7 +52,7 @@ def test_the_demos_rlhf_adds_the_new_skill_without_an_alignment_tax(tmp_path):
 # tool answers 1.00 / 0.99 / 0.98 / 0.96, every call valid, none answered without tools; SFT's questions with the
 # tools shown +0.04 / +0.01 / -0.02 / +0.04 under PPO. (A 2-core Xeon's seed 1 answered 0.58 with the recipe before
 # its 16,000 pairs; not rerun since.)
-TOOL_ANSWERS, VALID_CALLS, NO_TOOLS = 0.9, 0.95, 0.3
+TOOL_ANSWERS, VALID_CALLS, NO_TOOLS, TOOL_TAX = 0.9, 0.95, 0.3, 0.05
 
 
 @pytest.mark.extended  # make test-all: pipeline-tools takes 17-21 minutes on 2 cores (1,235 s in pytest)
@@ -73,4 +75,4 @@ def test_the_tool_pipeline_answers_held_out_sums_with_the_calculator(tmp_path):
             "held-out answers with no tools", e["no_tool_answer_accuracy_after"], NO_TOOLS, evidence
         )
         tax = e["retained_answer_accuracy_before"] - e["retained_answer_accuracy_after"]
-        check.at_most("SFT's questions lost under RL (tools shown)", tax, 0.05, evidence)
+        check.at_most("SFT's questions lost under RL (tools shown)", tax, TOOL_TAX, evidence)
