@@ -98,7 +98,8 @@ def test_tinyworld_is_deterministic_and_holds_out_questions():
     facts = {split: {(r["kind"], r["reference"]) for r in rl[split]} for split in rl}
     assert not facts["train"] & facts["eval"] and facts["eval"] == facts["unseen"]
     assert sum(r["kind"] == "sum" for r in rl["train"]) == 50
-    texts = corpus + " ".join(r["prompt"][0]["content"] for part in one["comparisons"].values() for r in part)
+    pairs = one["comparisons"]["train"] + one["comparisons"]["eval"]
+    texts = corpus + " ".join(r["prompt"][0]["content"] for r in pairs)
     assert not any(q in texts for q in asked["train"] | asked["eval"])
     texts += " ".join(asked["train"] | asked["eval"])
     assert not any(q in texts for q in asked["unseen"]) and len(asked["unseen"]) == 130
@@ -106,6 +107,21 @@ def test_tinyworld_is_deterministic_and_holds_out_questions():
     extra = " ".join(d["text"] for d in one["pretrain"]["asked"])
     assert len(one["pretrain"]["asked"]) == 40 and sum(q in extra for q in asked["train"]) >= 40
     assert not any(q in extra for q in asked["eval"] | asked["unseen"])
+    # The demo's extra comparisons: RL training prompts only, the reference over a true statement about someone else
+    # (another person's fact with another value; a nearby sum with another total).
+    others = one["comparisons"]["asked"]
+    assert len(others) == 520 and {r["prompt"][0]["content"] for r in others} == asked["train"]
+    by_prompt = {r["prompt"][0]["content"]: r for r in rl["train"]}
+    value_of = {r["reference"]: r["answer"] for r in rl["train"]}
+    for pair in others:
+        row = by_prompt[pair["prompt"][0]["content"]]
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert chosen == row["reference"]
+        if row["kind"] == "sum":
+            a, _, b, _, total = rejected.rstrip(".").split()
+            assert int(a) + int(b) == int(total) != int(row["answer"])
+        else:
+            assert value_of[rejected] != row["answer"] and rejected.split()[0] != chosen.split()[0]
 
 
 def test_tinyworld_cli_writes_every_part(tmp_path, capsys):

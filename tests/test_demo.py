@@ -13,9 +13,10 @@ from learning import SEED_SETTINGS, learning_checks
 from gptpipe.cli import run
 
 # Measured on the 2-core Zen 3 EPYC (2026-12-07, docs/rl.md), the demo's chain pretrained and finetuned with seeds
-# 42 / 0 / 1 / 2, PPO seeds 42 / 0 / 1 / 2 on each (16 runs): new skill +0.19 to +0.41; SFT's 78 held-out
-# questions +2 to -6 (0.077); the reward model's agreement with the answer check on the policy's replies before
-# PPO 0.56-0.90. A 2-core Xeon (before the `asked` documents): +0.20 to +0.33, -2 questions, agreement 0.83.
+# 42 / 0 / 1 / 2, PPO seeds 42 / 0 / 1 / 2 on each (16 runs, tiny world v14): new skill +0.22 to +0.55; SFT's 78
+# held-out questions +2 to -4 (0.051); the reward model's agreement with the answer check on the policy's replies
+# before PPO 0.66-0.91 (v13, without the pairs about someone else: +0.18 to +0.42, to -6 questions, 0.56-0.90).
+# A 2-core Xeon (before the `asked` documents): +0.20 to +0.33, -2 questions, agreement 0.83.
 GAIN, TAX, AGREEMENT = 0.10, 0.10, 0.5
 
 

@@ -195,7 +195,9 @@ def test_shipped_pipeline_validates(capsys, monkeypatch):
     assert [(d.path, d.format) for d in reward.datasets] == [
         ("runs/tiny/rank/final/comparisons.jsonl", "ranked"),
         ("tinyworld:comparisons", "preference"),  # reward.yaml's own
+        ("tinyworld:comparisons", "preference"),  # split asked: the RL prompts' replies about someone else
     ]
+    assert reward.datasets[2].split == "asked"
     assert [d.path for d in reward.eval_datasets] == ["runs/tiny/rank/final/heldout_comparisons.jsonl"]
     rl = next(p.cfg for p in planned if p.name == "rl")
     assert rl.reward_model == "runs/tiny/reward/final" and rl.ptx_coef > 0

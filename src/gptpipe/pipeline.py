@@ -68,7 +68,8 @@ class PipelineStage:
     name: str | None = None  # the run folder's name; defaults to the recipe's stage (rl: its algorithm too)
     overrides: dict = field(default_factory=dict)  # dotted keys, as on the command line
     # A reward stage after a rank stage: the rank stage's comparisons replace the recipe's datasets, or are added
-    # to them (e.g. the pre-written pairs: a reward model that has judged every fact as well as the policy's samples)
+    # to them (e.g. the pre-written pairs: a reward model that has judged every fact as well as the policy's samples;
+    # with add, a `datasets` in `overrides` is what the comparisons are added to)
     comparisons: Literal["replace", "add"] = "replace"
     rounds: int | None = None  # instead of a recipe: repeat `stages` this many times (iterated RLHF)
     stages: list[dict] = field(default_factory=list)  # the block's stages (each a recipe entry)
@@ -170,11 +171,11 @@ def load_pipeline(
     produced: set[str] = set()  # data files that earlier stages write (not checked for existence)
     out = Path(pipe.output_dir)
     for plan, (name, kind, recipe, tree, stage, round_) in zip(planned, trees, strict=True):
-        assignments = [f"{k}={override_value(v)}" for k, v in stage.overrides.items()] + per_stage.get(
-            name, []
-        )
+        own = dict(stage.overrides)
+        # comparisons: add keeps the stage's own datasets (the pipeline entry's, else the recipe's) beside the ranked
+        kept = own.pop("datasets", tree.get("datasets", [])) if stage.comparisons == "add" else []
+        assignments = [f"{k}={override_value(v)}" for k, v in own.items()] + per_stage.get(name, [])
         explicit = {a.partition("=")[0] for a in assignments}
-        kept = tree.get("datasets", []) if stage.comparisons == "add" else []
         wiring = {"output_dir": str(out / name)} | _wiring(kind, finals, comparisons, round_, kept)
         for key, value in wiring.items():
             if key not in explicit:

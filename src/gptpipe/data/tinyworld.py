@@ -14,13 +14,14 @@ additions. Those facts become:
 - ``comparisons``: prompt, chosen, rejected (TRL's conversational preference format). Rejected answers
   are wrong values, true-but-irrelevant facts, or off-style replies. Every fact is covered (a reward
   model does not generalize to facts it never judged); held-out pairs use a new question phrasing
-  and new rejected answers.
+  and new rejected answers. ``asked``: 520 pairs in the RL prompts' phrasing about their train half, the reference
+  over a true fact about someone else (the demo's reward model adds them).
 - ``rl_prompts``: prompts with their known right answer (``answer``) for RL and accuracy checks, asked with a
-  phrasing no chat or comparison has ("Tell me how old Anna is."; only ``pretrain`` ``asked`` does, for the train
-  half), where the SFT model mostly fails (it answers without the subject: " is 34 years old.") and RL has
-  something to learn. ``train`` asks about half of the facts of each kind, ``eval`` about the other half;
-  ``unseen`` asks the ``eval`` half with yet another phrasing RL never trained on ("Say how old Anna is."): how
-  far what RL learned carries over.
+  phrasing no chat or comparison has ("Tell me how old Anna is."; only the ``asked`` splits of ``pretrain`` and
+  ``comparisons`` do, for the train half), where the SFT model mostly fails (it answers without the subject:
+  " is 34 years old.") and RL has something to learn. ``train`` asks about half of the facts of each kind,
+  ``eval`` about the other half; ``unseen`` asks the ``eval`` half with yet another phrasing RL never trained on
+  ("Say how old Anna is."): how far what RL learned carries over.
 - ``tools``: two- and three-digit arithmetic answered by calling a calculator tool (``gptpipe.data.arithmetic``),
   held-out operand pairs in ``eval`` and, phrased as no data has, ``unseen``; ``chats``: SFT's training chats,
   every other one with the calculator shown (answered without a call: what a tool user must keep doing).
@@ -42,7 +43,7 @@ from gptpipe.data.answers import answers_in_first_sentence
 from gptpipe.errors import UserError
 from gptpipe.files import cache_dir
 
-VERSION = 13  # bump when the generated data changes, so cached copies are regenerated
+VERSION = 14  # bump when the generated data changes, so cached copies are regenerated
 PARTS = ("pretrain", "probes", "sft", "comparisons", "rl_prompts", "questions", "tools")
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dublin", "Hanoi"]
@@ -226,6 +227,31 @@ def _asked_documents(facts: list[Fact], rng: random.Random, count: int) -> list[
     ]
 
 
+def _someone_else_rows(prompts: list[dict], rng: random.Random, per_prompt: int = 4) -> list[dict]:
+    """Pre-written pairs for RL prompts: the reference reply over a true fact about someone else (another person
+    of the prompts' own, with another value of the asked attribute; for a sum, a sentence about a nearby sum)."""
+    rows = []
+    for p in prompts:
+        if p["kind"] == "sum":
+            a, b = (int(x) for x in p["reference"].split(" is ")[0].split(" plus "))
+            near = [xy for d in (-2, -1, 1, 2) for xy in ((a + d, b), (a, b + d))]  # another total
+            others = [ANSWERS["sum"].format(a=x, b=y, v=x + y) for x, y in near if x > 0 and y > 0]
+        else:
+            others = sorted(
+                {o["reference"] for o in prompts if o["kind"] == p["kind"] and o["answer"] != p["answer"]}
+            )
+        for rejected in rng.sample(others, min(per_prompt, len(others))):
+            rows.append(
+                {
+                    "prompt": p["prompt"],
+                    "chosen": [{"role": "assistant", "content": p["reference"]}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    "mistake": "someone_else",
+                }
+            )
+    return rows
+
+
 def _chat(question: str, answer: str) -> tuple[list[dict], list[dict]]:
     return [{"role": "user", "content": question}], [{"role": "assistant", "content": answer}]
 
@@ -322,6 +348,10 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     # the base model knows the words, SFT never asks them in a chat. Without it the SFT model's samples of the RL
     # prompts named the subject 0.03-0.07 of the time and RL had little to raise (docs/rl.md).
     out["pretrain"]["asked"] = _asked_documents(rl_half, random.Random(seed + 7), count=40)
+    # Pairs in the RL phrasing about the RL half: the reference over someone else's fact. The SFT model's wrong
+    # replies to the RL prompts are mostly true facts about another person ("Tano lives in Cairo.", asked Delta's
+    # city), which its ranked samples almost never put below the right one (docs/rl.md).
+    out["comparisons"]["asked"] = _someone_else_rows(out["rl_prompts"]["train"], random.Random(seed))
     # SFT's questions as prompts with their answers (stages that sample their own replies: distillation): train,
     # the SFT facts in SFT's three phrasings; eval, SFT's held-out questions (the SFT stage's answer accuracy).
     out["questions"]["train"] = [
