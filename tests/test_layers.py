@@ -170,7 +170,7 @@ LAYERS = [
         "data.preferences",
         "data.ranking",
     ]
-    + ["data.tinyworld", "data", "benchmark_tasks"],
+    + ["data.tinyworld_facts", "data.tinyworld", "data", "benchmark_tasks"],
     ["data.sources", "recipe", "data.prepared"],
     [
         "modeling",
