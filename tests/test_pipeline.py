@@ -203,6 +203,20 @@ def test_shipped_pipeline_validates(capsys, monkeypatch):
     assert rl.reward_model == "runs/tiny/reward/final" and rl.ptx_coef > 0
 
 
+def test_comparisons_add_keeps_the_entrys_datasets_beside_the_ranked_ones(tmp_path):
+    """A reward stage's `datasets` override is what `comparisons: add` adds the rank stage's pairs to; with no rank
+    stage before it, the override stands as any other."""
+    own = [{"path": "tinyworld:comparisons", "split": "asked", "format": "preference"}]
+    entry = {"recipe": str(TINY / "reward.yaml"), "comparisons": "add", "overrides": {"datasets": own}}
+    for stages in ([entry], [{"recipe": str(TINY / "rank.yaml")}, entry]):
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "runs"), "stages": stages}))
+        _, planned = load_pipeline(path)
+        found = [(d.path, d.split) for d in planned[-1].cfg.datasets]
+        ranked = [(str(tmp_path / "runs/rank/final/comparisons.jsonl"), "train")] if len(stages) == 2 else []
+        assert found == ranked + [("tinyworld:comparisons", "asked")]
+
+
 def _small_recipe(tmp_path, name: str, policy, **settings) -> str:
     """A copy of a tiny recipe that starts from ``policy``, shrunk to seconds."""
     tree = yaml.safe_load((TINY / f"{name}.yaml").read_text())

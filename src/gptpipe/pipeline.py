@@ -173,7 +173,8 @@ def load_pipeline(
     for plan, (name, kind, recipe, tree, stage, round_) in zip(planned, trees, strict=True):
         own = dict(stage.overrides)
         # comparisons: add keeps the stage's own datasets (the pipeline entry's, else the recipe's) beside the ranked
-        kept = own.pop("datasets", tree.get("datasets", [])) if stage.comparisons == "add" else []
+        adds = stage.comparisons == "add" and kind == "reward" and bool(comparisons)
+        kept = own.pop("datasets", tree.get("datasets", [])) if adds else []
         assignments = [f"{k}={override_value(v)}" for k, v in own.items()] + per_stage.get(name, [])
         explicit = {a.partition("=")[0] for a in assignments}
         wiring = {"output_dir": str(out / name)} | _wiring(kind, finals, comparisons, round_, kept)
