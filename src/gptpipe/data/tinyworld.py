@@ -99,27 +99,24 @@ def _asked_documents(facts: list[Fact], rng: random.Random, count: int) -> list[
     ]
 
 
-def _someone_else_rows(prompts: list[dict], rng: random.Random, per_prompt: int = 4) -> list[dict]:
-    """Pre-written pairs for RL prompts: the reference reply over a true fact about someone else (another person
-    of the prompts' own, with another value of the asked attribute; for a sum, a sentence about a nearby sum)."""
+def _someone_else_rows(facts: list[Fact], rng: random.Random, per_fact: int = 4) -> list[dict]:
+    """Pre-written pairs in the RL phrasing: each fact's reference reply over a true statement about someone else
+    (another person among ``facts``, with another value of the asked attribute; for a sum, a nearby sum)."""
     rows = []
-    for p in prompts:
-        if p["kind"] == "sum":
-            a, b = (int(x) for x in p["reference"].split(" is ")[0].split(" plus "))
+    for f in facts:
+        if f.kind == "sum":
+            a, b = f.subject["a"], f.subject["b"]
             near = [xy for d in (-2, -1, 1, 2) for xy in ((a + d, b), (a, b + d))]  # another total
             others = [ANSWERS["sum"].format(a=x, b=y, v=x + y) for x, y in near if x > 0 and y > 0]
         else:
             others = sorted(
-                {o["reference"] for o in prompts if o["kind"] == p["kind"] and o["answer"] != p["answer"]}
+                {o.render(ANSWERS[o.kind]) for o in facts if o.kind == f.kind and o.value != f.value}
             )
-        for rejected in rng.sample(others, min(per_prompt, len(others))):
+        for rejected in rng.sample(others, min(per_fact, len(others))):
+            prompt, chosen = _chat(f.render(RL_QUESTIONS[f.kind]), f.render(ANSWERS[f.kind]))
+            rejected_reply = [{"role": "assistant", "content": rejected}]
             rows.append(
-                {
-                    "prompt": p["prompt"],
-                    "chosen": [{"role": "assistant", "content": p["reference"]}],
-                    "rejected": [{"role": "assistant", "content": rejected}],
-                    "mistake": "someone_else",
-                }
+                {"prompt": prompt, "chosen": chosen, "rejected": rejected_reply, "mistake": "someone_else"}
             )
     return rows
 
@@ -223,7 +220,7 @@ def generate(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     # Pairs in the RL phrasing about the RL half: the reference over someone else's fact. The SFT model's wrong
     # replies to the RL prompts are mostly true facts about another person ("Tano lives in Cairo.", asked Delta's
     # city), which its ranked samples almost never put below the right one (docs/rl.md).
-    out["comparisons"]["asked"] = _someone_else_rows(out["rl_prompts"]["train"], random.Random(seed))
+    out["comparisons"]["asked"] = _someone_else_rows(rl_half, random.Random(seed))
     # SFT's questions as prompts with their answers (stages that sample their own replies: distillation): train,
     # the SFT facts in SFT's three phrasings; eval, SFT's held-out questions (the SFT stage's answer accuracy).
     out["questions"]["train"] = [
